@@ -1,0 +1,55 @@
+"""Schedule and compile a PIT PrimFunc for a target, and name the result for the kernel cache."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict
+
+import tvm
+from tvm.target import Target
+
+from pit_compiler.ir import CompilationError
+from pit_compiler.schedules import template_for
+
+log = logging.getLogger(__name__)
+
+# Bump whenever generated TIR or schedules change meaning, so stale cached kernels never match.
+CODEGEN_VERSION = 1
+
+
+def kernel_key(kind: str, signature: str, dtypes: dict, target: Target, knobs) -> str:
+    """A stable hash of everything a compiled kernel depends on."""
+    config = {
+        "kind": kind,
+        "signature": signature,
+        "dtypes": dtypes,
+        "target": str(target),
+        "knobs": {"template": type(knobs).__qualname__, **asdict(knobs)},
+        "tvm": tvm.__version__,
+        "codegen": CODEGEN_VERSION,
+    }
+    text = json.dumps(config, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def default_knobs(target: Target):
+    return template_for(target).Knobs()
+
+
+def compile_primfunc(func, target: Target, knobs=None, *, what: str = "kernel"):
+    """Apply the target's schedule template (with ``knobs``) and build with TVM."""
+    template = template_for(target)
+    knobs = knobs if knobs is not None else template.Knobs()
+    try:
+        sch = template.apply(func, target, knobs)
+        assert sch is not None, f"{template.name} accepted {target} but returned no schedule"
+        executable = tvm.compile(sch.mod, target=target)
+    except Exception as error:  # TVM raises many types; the user gets one, with the cause
+        raise CompilationError(
+            f"TVM could not build the PIT {what} for target {str(target)!r} "
+            f"with {template.name} knobs {knobs!r}: {type(error).__name__}: {error}"
+        ) from error
+    log.debug("built %s for %s with %s", what, target, knobs)
+    return executable

@@ -1,0 +1,49 @@
+"""Compiled PIT kernels on demand: generate, schedule, build once, then serve from the cache."""
+
+from __future__ import annotations
+
+from tvm.target import Target
+
+from pit_compiler.ir import PITPlan
+from pit_compiler.runtime.cache import KernelCache
+
+from .build import compile_primfunc, default_knobs, kernel_key
+from .detect import build_detect
+from .pit_matmul import build_pit_matmul
+
+
+def matmul_kernel(plan: PITPlan, dtype: str, out_dtype: str, target: Target, cache: KernelCache, knobs=None):
+    """The compiled ``main(a, b, c, cnt, idx)`` for ``plan``."""
+    knobs = knobs if knobs is not None else default_knobs(target)
+    atomic = target.kind.name == "cuda"
+    dtypes = {"in": dtype, "out": out_dtype, "atomic": atomic}
+    key = kernel_key("pit_matmul", plan.signature(), dtypes, target, knobs)
+
+    def build():
+        func = build_pit_matmul(plan, dtype, out_dtype, atomic=atomic)
+        return compile_primfunc(func, target, knobs, what=f"{plan.form} matmul ({plan.signature()})")
+
+    return cache.get(key, build)["main"]
+
+
+def detect_kernel(
+    order: tuple[str, ...],
+    blocked: str,
+    permuted: str,
+    blocked_tile: int | None,
+    permuted_tile: int,
+    dtype: str,
+    target: Target,
+    cache: KernelCache,
+    knobs=None,
+):
+    """The compiled ``main(s, cnt, idx)`` listing non-empty micro-tiles (see :mod:`.detect`)."""
+    knobs = knobs if knobs is not None else default_knobs(target)
+    signature = f"order={order} blocked={blocked}:{blocked_tile} permuted={permuted}:{permuted_tile}"
+    key = kernel_key("detect", signature, {"in": dtype}, target, knobs)
+
+    def build():
+        func = build_detect(order, blocked, permuted, blocked_tile, permuted_tile, dtype)
+        return compile_primfunc(func, target, knobs, what=f"detection ({signature})")
+
+    return cache.get(key, build)["main"]

@@ -1,0 +1,216 @@
+"""The PIT transformation as TIR: gather listed micro-tiles, compute dense, write back.
+
+Every block carries ``pit.parallel_loops``: how many of its leading loops may run in parallel
+without a race. Schedule templates read it instead of re-deriving the data flow.
+
+Each form of :class:`~pit_compiler.ir.PITPlan` becomes one schedulable PrimFunc (s_tir blocks)
+over symbolic shapes, so one build serves every shape. Every kernel takes
+``(a, b, c, cnt, idx)``: the operands in their storage order (with a leading batch axis when
+the operator has none) and the index built by detection: ``cnt[batch, q]`` listed chunks of
+block ``q``, ``idx[batch, q, :cnt]`` their chunk numbers along the permuted axis.
+
+Tails are predicated (``< M``), never padded, so any shape is correct.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm.script import tirx as T
+
+from pit_compiler.ir import PITPlan
+
+ACC_DTYPE = "float32"
+
+
+def kernel_order(plan: PITPlan, operand: str) -> tuple[str, ...]:
+    """Storage order of ``operand`` as the kernel sees it: a batch axis always leads or stays."""
+    order = plan.contraction.order(operand)
+    return order if "batch" in order else ("batch",) + order
+
+
+def whole(buffer):
+    """The region of all of ``buffer``, for blocks whose access pattern the index decides."""
+    return tvm.tirx.BufferRegion(buffer, [tvm.ir.Range.from_min_extent(0, e) for e in buffer.shape])
+
+
+def _indexer(order: tuple[str, ...]):
+    def index(**roles):
+        return [roles[r] for r in order]
+
+    return index
+
+
+def build_pit_matmul(plan: PITPlan, dtype: str, out_dtype: str, atomic: bool):
+    """The PrimFunc for ``plan``: inputs of ``dtype``, output of ``out_dtype``.
+
+    ``atomic`` makes the scatter-add of an accumulating plan an atomic add (GPU targets,
+    where threads of different k blocks write one output row at once).
+    """
+    if plan.form == "reduce":
+        return _reduce_form(plan, dtype, out_dtype)
+    if plan.form == "scatter":
+        return _scatter_form(plan, dtype, out_dtype, atomic and plan.accumulate)
+    return _output_form(plan, dtype, out_dtype)
+
+
+def _layouts(plan: PITPlan):
+    orders = {x: kernel_order(plan, x) for x in "abc"}
+    index = {x: _indexer(orders[x]) for x in "abc"}
+
+    def shape(operand, Bt, M, N, K):
+        extent = {"batch": Bt, "m": M, "n": N, "k": K}
+        return [extent[r] for r in orders[operand]]
+
+    return index, shape
+
+
+def _reduce_form(plan: PITPlan, dtype: str, out_dtype: str):
+    """Each output row block sums over its own gathered k chunks: dense output, no scatter."""
+    index, shape = _layouts(plan)
+    ia, ib, ic = index["a"], index["b"], index["c"]
+    blocked_is_m = plan.blocked == "m"
+    tq = plan.tile[plan.blocked]
+    tk = plan.tile["k"]
+
+    def block_of(vi, vj):
+        return (vi if blocked_is_m else vj) // tq
+
+    @T.prim_func(s_tir=True)
+    def main(a: T.handle, b: T.handle, c: T.handle, cnt: T.handle, idx: T.handle):
+        T.func_attr({"global_symbol": "main", "tirx.noalias": True})
+        Bt, M, N, K, NQ, NP = T.int32(), T.int32(), T.int32(), T.int32(), T.int32(), T.int32()
+        A = T.match_buffer(a, shape("a", Bt, M, N, K), dtype)
+        B = T.match_buffer(b, shape("b", Bt, M, N, K), dtype)
+        C = T.match_buffer(c, shape("c", Bt, M, N, K), out_dtype)
+        Cnt = T.match_buffer(cnt, (Bt, NQ), "int32")
+        Idx = T.match_buffer(idx, (Bt, NQ, NP), "int32")
+        for bb, i, j in T.grid(Bt, M, N):
+            with T.sblock("compute"):
+                vb, vi, vj = T.axis.remap("SSS", [bb, i, j])
+                T.sblock_attr({"pit.parallel_loops": 3})
+                acc = T.sblock_alloc_buffer((1,), ACC_DTYPE, scope="local")
+                q = T.meta_var(block_of(vi, vj))
+                acc[0] = T.float32(0)
+                for e in range(Cnt[vb, q]):
+                    for kk in range(tk):
+                        if Idx[vb, q, e] * tk + kk < K:
+                            acc[0] = acc[0] + T.Cast(
+                                ACC_DTYPE, A[*ia(batch=vb, m=vi, k=Idx[vb, q, e] * tk + kk)]
+                            ) * T.Cast(ACC_DTYPE, B[*ib(batch=vb, n=vj, k=Idx[vb, q, e] * tk + kk)])
+                C[*ic(batch=vb, m=vi, n=vj)] = T.Cast(out_dtype, acc[0])
+
+    return main
+
+
+def _scatter_form(plan: PITPlan, dtype: str, out_dtype: str, atomic: bool):
+    """Gathered rows (or columns) of each k block computed densely, written back by index.
+
+    With ``plan.accumulate`` the write is an add, so the output starts from zero and, with
+    ``atomic``, the add is atomic. Unlisted rows are zero either way.
+    """
+    index, shape = _layouts(plan)
+    ia, ib, ic = index["a"], index["b"], index["c"]
+    permuted_is_m = plan.permuted == "m"
+    tp = plan.tile[plan.permuted]
+    tk = plan.tile["k"]
+    accumulate = plan.accumulate
+    # A plain add races between k blocks, so only the batch and dense loops run in parallel.
+    parallel_loops = 2 if accumulate and not atomic else 5
+
+    def k_at(vq, kk):
+        """k of step ``kk`` in block ``vq``; without accumulation one block spans all of k."""
+        return vq * tk + kk if accumulate else kk
+
+    def k_steps(K):
+        return tk if accumulate else K
+
+    def place(other, gathered):
+        """(m, n) of an output element from the dense axis and the gathered axis."""
+        return (gathered, other) if permuted_is_m else (other, gathered)
+
+    def extents(M, N):
+        """(extent of the dense spatial axis, extent of the gathered axis)."""
+        return (N, M) if permuted_is_m else (M, N)
+
+    @T.prim_func(s_tir=True)
+    def main(a: T.handle, b: T.handle, c: T.handle, cnt: T.handle, idx: T.handle):
+        T.func_attr({"global_symbol": "main", "tirx.noalias": True})
+        Bt, M, N, K, NQ, NP = T.int32(), T.int32(), T.int32(), T.int32(), T.int32(), T.int32()
+        A = T.match_buffer(a, shape("a", Bt, M, N, K), dtype)
+        B = T.match_buffer(b, shape("b", Bt, M, N, K), dtype)
+        C = T.match_buffer(c, shape("c", Bt, M, N, K), out_dtype)
+        Cnt = T.match_buffer(cnt, (Bt, NQ), "int32")
+        Idx = T.match_buffer(idx, (Bt, NQ, NP), "int32")
+        for bb, i, j in T.grid(Bt, M, N):
+            with T.sblock("zero"):
+                vb, vi, vj = T.axis.remap("SSS", [bb, i, j])
+                T.sblock_attr({"pit.parallel_loops": 3})
+                C[*ic(batch=vb, m=vi, n=vj)] = T.Cast(out_dtype, 0)
+        dense_extent, gathered_extent = T.meta_var(extents(M, N))
+        for bb, other, q, e, p in T.grid(Bt, dense_extent, NQ, NP, tp):
+            with T.sblock("compute"):
+                vb, vo, vq, ve, vp = T.axis.remap("SSSSS", [bb, other, q, e, p])
+                T.sblock_attr({"pit.parallel_loops": parallel_loops})
+                # The read of C in C += partial is left out: only the race-free loops above run in
+                # parallel, and a declared read-write overlap would forbid parallel loops at all.
+                T.reads(whole(A), whole(B), whole(Cnt), whole(Idx))
+                T.writes(whole(C))
+                acc = T.sblock_alloc_buffer((1,), ACC_DTYPE, scope="local")
+                mm, nn = T.meta_var(place(vo, Idx[vb, vq, ve] * tp + vp))
+                if ve < Cnt[vb, vq] and Idx[vb, vq, ve] * tp + vp < gathered_extent:
+                    acc[0] = T.float32(0)
+                    for kk in range(k_steps(K)):
+                        if k_at(vq, kk) < K:
+                            acc[0] = acc[0] + T.Cast(
+                                ACC_DTYPE, A[*ia(batch=vb, m=mm, k=k_at(vq, kk))]
+                            ) * T.Cast(ACC_DTYPE, B[*ib(batch=vb, n=nn, k=k_at(vq, kk))])
+                    out = T.meta_var(ic(batch=vb, m=mm, n=nn))
+                    if not accumulate:
+                        C[*out] = T.Cast(out_dtype, acc[0])
+                    elif atomic:
+                        T.evaluate(
+                            T.cuda.atomic_add(T.address_of(C[*out]), T.Cast(out_dtype, acc[0]))
+                        )
+                    else:
+                        C[*out] = C[*out] + T.Cast(out_dtype, acc[0])
+
+    return main
+
+
+def _output_form(plan: PITPlan, dtype: str, out_dtype: str):
+    """Output-sparse (SDD): compute only the listed output tiles; the rest are zero."""
+    index, shape = _layouts(plan)
+    ia, ib, ic = index["a"], index["b"], index["c"]
+    tm = plan.tile["m"]
+    tn = plan.tile["n"]
+
+    @T.prim_func(s_tir=True)
+    def main(a: T.handle, b: T.handle, c: T.handle, cnt: T.handle, idx: T.handle):
+        T.func_attr({"global_symbol": "main", "tirx.noalias": True})
+        Bt, M, N, K, NQ, NP = T.int32(), T.int32(), T.int32(), T.int32(), T.int32(), T.int32()
+        A = T.match_buffer(a, shape("a", Bt, M, N, K), dtype)
+        B = T.match_buffer(b, shape("b", Bt, M, N, K), dtype)
+        C = T.match_buffer(c, shape("c", Bt, M, N, K), out_dtype)
+        Cnt = T.match_buffer(cnt, (Bt, NQ), "int32")
+        Idx = T.match_buffer(idx, (Bt, NQ, NP), "int32")
+        for bb, i, j in T.grid(Bt, M, N):
+            with T.sblock("zero"):
+                vb, vi, vj = T.axis.remap("SSS", [bb, i, j])
+                T.sblock_attr({"pit.parallel_loops": 3})
+                C[*ic(batch=vb, m=vi, n=vj)] = T.Cast(out_dtype, 0)
+        for bb, q, e, mi, ni in T.grid(Bt, NQ, NP, tm, tn):
+            with T.sblock("compute"):
+                vb, vq, ve, vmi, vni = T.axis.remap("SSSSS", [bb, q, e, mi, ni])
+                T.sblock_attr({"pit.parallel_loops": 5})
+                acc = T.sblock_alloc_buffer((1,), ACC_DTYPE, scope="local")
+                if ve < Cnt[vb, vq] and vq * tm + vmi < M and Idx[vb, vq, ve] * tn + vni < N:
+                    acc[0] = T.float32(0)
+                    for k in range(K):
+                        acc[0] = acc[0] + T.Cast(
+                            ACC_DTYPE, A[*ia(batch=vb, m=vq * tm + vmi, k=k)]
+                        ) * T.Cast(ACC_DTYPE, B[*ib(batch=vb, n=Idx[vb, vq, ve] * tn + vni, k=k)])
+                    C[*ic(batch=vb, m=vq * tm + vmi, n=Idx[vb, vq, ve] * tn + vni)] = T.Cast(
+                        out_dtype, acc[0]
+                    )
+
+    return main

@@ -1,0 +1,86 @@
+"""Compiled kernels, kept in memory and on disk so a second call or process never rebuilds.
+
+Disk entries are written to a temporary file and renamed into place, so a reader sees a whole
+file or none, and two processes building the same kernel both leave a valid one. An entry
+that fails to load (truncated, foreign, corrupted) is reported, removed and rebuilt.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import threading
+from pathlib import Path
+from typing import Callable
+
+import tvm.runtime
+
+log = logging.getLogger(__name__)
+
+ENV_CACHE_DIR = "PIT_CACHE_DIR"
+
+
+def default_cache_dir() -> Path:
+    """``$PIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/pit``, else ``~/.cache/pit``."""
+    if os.environ.get(ENV_CACHE_DIR):
+        return Path(os.environ[ENV_CACHE_DIR]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "pit"
+
+
+class KernelCache:
+    """Maps a kernel key to a loaded TVM module; ``directory=None`` keeps memory only."""
+
+    def __init__(self, directory: Path | None):
+        self.directory = Path(directory) if directory is not None else None
+        self._loaded: dict[str, object] = {}
+        self._lock = threading.Lock()
+        self.builds = 0  # compilations done by this cache (disk and memory hits excluded)
+
+    def _path(self, key: str) -> Path:
+        assert self.directory is not None
+        return self.directory / "kernels" / f"{key}.so"
+
+    def get(self, key: str, build: Callable[[], object]):
+        """The module for ``key``: from memory, else disk, else ``build()`` (then saved)."""
+        with self._lock:
+            module = self._loaded.get(key)
+            if module is None:
+                module = self._load(key)
+            if module is None:
+                module = build()
+                self.builds += 1
+                self._save(key, module)
+            self._loaded[key] = module
+            return module
+
+    def _load(self, key: str):
+        if self.directory is None:
+            return None
+        path = self._path(key)
+        if not path.exists():
+            return None
+        try:
+            return tvm.runtime.load_module(str(path))
+        except Exception as error:  # a damaged entry must never stop the user: rebuild it
+            log.warning("PIT kernel cache entry %s is unreadable (%s); rebuilding it", path, error)
+            path.unlink(missing_ok=True)
+            return None
+
+    def _save(self, key: str, module) -> None:
+        if self.directory is None:
+            return
+        path = self._path(key)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{key}.", suffix=".so")
+            os.close(fd)
+            try:
+                module.export_library(tmp)
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        except Exception as error:  # a read-only or full disk costs a rebuild later, nothing more
+            log.warning("could not save PIT kernel to %s (%s); keeping it in memory only", path, error)

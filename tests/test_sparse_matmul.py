@@ -1,0 +1,167 @@
+"""pit.sparse_matmul against dense torch: every form, operand, dtype, tail and sparsity."""
+
+from __future__ import annotations
+
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import pit_compiler as pit
+from sparse_data import assert_matches_reference, dense_operand, expand_mask, micro_tile_sparse
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+DENSITIES = [1.0, 0.5, 0.1, 0.01, 0.0]  # sparsity 0 %, 50 %, 90 %, 99 %, 100 %
+
+# (micro_tile, form): form None is PIT's own choice; forced forms cover the others.
+A_CASES = [
+    ((32, 1), None),  # column pieces: reduce form, condensed k
+    ((1, 16), None),  # row pieces: scatter-add form
+    ((1, None), None),  # whole rows: plain scatter
+    ((8, 8), None),  # blocks: reduce form
+    ((32, 1), "scatter"),
+    ((1, 16), "reduce"),
+]
+B_CASES = [((16, 1), None), ((1, 32), None), ((None, 1), None), ((8, 8), "scatter")]
+
+
+def poisoned(shape, dtype, device):
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+def run_case(sparse, tile, form, dtype, device, density, M=67, K=45, N=33, batch=(), seed=0):
+    shapes = {"A": (*batch, M, K), "B": (*batch, K, N)}
+    S, _ = micro_tile_sparse(shapes[sparse], tile, density, dtype, device, seed=seed)
+    other = dense_operand(shapes["B" if sparse == "A" else "A"], dtype, device, seed=seed + 1)
+    A, B = (S, other) if sparse == "A" else (other, S)
+    out = poisoned((*batch, M, N), dtype, device)
+    result = pit.sparse_matmul(A, B, sparse=sparse, micro_tile=tile, form=form, out=out)
+    assert result is out
+    assert_matches_reference(result, A.double() @ B.double())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("tile,form", A_CASES, ids=str)
+@pytest.mark.parametrize("density", DENSITIES)
+def test_sparse_A(tile, form, dtype, device, density):
+    run_case("A", tile, form, dtype, device, density)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("tile,form", B_CASES, ids=str)
+@pytest.mark.parametrize("density", [1.0, 0.1, 0.0])
+def test_sparse_B_pruned_weights(tile, form, dtype, device, density):
+    run_case("B", tile, form, dtype, device, density)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("sparse,tile", [("A", (32, 1)), ("A", (1, 16)), ("A", (1, None)), ("B", (1, 32))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_batched(sparse, tile, dtype, device):
+    run_case(sparse, tile, None, dtype, device, 0.3, M=40, K=70, N=20, batch=(3,))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("batch", [(), (2,)])
+@pytest.mark.parametrize("density", [1.0, 0.4, 0.0])
+def test_sparse_output_sdd(dtype, batch, density, device):
+    """Only the tiles the mask lists are computed; every other output element is zero."""
+    M, K, N, tile = 70, 40, 50, (16, 32)
+    A = dense_operand((*batch, M, K), dtype, device, seed=3)
+    B = dense_operand((*batch, K, N), dtype, device, seed=4)
+    _, mask = micro_tile_sparse((*batch, M, N), tile, density, torch.float32, device, seed=5)
+    out = poisoned((*batch, M, N), dtype, device)
+    pit.sparse_matmul(A, B, sparse="C", micro_tile=tile, mask=mask, out=out)
+    keep = expand_mask(mask, tile, (M, N))
+    assert_matches_reference(out, (A.double() @ B.double()) * keep)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mask_kind", ["grid", "elements"])
+def test_mask_overrides_detection(mask_kind, device):
+    """With mask=, micro-tiles outside it are never read: the result is (A * mask) @ B."""
+    M, K, N, tile = 50, 64, 30, (16, 1)
+    A = dense_operand((M, K), torch.float32, device, seed=6)  # fully dense values
+    B = dense_operand((K, N), torch.float32, device, seed=7)
+    _, grid = micro_tile_sparse((M, K), tile, 0.3, torch.float32, device, seed=8)
+    keep = expand_mask(grid, tile, (M, K))
+    mask = grid if mask_kind == "grid" else keep
+    out = pit.sparse_matmul(A, B, micro_tile=tile, mask=mask)
+    assert_matches_reference(out, (A.double() * keep) @ B.double())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_inputs(device):
+    A_full, _ = micro_tile_sparse((45, 67), (1, 16), 0.5, torch.float32, device)
+    A = A_full.t()  # a transposed view
+    B = dense_operand((45, 66), torch.float32, device)[:, ::2]  # a strided slice
+    assert not A.is_contiguous() and not B.is_contiguous()
+    assert_matches_reference(pit.sparse_matmul(A, B, micro_tile=(32, 1)), A.double() @ B.double())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("M,K,N", [(1, 1, 1), (1, 33, 1), (33, 1, 17), (0, 5, 3), (4, 0, 3)])
+def test_degenerate_shapes(M, K, N, device):
+    A, _ = micro_tile_sparse((M, K), (1, 1), 0.5, torch.float32, device) if M and K else (
+        torch.zeros(M, K, device=device), None
+    )
+    B = dense_operand((K, N), torch.float32, device)
+    result = pit.sparse_matmul(A, B, micro_tile=(32, 1))
+    assert result.shape == (M, N)
+    if result.numel():
+        assert_matches_reference(result, A.double() @ B.double())
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    M=st.integers(1, 90),
+    K=st.integers(1, 90),
+    N=st.integers(1, 40),
+    case=st.sampled_from(A_CASES),
+    density=st.sampled_from(DENSITIES + [0.3, 0.7]),
+    seed=st.integers(0, 2**16),
+)
+def test_random_shapes_property(M, K, N, case, density, seed):
+    """Any shape, tails included, at any sparsity: PIT equals dense."""
+    tile, form = case
+    run_case("A", tile, form, torch.float32, "cpu", density, M=M, K=K, N=N, seed=seed)
+
+
+def test_second_call_does_not_rebuild():
+    cache = pit.kernel_cache()
+    A, _ = micro_tile_sparse((40, 40), (32, 1), 0.5, torch.float32)
+    B = dense_operand((40, 20), torch.float32)
+    pit.sparse_matmul(A, B)
+    builds = cache.builds
+    A2, _ = micro_tile_sparse((77, 50), (32, 1), 0.2, torch.float32, seed=9)  # other shape too
+    pit.sparse_matmul(A2, dense_operand((50, 9), torch.float32))
+    assert cache.builds == builds
+
+
+def test_fresh_inputs_every_call():
+    """The index is rebuilt from each call's data: a stale index would give a wrong answer."""
+    B = dense_operand((64, 16), torch.float32)
+    for seed in range(3):
+        A, _ = micro_tile_sparse((48, 64), (32, 1), 0.3, torch.float32, seed=seed)
+        assert_matches_reference(pit.sparse_matmul(A, B), A.double() @ B.double())
+
+
+def test_plan_choices_follow_the_micro_tile():
+    from pit_compiler.ir import SparsityAttr, as_contraction, plan_pit
+
+    matmul = as_contraction("C[m, n] += A[m, k] * B[k, n]")
+    sizes = {"m": 128, "n": 64, "k": 256}
+
+    def plan(operand, tile):
+        return plan_pit(matmul, SparsityAttr(operand, tile), sizes)
+
+    assert (plan("A", (32, 1)).form, plan("A", (32, 1)).permuted) == ("reduce", "k")
+    assert (plan("A", (1, 32)).form, plan("A", (1, 32)).accumulate) == ("scatter", True)
+    assert (plan("A", (1, 256)).form, plan("A", (1, 256)).accumulate) == ("scatter", False)
+    assert (plan("B", (32, 1)).form, plan("B", (32, 1)).permuted) == ("scatter", "n")
+    assert (plan("C", (32, 32)).form, plan("C", (32, 32)).permuted) == ("output", "n")
