@@ -54,9 +54,9 @@ def _contraction(ndim: int) -> Contraction:
     return as_contraction(_MATMUL[ndim])
 
 
-def _tvm_dtype(dtype: torch.dtype) -> str:
+def _tvm_dtype(dtype: torch.dtype, argument: str) -> str:
     if dtype not in _TVM_DTYPE:
-        raise TypeError(f"PIT kernels cannot read dtype {dtype}; expected one of {list(_TVM_DTYPE)}")
+        raise TypeError(f"{argument} has dtype {dtype}; PIT kernels read {list(_TVM_DTYPE)}")
     return _TVM_DTYPE[dtype]
 
 
@@ -71,7 +71,13 @@ def _as_kernel_input(t: torch.Tensor) -> torch.Tensor:
 
 
 def _detect(
-    s: torch.Tensor, order: tuple[str, ...], blocked: str, permuted: str, tiles: dict, whole_blocked: bool
+    s: torch.Tensor,
+    order: tuple[str, ...],
+    blocked: str,
+    permuted: str,
+    tiles: dict,
+    whole_blocked: bool,
+    argument: str,
 ) -> MicroTileIndex:
     """Run the detection kernel over ``s`` (3-D, stored in ``order``)."""
     extent = dict(zip(order, s.shape))
@@ -88,7 +94,7 @@ def _detect(
         permuted,
         None if whole_blocked else tiles[blocked],
         tiles[permuted],
-        _tvm_dtype(s.dtype),
+        _tvm_dtype(s.dtype, argument),
         target_for(s.device),
         kernel_cache(),
     )
@@ -111,7 +117,7 @@ def detect_micro_tiles(x: torch.Tensor, micro_tile=(32, 1), *, blocked: str = "r
     order = ("batch", "rows", "cols")
     permuted = "cols" if blocked == "rows" else "rows"
     tiles = dict(zip(("rows", "cols"), tile))
-    return _detect(_as_kernel_input(_batched(x)), order, blocked, permuted, tiles, whole_blocked=False)
+    return _detect(_as_kernel_input(_batched(x)), order, blocked, permuted, tiles, False, "x")
 
 
 def sparse_matmul(
@@ -175,16 +181,17 @@ def _index_for(plan: PITPlan, operand, mask, tile, grid) -> MicroTileIndex:
     by_grid = mask is not None and tuple(mask.shape[-2:]) == grid
     tiles = dict(zip(roles, (1, 1) if by_grid else tile))
     whole_blocked = plan.form == "scatter" and not plan.accumulate
-    return _detect(_as_kernel_input(_batched(source)), order, plan.blocked, plan.permuted, tiles, whole_blocked)
+    argument = "mask" if mask is not None else plan.sparse.upper()
+    return _detect(_as_kernel_input(_batched(source)), order, plan.blocked, plan.permuted, tiles, whole_blocked, argument)
 
 
 def _run_matmul(plan: PITPlan, A: torch.Tensor, B: torch.Tensor, out: torch.Tensor, index: MicroTileIndex) -> None:
     target = target_for(A.device)
-    dtype = _tvm_dtype(A.dtype)
+    dtype = _tvm_dtype(A.dtype, "A")
     # Partial sums of several k blocks meet in one output element: add them in float32.
     widen = plan.accumulate and out.dtype != torch.float32
     result = torch.empty(out.shape, dtype=torch.float32, device=out.device) if widen else out
-    kernel = matmul_kernel(plan, dtype, _tvm_dtype(result.dtype), target, kernel_cache())
+    kernel = matmul_kernel(plan, dtype, _tvm_dtype(result.dtype, "out"), target, kernel_cache())
     kernel(A, B, result, index.counts, index.indices)
     if widen:
         out.copy_(result)

@@ -1,12 +1,15 @@
 """Compiled kernels, kept in memory and on disk so a second call or process never rebuilds.
 
 Disk entries are written to a temporary file and renamed into place, so a reader sees a whole
-file or none, and two processes building the same kernel both leave a valid one. An entry
-that fails to load (truncated, foreign, corrupted) is reported, removed and rebuilt.
+file or none, and two processes building the same kernel both leave a valid one. Each entry's
+name carries the SHA-256 of its bytes, checked before the library is loaded: a damaged file
+can crash the loader itself (a half-truncated shared library dies in dlopen with SIGBUS), so
+an entry that fails the check, or fails to load, is reported, removed and rebuilt.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import tempfile
@@ -38,9 +41,9 @@ class KernelCache:
         self._lock = threading.Lock()
         self.builds = 0  # compilations done by this cache (disk and memory hits excluded)
 
-    def _path(self, key: str) -> Path:
+    def _folder(self) -> Path:
         assert self.directory is not None
-        return self.directory / "kernels" / f"{key}.so"
+        return self.directory / "kernels"
 
     def get(self, key: str, build: Callable[[], object]):
         """The module for ``key``: from memory, else disk, else ``build()`` (then saved)."""
@@ -58,29 +61,38 @@ class KernelCache:
     def _load(self, key: str):
         if self.directory is None:
             return None
-        path = self._path(key)
-        if not path.exists():
-            return None
-        try:
-            return tvm.runtime.load_module(str(path))
-        except Exception as error:  # a damaged entry must never stop the user: rebuild it
-            log.warning("PIT kernel cache entry %s is unreadable (%s); rebuilding it", path, error)
+        for path in sorted(self._folder().glob(f"{key}-*.so")):
+            try:
+                intact = _digest(path.read_bytes()) == path.stem.rsplit("-", 1)[1]
+                if intact:
+                    return tvm.runtime.load_module(str(path))
+                problem = "its contents do not match the checksum in its name"
+            except FileNotFoundError:  # another process replaced it meanwhile
+                continue
+            except Exception as error:  # a damaged entry must never stop the user: rebuild it
+                problem = str(error)
+            log.warning("PIT kernel cache entry %s is unreadable (%s); rebuilding it", path, problem)
             path.unlink(missing_ok=True)
-            return None
+        return None
 
     def _save(self, key: str, module) -> None:
         if self.directory is None:
             return
-        path = self._path(key)
+        folder = self._folder()
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{key}.", suffix=".so")
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{key}.", suffix=".so")
             os.close(fd)
             try:
                 module.export_library(tmp)
-                os.replace(tmp, path)
+                digest = _digest(Path(tmp).read_bytes())
+                os.replace(tmp, folder / f"{key}-{digest}.so")
             finally:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
         except Exception as error:  # a read-only or full disk costs a rebuild later, nothing more
-            log.warning("could not save PIT kernel to %s (%s); keeping it in memory only", path, error)
+            log.warning("could not save PIT kernel under %s (%s); keeping it in memory only", folder, error)
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:32]
