@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import tvm
 from tvm.script import tirx as T
+from tvm.script.ir_builder import IRBuilder
 
 from pit_compiler.ir import PITPlan
 
 ACC_DTYPE = "float32"
+PARALLEL_LOOPS = "pit.parallel_loops"  # read by the schedule templates
 
 
 def kernel_order(plan: PITPlan, operand: str) -> tuple[str, ...]:
@@ -53,20 +55,41 @@ def build_pit_matmul(plan: PITPlan, dtype: str, out_dtype: str, atomic: bool):
     return _output_form(plan, dtype, out_dtype)
 
 
-def _layouts(plan: PITPlan):
+def _layouts(plan: PITPlan, dtype: str, out_dtype: str):
+    """Index makers per operand, and two builders every form shares (run while parsing)."""
     orders = {x: kernel_order(plan, x) for x in "abc"}
     index = {x: _indexer(orders[x]) for x in "abc"}
 
-    def shape(operand, Bt, M, N, K):
+    def declare(a, b, c, cnt, idx):
+        """Symbolic extents and the five buffers of ``main(a, b, c, cnt, idx)``."""
+        Bt, M, N, K, NQ, NP = (IRBuilder.name(n, T.int32()) for n in ("Bt", "M", "N", "K", "NQ", "NP"))
         extent = {"batch": Bt, "m": M, "n": N, "k": K}
-        return [extent[r] for r in orders[operand]]
 
-    return index, shape
+        def buffer(name, handle, operand, buffer_dtype):
+            shape = [extent[r] for r in orders[operand]]
+            return IRBuilder.name(name, T.match_buffer(handle, shape, buffer_dtype))
+
+        A = buffer("A", a, "a", dtype)
+        B = buffer("B", b, "b", dtype)
+        C = buffer("C", c, "c", out_dtype)
+        Cnt = IRBuilder.name("Cnt", T.match_buffer(cnt, (Bt, NQ), "int32"))
+        Idx = IRBuilder.name("Idx", T.match_buffer(idx, (Bt, NQ, NP), "int32"))
+        return Bt, M, N, K, NQ, NP, A, B, C, Cnt, Idx
+
+    def zero_fill(C, Bt, M, N):
+        """A block that zeroes all of C: the forms that write only listed places start here."""
+        with T.grid(Bt, M, N) as (bb, i, j):
+            with T.sblock("zero"):
+                vb, vi, vj = T.axis.remap("SSS", [bb, i, j])
+                T.sblock_attr({PARALLEL_LOOPS: 3})
+                T.buffer_store(C, T.Cast(out_dtype, 0), index["c"](batch=vb, m=vi, n=vj))
+
+    return index, declare, zero_fill
 
 
 def _reduce_form(plan: PITPlan, dtype: str, out_dtype: str):
     """Each output row block sums over its own gathered k chunks: dense output, no scatter."""
-    index, shape = _layouts(plan)
+    index, declare, zero_fill = _layouts(plan, dtype, out_dtype)
     ia, ib, ic = index["a"], index["b"], index["c"]
     blocked_is_m = plan.blocked == "m"
     tq = plan.tile[plan.blocked]
@@ -78,16 +101,11 @@ def _reduce_form(plan: PITPlan, dtype: str, out_dtype: str):
     @T.prim_func(s_tir=True)
     def main(a: T.handle, b: T.handle, c: T.handle, cnt: T.handle, idx: T.handle):
         T.func_attr({"global_symbol": "main", "tirx.noalias": True})
-        Bt, M, N, K, NQ, NP = T.int32(), T.int32(), T.int32(), T.int32(), T.int32(), T.int32()
-        A = T.match_buffer(a, shape("a", Bt, M, N, K), dtype)
-        B = T.match_buffer(b, shape("b", Bt, M, N, K), dtype)
-        C = T.match_buffer(c, shape("c", Bt, M, N, K), out_dtype)
-        Cnt = T.match_buffer(cnt, (Bt, NQ), "int32")
-        Idx = T.match_buffer(idx, (Bt, NQ, NP), "int32")
+        Bt, M, N, K, NQ, NP, A, B, C, Cnt, Idx = T.meta_var(declare(a, b, c, cnt, idx))
         for bb, i, j in T.grid(Bt, M, N):
             with T.sblock("compute"):
                 vb, vi, vj = T.axis.remap("SSS", [bb, i, j])
-                T.sblock_attr({"pit.parallel_loops": 3})
+                T.sblock_attr({PARALLEL_LOOPS: 3})
                 acc = T.sblock_alloc_buffer((1,), ACC_DTYPE, scope="local")
                 q = T.meta_var(block_of(vi, vj))
                 acc[0] = T.float32(0)
@@ -108,7 +126,7 @@ def _scatter_form(plan: PITPlan, dtype: str, out_dtype: str, atomic: bool):
     With ``plan.accumulate`` the write is an add, so the output starts from zero and, with
     ``atomic``, the add is atomic. Unlisted rows are zero either way.
     """
-    index, shape = _layouts(plan)
+    index, declare, zero_fill = _layouts(plan, dtype, out_dtype)
     ia, ib, ic = index["a"], index["b"], index["c"]
     permuted_is_m = plan.permuted == "m"
     tp = plan.tile[plan.permuted]
@@ -135,22 +153,13 @@ def _scatter_form(plan: PITPlan, dtype: str, out_dtype: str, atomic: bool):
     @T.prim_func(s_tir=True)
     def main(a: T.handle, b: T.handle, c: T.handle, cnt: T.handle, idx: T.handle):
         T.func_attr({"global_symbol": "main", "tirx.noalias": True})
-        Bt, M, N, K, NQ, NP = T.int32(), T.int32(), T.int32(), T.int32(), T.int32(), T.int32()
-        A = T.match_buffer(a, shape("a", Bt, M, N, K), dtype)
-        B = T.match_buffer(b, shape("b", Bt, M, N, K), dtype)
-        C = T.match_buffer(c, shape("c", Bt, M, N, K), out_dtype)
-        Cnt = T.match_buffer(cnt, (Bt, NQ), "int32")
-        Idx = T.match_buffer(idx, (Bt, NQ, NP), "int32")
-        for bb, i, j in T.grid(Bt, M, N):
-            with T.sblock("zero"):
-                vb, vi, vj = T.axis.remap("SSS", [bb, i, j])
-                T.sblock_attr({"pit.parallel_loops": 3})
-                C[*ic(batch=vb, m=vi, n=vj)] = T.Cast(out_dtype, 0)
+        Bt, M, N, K, NQ, NP, A, B, C, Cnt, Idx = T.meta_var(declare(a, b, c, cnt, idx))
+        zero_fill(C, Bt, M, N)
         dense_extent, gathered_extent = T.meta_var(extents(M, N))
         for bb, other, q, e, p in T.grid(Bt, dense_extent, NQ, NP, tp):
             with T.sblock("compute"):
                 vb, vo, vq, ve, vp = T.axis.remap("SSSSS", [bb, other, q, e, p])
-                T.sblock_attr({"pit.parallel_loops": parallel_loops})
+                T.sblock_attr({PARALLEL_LOOPS: parallel_loops})
                 # The read of C in C += partial is left out: only the race-free loops above run in
                 # parallel, and a declared read-write overlap would forbid parallel loops at all.
                 T.reads(whole(A), whole(B), whole(Cnt), whole(Idx))
@@ -179,7 +188,7 @@ def _scatter_form(plan: PITPlan, dtype: str, out_dtype: str, atomic: bool):
 
 def _output_form(plan: PITPlan, dtype: str, out_dtype: str):
     """Output-sparse (SDD): compute only the listed output tiles; the rest are zero."""
-    index, shape = _layouts(plan)
+    index, declare, zero_fill = _layouts(plan, dtype, out_dtype)
     ia, ib, ic = index["a"], index["b"], index["c"]
     tm = plan.tile["m"]
     tn = plan.tile["n"]
@@ -187,21 +196,12 @@ def _output_form(plan: PITPlan, dtype: str, out_dtype: str):
     @T.prim_func(s_tir=True)
     def main(a: T.handle, b: T.handle, c: T.handle, cnt: T.handle, idx: T.handle):
         T.func_attr({"global_symbol": "main", "tirx.noalias": True})
-        Bt, M, N, K, NQ, NP = T.int32(), T.int32(), T.int32(), T.int32(), T.int32(), T.int32()
-        A = T.match_buffer(a, shape("a", Bt, M, N, K), dtype)
-        B = T.match_buffer(b, shape("b", Bt, M, N, K), dtype)
-        C = T.match_buffer(c, shape("c", Bt, M, N, K), out_dtype)
-        Cnt = T.match_buffer(cnt, (Bt, NQ), "int32")
-        Idx = T.match_buffer(idx, (Bt, NQ, NP), "int32")
-        for bb, i, j in T.grid(Bt, M, N):
-            with T.sblock("zero"):
-                vb, vi, vj = T.axis.remap("SSS", [bb, i, j])
-                T.sblock_attr({"pit.parallel_loops": 3})
-                C[*ic(batch=vb, m=vi, n=vj)] = T.Cast(out_dtype, 0)
+        Bt, M, N, K, NQ, NP, A, B, C, Cnt, Idx = T.meta_var(declare(a, b, c, cnt, idx))
+        zero_fill(C, Bt, M, N)
         for bb, q, e, mi, ni in T.grid(Bt, NQ, NP, tm, tn):
             with T.sblock("compute"):
                 vb, vq, ve, vmi, vni = T.axis.remap("SSSSS", [bb, q, e, mi, ni])
-                T.sblock_attr({"pit.parallel_loops": 5})
+                T.sblock_attr({PARALLEL_LOOPS: 5})
                 acc = T.sblock_alloc_buffer((1,), ACC_DTYPE, scope="local")
                 if ve < Cnt[vb, vq] and vq * tm + vmi < M and Idx[vb, vq, ve] * tn + vni < N:
                     acc[0] = T.float32(0)
