@@ -21,7 +21,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["pit_compiler", "pit_compiler.runtime", *STAGE_PACKAGES],
+    packages=["pit_compiler", "pit_compiler.runtime", "pit_compiler.nn", "pit_compiler.frontend", *STAGE_PACKAGES],
     package_dir={"pit_compiler": "pit_compiler", **STAGE_PACKAGES},
     install_requires=[
         "apache-tvm==0.27.0.post1",

@@ -69,7 +69,7 @@ def normalize_micro_tile(micro_tile, operand_shape: Sequence[int]) -> tuple[int,
     return tuple(max(1, size) if t is None else t for t, size in zip(micro_tile, operand_shape))
 
 
-def check_mask(mask, operand: torch.Tensor | None, operand_shape: tuple, grid_shape: tuple, device) -> torch.Tensor:
+def check_mask(mask, operand_shape: tuple, grid_shape: tuple, device) -> torch.Tensor:
     """A mask the size of the sparse operand, or of its micro-tile grid; non-zero marks kept."""
     require_tensor("mask", mask)
     if mask.device != device:

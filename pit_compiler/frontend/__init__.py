@@ -1,0 +1,1 @@
+"""Capture a model, find its sparse operators, replace them with PIT kernels."""

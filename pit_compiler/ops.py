@@ -1,0 +1,154 @@
+"""Running PIT kernels on torch tensors: detection, the index, the matmul forms, the cache.
+
+No argument checks here: the public functions in :mod:`pit_compiler.api` validate first.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from pit_compiler.codegen import detect_kernel, kernel_order, matmul_kernel
+from pit_compiler.ir import Contraction, PITPlan, SparsityAttr, as_contraction, plan_pit
+from pit_compiler.runtime import KernelCache, MicroTileIndex, default_cache_dir
+from pit_compiler.targets import target_for
+
+_MATMUL = {2: "C[m, n] += A[m, k] * B[k, n]", 3: "C[b, m, n] += A[b, m, k] * B[b, k, n]"}
+_TVM_DTYPE = {
+    torch.float32: "float32",
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+    torch.uint8: "uint8",
+    torch.int8: "int8",
+    torch.int32: "int32",
+    torch.int64: "int64",
+    torch.float64: "float64",
+}
+
+_cache: KernelCache | None = None
+
+
+def kernel_cache() -> KernelCache:
+    """The process-wide kernel cache (on disk under :func:`default_cache_dir`)."""
+    global _cache
+    if _cache is None:
+        _cache = KernelCache(default_cache_dir())
+    return _cache
+
+
+def set_kernel_cache(cache: KernelCache | None) -> None:
+    """Replace the process-wide cache (``None``: a fresh one at the default place on next use)."""
+    global _cache
+    _cache = cache
+
+
+@functools.lru_cache(maxsize=None)
+def matmul_contraction(ndim: int) -> Contraction:
+    return as_contraction(_MATMUL[ndim])
+
+
+def tvm_dtype(dtype: torch.dtype, argument: str) -> str:
+    if dtype not in _TVM_DTYPE:
+        raise TypeError(f"{argument} has dtype {dtype}; PIT kernels read {list(_TVM_DTYPE)}")
+    return _TVM_DTYPE[dtype]
+
+
+def batched(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dim() == 3 else t.unsqueeze(0)
+
+
+def as_kernel_input(t: torch.Tensor) -> torch.Tensor:
+    """Kernels read compact memory; bool is read as bytes (a free view)."""
+    t = t.contiguous()
+    return t.view(torch.uint8) if t.dtype == torch.bool else t
+
+
+def detect(
+    s: torch.Tensor,
+    order: tuple[str, ...],
+    blocked: str,
+    permuted: str,
+    tiles: dict,
+    whole_blocked: bool,
+    argument: str,
+) -> MicroTileIndex:
+    """Run the detection kernel over ``s`` (3-D, stored in ``order``)."""
+    extent = dict(zip(order, s.shape))
+    blocks = 1 if whole_blocked else math.ceil(extent[blocked] / tiles[blocked])
+    chunks = math.ceil(extent[permuted] / tiles[permuted])
+    counts = torch.empty((extent["batch"], blocks), dtype=torch.int32, device=s.device)
+    indices = torch.empty((extent["batch"], blocks, chunks), dtype=torch.int32, device=s.device)
+    if s.numel() == 0:
+        counts.zero_()
+        return MicroTileIndex(counts, indices)
+    kernel = detect_kernel(
+        order,
+        blocked,
+        permuted,
+        None if whole_blocked else tiles[blocked],
+        tiles[permuted],
+        tvm_dtype(s.dtype, argument),
+        target_for(s.device),
+        kernel_cache(),
+    )
+    kernel(s, counts, indices)
+    return MicroTileIndex(counts, indices)
+
+
+def index_for(plan: PITPlan, operand, mask, tile, grid) -> MicroTileIndex:
+    """Detect the listed micro-tiles from the mask (if given) or from the operand itself."""
+    order = kernel_order(plan, plan.sparse)
+    roles = tuple(r for r in order if r != "batch")
+    source = operand if mask is None else mask
+    by_grid = mask is not None and tuple(mask.shape[-2:]) == grid
+    tiles = dict(zip(roles, (1, 1) if by_grid else tile))
+    whole_blocked = plan.form == "scatter" and not plan.accumulate
+    argument = "mask" if mask is not None else plan.sparse.upper()
+    return detect(as_kernel_input(batched(source)), order, plan.blocked, plan.permuted, tiles, whole_blocked, argument)
+
+
+def run_matmul(plan: PITPlan, A: torch.Tensor, B: torch.Tensor, out: torch.Tensor, index: MicroTileIndex) -> None:
+    target = target_for(A.device)
+    dtype = tvm_dtype(A.dtype, "A")
+    # Partial sums of several k blocks meet in one output element: add them in float32.
+    widen = plan.accumulate and out.dtype != torch.float32
+    result = torch.empty(out.shape, dtype=torch.float32, device=out.device) if widen else out
+    kernel = matmul_kernel(plan, dtype, tvm_dtype(result.dtype, "out"), target, kernel_cache())
+    kernel(A, B, result, index.counts, index.indices)
+    if widen:
+        out.copy_(result)
+
+
+def operand_grid(plan: PITPlan, index: MicroTileIndex) -> torch.Tensor:
+    """The listed micro-tiles as a ``(batch, rows, cols)`` grid in the sparse operand's layout."""
+    grid = index.to_mask()
+    roles = tuple(r for r in kernel_order(plan, plan.sparse) if r != "batch")
+    return grid if plan.blocked == roles[0] else grid.transpose(-1, -2)
+
+
+def pit_matmul(
+    A: torch.Tensor,
+    B: torch.Tensor,
+    out: torch.Tensor,
+    sparse: str,
+    tile: tuple[int, int],
+    grid_shape: tuple[int, int],
+    mask: torch.Tensor | None,
+    form: str | None,
+) -> tuple[PITPlan, MicroTileIndex] | None:
+    """Write ``A @ B`` (with ``sparse``'s unlisted micro-tiles taken as zero) into ``out``.
+
+    Returns the plan and index it used, or None where there was nothing to compute.
+    """
+    M, K, N = A.shape[-2], A.shape[-1], B.shape[-1]
+    if out.numel() == 0:
+        return None
+    if K == 0:
+        out.zero_()
+        return None
+    plan = plan_pit(matmul_contraction(A.dim()), SparsityAttr(sparse, tile), {"m": M, "n": N, "k": K}, form)
+    index = index_for(plan, {"A": A, "B": B}.get(sparse), mask, tile, grid_shape)
+    run_matmul(plan, as_kernel_input(batched(A)), as_kernel_input(batched(B)), batched(out), index)
+    return plan, index
