@@ -15,7 +15,8 @@ from pit_compiler.ir import Contraction, PITPlan, SparsityAttr, as_contraction, 
 from pit_compiler.runtime import KernelCache, MicroTileIndex, default_cache_dir
 from pit_compiler.targets import target_for
 
-_MATMUL = {2: "C[m, n] += A[m, k] * B[k, n]", 3: "C[b, m, n] += A[b, m, k] * B[b, k, n]"}
+# The logical axes of each operand's rows and columns, whatever its storage order.
+_LOGICAL_ROLES = {"a": ("m", "k"), "b": ("k", "n"), "c": ("m", "n")}
 _TVM_DTYPE = {
     torch.float32: "float32",
     torch.float16: "float16",
@@ -45,8 +46,23 @@ def set_kernel_cache(cache: KernelCache | None) -> None:
 
 
 @functools.lru_cache(maxsize=None)
-def matmul_contraction(ndim: int) -> Contraction:
-    return as_contraction(_MATMUL[ndim])
+def matmul_contraction(ndim: int, a_transposed: bool = False, b_transposed: bool = False) -> Contraction:
+    """``C = A @ B`` with A and B stored as written or transposed: kernels read either layout."""
+    batch = "b, " if ndim == 3 else ""
+    a = "k, m" if a_transposed else "m, k"
+    b = "n, k" if b_transposed else "k, n"
+    return as_contraction(f"C[{batch}m, n] += A[{batch}{a}] * B[{batch}{b}]")
+
+
+def storage(t: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """A compact tensor holding ``t``, and whether it is ``t`` transposed (a free view).
+
+    Transposed views (``W.t()`` of an ``nn.Linear`` weight, the operands of a backward pass)
+    are read in place by a kernel built for that layout instead of being copied.
+    """
+    if not t.is_contiguous() and t.transpose(-1, -2).is_contiguous():
+        return t.transpose(-1, -2), True
+    return t.contiguous(), False
 
 
 def tvm_dtype(dtype: torch.dtype, argument: str) -> str:
@@ -122,10 +138,9 @@ def run_matmul(plan: PITPlan, A: torch.Tensor, B: torch.Tensor, out: torch.Tenso
 
 
 def operand_grid(plan: PITPlan, index: MicroTileIndex) -> torch.Tensor:
-    """The listed micro-tiles as a ``(batch, rows, cols)`` grid in the sparse operand's layout."""
+    """The listed micro-tiles as a ``(batch, rows, cols)`` grid of the logical sparse operand."""
     grid = index.to_mask()
-    roles = tuple(r for r in kernel_order(plan, plan.sparse) if r != "batch")
-    return grid if plan.blocked == roles[0] else grid.transpose(-1, -2)
+    return grid if plan.blocked == _LOGICAL_ROLES[plan.sparse][0] else grid.transpose(-1, -2)
 
 
 def pit_matmul(
@@ -148,7 +163,13 @@ def pit_matmul(
     if K == 0:
         out.zero_()
         return None
-    plan = plan_pit(matmul_contraction(A.dim()), SparsityAttr(sparse, tile), {"m": M, "n": N, "k": K}, form)
+    A, a_transposed = storage(A)
+    B, b_transposed = storage(B)
+    if {"A": a_transposed, "B": b_transposed, "C": False}[sparse]:
+        tile, grid_shape = tile[::-1], grid_shape[::-1]
+        mask = mask.transpose(-1, -2) if mask is not None else None
+    contraction = matmul_contraction(A.dim(), a_transposed, b_transposed)
+    plan = plan_pit(contraction, SparsityAttr(sparse, tile), {"m": M, "n": N, "k": K}, form)
     index = index_for(plan, {"A": A, "B": B}.get(sparse), mask, tile, grid_shape)
-    run_matmul(plan, as_kernel_input(batched(A)), as_kernel_input(batched(B)), batched(out), index)
+    run_matmul(plan, batched(A), batched(B), batched(out), index)
     return plan, index

@@ -165,3 +165,24 @@ def test_plan_choices_follow_the_micro_tile():
     assert (plan("A", (1, 256)).form, plan("A", (1, 256)).accumulate) == ("scatter", False)
     assert (plan("B", (32, 1)).form, plan("B", (32, 1)).permuted) == ("scatter", "n")
     assert (plan("C", (32, 32)).form, plan("C", (32, 32)).permuted) == ("output", "n")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("sparse,tile,form", [("A", (32, 1), None), ("A", (1, 16), None), ("B", (1, 32), None), ("B", (16, 1), None)], ids=str)
+@pytest.mark.parametrize("transposed", ["A", "B", "AB"])
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_transposed_storage_is_read_in_place(sparse, tile, form, transposed, with_mask, device):
+    """W.t() of a Linear weight, or a backward operand: a kernel for that layout, no copy."""
+    M, K, N = 37, 70, 29
+    shapes = {"A": (M, K), "B": (K, N)}
+    S, grid = micro_tile_sparse(shapes[sparse], tile, 0.4, torch.float32, device, seed=21)
+    other = dense_operand(shapes["B" if sparse == "A" else "A"], torch.float32, device, seed=22)
+    A, B = (S, other) if sparse == "A" else (other, S)
+    if "A" in transposed:
+        A = A.t().contiguous().t()
+    if "B" in transposed:
+        B = B.t().contiguous().t()
+    mask = grid if with_mask else None
+    out = poisoned((M, N), torch.float32, device)
+    pit.sparse_matmul(A, B, sparse=sparse, micro_tile=tile, form=form, mask=mask, out=out)
+    assert_matches_reference(out, A.double() @ B.double())
