@@ -34,5 +34,6 @@ setup(
     extras_require={"test": ["pytest", "hypothesis"]},
     entry_points={
         "console_scripts": ["pit=pit_compiler.__main__:main"],
+        "torch_dynamo_backends": ["pit = pit_compiler.backend:pit"],
     },
 )

@@ -4,7 +4,9 @@ PIT turns operators with dynamically sparse operands into gather -> dense tile -
 kernels (Permutation Invariant Transformation, SOSP'23), generated and built with Apache TVM.
 """
 
+from pit_compiler import nn
 from pit_compiler.api import detect_micro_tiles, sparse_matmul
+from pit_compiler.frontend.compile import compile
 from pit_compiler.ops import kernel_cache, set_kernel_cache
 from pit_compiler.ir import (
     BackendUnavailable,
@@ -26,9 +28,11 @@ __all__ = [
     "MicroTileIndex",
     "PITError",
     "UnsupportedPattern",
+    "compile",
     "derive_pit_rules",
     "detect_micro_tiles",
     "kernel_cache",
+    "nn",
     "parse_operator",
     "set_kernel_cache",
     "sparse_matmul",

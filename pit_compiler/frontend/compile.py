@@ -1,0 +1,81 @@
+"""``pit.compile(model)``: the model back, with its sparse operators on PIT kernels."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+from torch import fx, nn
+
+from pit_compiler.nn.linear import SparseLinear
+
+from .modules import ModuleOptions, replace_modules
+from .rewrite import rewrite_sparse_consumers
+
+log = logging.getLogger("pit_compiler")
+
+# PIT's own modules stay whole in traced graphs: their insides are data-dependent.
+_PIT_LEAVES = ("SparseLinear", "SparseAttention", "SparseMoE")
+
+
+class _Tracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return type(m).__name__ in _PIT_LEAVES or super().is_leaf_module(m, qualname)
+
+
+def _shared_copy(model: nn.Module) -> nn.Module:
+    """A copy of the module tree that shares every parameter and buffer with ``model``."""
+    memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+def compile(
+    model: nn.Module,
+    example_inputs=None,
+    *,
+    input_micro_tile=(32, 1),
+    attention: bool = True,
+    moe: bool = True,
+    weight_micro_tile=(1, 32),
+    min_weight_sparsity: float = 0.5,
+) -> nn.Module:
+    """Return ``model`` with its sparse operators replaced by PIT kernels.
+
+    Parameters and buffers are shared with ``model``, which is left unchanged. Replaced:
+    ``nn.MultiheadAttention`` (masks become sparse attention), the MoE blocks of
+    :mod:`pit_compiler.nn.moe_reference`, linears whose weight has at least
+    ``min_weight_sparsity`` empty ``weight_micro_tile`` pieces, and, in the traced graph,
+    every linear or matmul fed by a ReLU through zero-keeping operations (its input's
+    ``input_micro_tile`` pieces are detected at run time). A graph that cannot be traced keeps
+    the module-level replacements and runs eagerly; that is logged once, never raised.
+    ``example_inputs`` (a tuple), when given, runs the result once to build its kernels.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not 0.0 <= min_weight_sparsity <= 1.0:
+        raise ValueError(f"min_weight_sparsity must be in [0, 1], got {min_weight_sparsity!r}")
+    options = ModuleOptions(attention, moe, tuple(weight_micro_tile), min_weight_sparsity)
+    SparseLinear(1, 1, input_micro_tile=input_micro_tile)  # validates the micro-tile early
+
+    replaced_model = _shared_copy(model)
+    replaced = replace_modules(replaced_model, options)
+    compiled = replaced_model
+    try:
+        graph = _Tracer().trace(replaced_model)
+        traced = fx.GraphModule(replaced_model, graph, type(model).__name__)
+        report = rewrite_sparse_consumers(traced, input_micro_tile)
+        compiled = traced
+        log.info(
+            "pit.compile(%s): %d modules replaced %s; %d sparse values, %d linears and %d matmuls on PIT",
+            type(model).__name__, len(replaced), replaced, report.sparse_values, report.linears, report.matmuls,
+        )
+    except Exception as error:  # any tracer failure: the model still runs, with what was replaced
+        log.warning(
+            "pit.compile(%s): the graph could not be traced (%s: %s); running eagerly with %d modules replaced",
+            type(model).__name__, type(error).__name__, error, len(replaced),
+        )
+    if example_inputs is not None:
+        with torch.no_grad():
+            compiled(*example_inputs)
+    return compiled

@@ -1,0 +1,144 @@
+"""pit.compile and torch.compile(backend="pit") on small models built here."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+import pit_compiler as pit
+from sparse_data import assert_matches_reference
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+class OPTStyleFFN(nn.Module):
+    """An OPT decoder's feed-forward block: ReLU activations feed the second linear."""
+
+    def __init__(self, d_model=48, d_ff=96):
+        super().__init__()
+        self.norm = nn.LayerNorm(d_model)
+        self.fc1 = nn.Linear(d_model, d_ff)
+        self.fc2 = nn.Linear(d_ff, d_model)
+
+    def forward(self, x):
+        return x + self.fc2(torch.relu(self.fc1(self.norm(x))))
+
+
+class DataDependent(nn.Module):
+    """Python control flow on tensor values: fx cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.fc(torch.relu(x))
+        return x
+
+
+def double_forward(model, x):
+    copy = {n: p.detach().double() for n, p in model.named_parameters()}
+    return torch.func.functional_call(model, copy, (x.double(),))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_ffn_equals_eager_and_shares_parameters(device):
+    torch.manual_seed(0)
+    model = OPTStyleFFN().to(device)
+    compiled = pit.compile(model)
+    assert type(compiled.fc2) is pit.nn.SparseLinear, "the ReLU-fed linear was not replaced"
+    assert type(compiled.fc1) is nn.Linear, "a dense-fed linear was replaced"
+    assert compiled.fc2.weight is model.fc2.weight
+    assert type(model.fc2) is nn.Linear, "pit.compile changed the user's model"
+    x = torch.randn(4, 37, 48, device=device)
+    assert_matches_reference(compiled(x), double_forward(model, x))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_training_through_the_compiled_model(device):
+    torch.manual_seed(1)
+    model = OPTStyleFFN().to(device)
+    compiled = pit.compile(model)
+    x = torch.randn(2, 33, 48, device=device)
+    compiled(x).square().mean().backward()
+    pit_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model(x).square().mean().backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(pit_grads[name], p.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_pruned_linear_becomes_weight_sparse():
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(64, 40), nn.Tanh(), nn.Linear(40, 8))
+    with torch.no_grad():
+        model[0].weight[:, :48] = 0
+        model[0].weight[:20, 48:] = 0  # 140 of its 160 (1, 16) pieces are empty: 87.5 %
+    compiled = pit.compile(model, weight_micro_tile=(1, 16), min_weight_sparsity=0.7)
+    first, last = compiled.get_submodule("0"), compiled.get_submodule("2")
+    assert type(first) is pit.nn.SparseLinear and first.weight_micro_tile == (1, 16)
+    assert type(last) is nn.Linear
+    x = torch.randn(5, 64)
+    assert_matches_reference(compiled(x), double_forward(model, x))
+
+
+def test_untraceable_model_runs_eagerly_with_one_warning(caplog):
+    model = DataDependent()
+    with caplog.at_level(logging.WARNING, logger="pit_compiler"):
+        compiled = pit.compile(model)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "could not be traced" in warnings[0].getMessage()
+    for sign in (1, -1):
+        x = sign * torch.rand(3, 16)
+        torch.testing.assert_close(compiled(x), model(x))
+
+
+def test_example_inputs_warm_up_and_bad_arguments():
+    model = OPTStyleFFN()
+    compiled = pit.compile(model, example_inputs=(torch.randn(2, 3, 48),))
+    assert type(compiled.fc2) is pit.nn.SparseLinear
+    with pytest.raises(TypeError, match="model"):
+        pit.compile(lambda x: x)
+    with pytest.raises(ValueError, match="min_weight_sparsity"):
+        pit.compile(model, min_weight_sparsity=2.0)
+    with pytest.raises(ValueError, match="micro_tile"):
+        pit.compile(model, input_micro_tile=(0, 1))
+
+
+def test_dynamo_backend_is_registered_by_entry_point():
+    import torch._dynamo
+
+    assert "pit" in torch._dynamo.list_backends()
+
+
+def test_torch_compile_backend_matches_eager():
+    import torch._dynamo
+
+    torch.manual_seed(3)
+    model = OPTStyleFFN()
+    x = torch.randn(3, 29, 48)
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(model, backend="pit", options={"input_micro_tile": (32, 1)})
+        assert_matches_reference(compiled(x), double_forward(model, x))
+        with pytest.raises(Exception, match="Invalid pit backend option"):
+            torch.compile(model, backend="pit", options={"bogus": 1})(x)
+    finally:
+        torch._dynamo.reset()
+
+
+def test_backend_rewrites_the_relu_fed_linear():
+    from torch import fx
+
+    from pit_compiler.backend import pit as pit_backend
+    from pit_compiler.nn.functional import sparse_linear
+
+    gm = fx.symbolic_trace(lambda x, w: torch.nn.functional.linear(torch.relu(x), w))
+    forward = pit_backend(gm, [torch.randn(4, 8), torch.randn(3, 8)])
+    assert any(n.target is sparse_linear for n in gm.graph.nodes)
+    x, w = torch.randn(4, 8), torch.randn(3, 8)
+    torch.testing.assert_close(forward(x, w), torch.relu(x) @ w.t())
