@@ -47,8 +47,10 @@ def compile(
     :mod:`pit_compiler.nn.moe_reference`, linears whose weight has at least
     ``min_weight_sparsity`` empty ``weight_micro_tile`` pieces, and, in the traced graph,
     every linear or matmul fed by a ReLU through zero-keeping operations (its input's
-    ``input_micro_tile`` pieces are detected at run time). A graph that cannot be traced keeps
-    the module-level replacements and runs eagerly; that is logged once, never raised.
+    ``input_micro_tile`` pieces are detected at run time). The result is an ``fx.GraphModule``
+    whose ``.code`` shows the rewrite; a model torch.fx cannot trace (data-dependent control
+    flow, as in most HuggingFace models) is captured by ``torch.compile(backend="pit")``
+    instead, around its graph breaks, and that is logged once, never raised.
     ``example_inputs`` (a tuple), when given, runs the result once to build its kernels.
     """
     if not isinstance(model, nn.Module):
@@ -70,11 +72,15 @@ def compile(
             "pit.compile(%s): %d modules replaced %s; %d sparse values, %d linears and %d matmuls on PIT",
             type(model).__name__, len(replaced), replaced, report.sparse_values, report.linears, report.matmuls,
         )
-    except Exception as error:  # any tracer failure: the model still runs, with what was replaced
+    except Exception as error:  # fx cannot trace it: dynamo captures what it can, around graph breaks
+        from pit_compiler.backend import pit as pit_backend
+
         log.warning(
-            "pit.compile(%s): the graph could not be traced (%s: %s); running eagerly with %d modules replaced",
-            type(model).__name__, type(error).__name__, error, len(replaced),
+            "pit.compile(%s): torch.fx could not trace the model (%s: %s); capturing it with "
+            "torch.compile(backend='pit') instead, %d modules replaced",
+            type(model).__name__, type(error).__name__, str(error).splitlines()[0], len(replaced),
         )
+        compiled = torch.compile(replaced_model, backend=pit_backend, options={"input_micro_tile": tuple(input_micro_tile)})
     if example_inputs is not None:
         with torch.no_grad():
             compiled(*example_inputs)

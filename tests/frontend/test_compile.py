@@ -86,15 +86,21 @@ def test_pruned_linear_becomes_weight_sparse():
     assert_matches_reference(compiled(x), double_forward(model, x))
 
 
-def test_untraceable_model_runs_eagerly_with_one_warning(caplog):
+def test_untraceable_model_is_captured_by_dynamo_with_one_warning(caplog):
+    import torch._dynamo
+
+    torch._dynamo.reset()
     model = DataDependent()
-    with caplog.at_level(logging.WARNING, logger="pit_compiler"):
+    with caplog.at_level(logging.INFO, logger="pit_compiler"):
         compiled = pit.compile(model)
+        for sign in (1, -1):
+            x = sign * torch.rand(3, 16)
+            assert_matches_reference(compiled(x), double_forward(model, x))
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "could not be traced" in warnings[0].getMessage()
-    for sign in (1, -1):
-        x = sign * torch.rand(3, 16)
-        torch.testing.assert_close(compiled(x), model(x))
+    assert len(warnings) == 1 and "could not trace" in warnings[0].getMessage()
+    rewrites = [r.getMessage() for r in caplog.records if "operators on PIT" in r.getMessage()]
+    assert any("1 operators on PIT" in m for m in rewrites), rewrites  # the branch's ReLU -> linear
+    torch._dynamo.reset()
 
 
 def test_example_inputs_warm_up_and_bad_arguments():
