@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from pit_compiler.autograd import SparseMatmul, grid_shape_of
+from pit_compiler.autograd import grid_shape_of, sparse_matmul_op
 from pit_compiler.ops import as_kernel_input, batched, detect, pit_matmul
 from pit_compiler.runtime import MicroTileIndex
 from pit_compiler.validation import (
@@ -58,12 +58,14 @@ def sparse_matmul(
         mask: which micro-tiles are non-empty, shaped like the sparse operand or like its
             micro-tile grid; non-zero marks kept. Without it the non-empty micro-tiles of the
             operand are detected on its device. Micro-tiles outside the mask are taken as zero.
-        out: optional contiguous output to write into (not with inputs that require grad).
+        out: optional contiguous output to write into (eager only: not with inputs that
+            require grad, and not inside ``torch.compile``).
         form: force the kernel form (``"reduce"``, ``"scatter"``, ``"output"``); chosen from the
             micro-tile otherwise.
 
     Differentiable in A and B: the sparse operand's gradient keeps its micro-tiles, and each
-    gradient is itself a PIT matmul (:mod:`pit_compiler.autograd`).
+    gradient is itself a PIT matmul. Inside ``torch.compile`` it is one opaque operator,
+    ``torch.ops.pit.sparse_matmul`` (:mod:`pit_compiler.autograd`).
     """
     check_matmul_operands(A, B)
     sparse = check_sparse(sparse)
@@ -78,12 +80,9 @@ def sparse_matmul(
     elif sparse == "C":
         raise ValueError("sparse='C' needs mask=: the output's non-empty micro-tiles are not known before it exists")
 
+    if out is None:
+        return sparse_matmul_op(A, B, sparse, list(tile), list(grid_shape), mask, form)[0]
     if torch.is_grad_enabled() and (A.requires_grad or B.requires_grad):
-        if out is not None:
-            raise ValueError("out= does not support automatic differentiation; pass out=None when A or B requires grad")
-        return SparseMatmul.apply(A, B, sparse, tile, grid_shape, mask, form)
-    out = check_out(out, out_shape, A.dtype, A.device) if out is not None else torch.empty(
-        out_shape, dtype=A.dtype, device=A.device
-    )
-    pit_matmul(A, B, out, sparse, tile, grid_shape, mask, form)
+        raise ValueError("out= does not support automatic differentiation; pass out=None when A or B requires grad")
+    pit_matmul(A, B, check_out(out, out_shape, A.dtype, A.device), sparse, tile, grid_shape, mask, form)
     return out

@@ -93,3 +93,26 @@ def test_no_grad_mode_takes_the_plain_path():
     with torch.no_grad():
         C = pit.sparse_matmul(A, dense_operand((8, 8), torch.float32), out=torch.empty(8, 8))
     assert not C.requires_grad
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_torch_compile_sees_one_operator(backend):
+    """fullgraph=True: no graph break on the TVM calls, forward and backward."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    A, _ = micro_tile_sparse((40, 64), (32, 1), 0.5, torch.float32, seed=31)
+    B = dense_operand((64, 24), torch.float32, seed=32).requires_grad_()
+
+    def f(A, B):
+        return torch.relu(pit.sparse_matmul(A, B, micro_tile=(32, 1))).sum()
+
+    compiled = torch.compile(f, backend=backend, fullgraph=True)
+    loss = compiled(A, B)
+    loss.backward()
+    B_ref = B.detach().double().requires_grad_()
+    expected = torch.relu(A.double() @ B_ref).sum()
+    expected.backward()
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-4)
+    assert_grad_close(B.grad, B_ref.grad)
+    torch._dynamo.reset()
