@@ -14,6 +14,7 @@ permuted axis's derived rule fixes the kernel's form:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -127,7 +128,7 @@ def plan_pit(
             permuted, blocked = spatial, "k"
             accumulate = tile["k"] < sizes["k"]
 
-    rules = derive_pit_rules(_operator_text(contraction))
+    rules = _rules(contraction)
     axis = getattr(contraction, permuted)
     needed = "reduction" if permuted == "k" else "spatial"
     if rules[axis] != needed:
@@ -138,5 +139,7 @@ def plan_pit(
     return PITPlan(contraction, operand, form, permuted, blocked, tile, accumulate)
 
 
-def _operator_text(contraction: Contraction) -> str:
-    return f"{contraction.c} += {contraction.a} * {contraction.b}"
+@functools.lru_cache(maxsize=256)
+def _rules(contraction: Contraction):
+    """Derived once per operator: sympy is too slow for every call of a kernel."""
+    return derive_pit_rules(f"{contraction.c} += {contraction.a} * {contraction.b}")

@@ -29,10 +29,24 @@ def detect_micro_tiles(x: torch.Tensor, micro_tile=(32, 1), *, blocked: str = "r
     if blocked not in ("rows", "cols"):
         raise ValueError(f"blocked must be 'rows' or 'cols', got {blocked!r}")
     tile = normalize_micro_tile(micro_tile, x.shape[-2:])
+    return MicroTileIndex(*detect_op(x, list(tile), blocked))
+
+
+@torch.library.custom_op("pit::detect_micro_tiles", mutates_args=())
+def detect_op(x: torch.Tensor, tile: list[int], blocked: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(counts, indices)`` of :class:`MicroTileIndex`; an opaque operator to torch.compile."""
     order = ("batch", "rows", "cols")
     permuted = "cols" if blocked == "rows" else "rows"
-    tiles = dict(zip(("rows", "cols"), tile))
-    return detect(as_kernel_input(batched(x)), order, blocked, permuted, tiles, False, "x")
+    index = detect(as_kernel_input(batched(x)), order, blocked, permuted, dict(zip(("rows", "cols"), tile)), False, "x")
+    return index.counts, index.indices
+
+
+@detect_op.register_fake
+def _(x, tile, blocked):
+    batch = x.shape[0] if x.dim() == 3 else 1
+    grid = [-(-size // t) for size, t in zip(x.shape[-2:], tile)]
+    blocks, chunks = grid if blocked == "rows" else grid[::-1]
+    return x.new_empty((batch, blocks), dtype=torch.int32), x.new_empty((batch, blocks, chunks), dtype=torch.int32)
 
 
 def sparse_matmul(

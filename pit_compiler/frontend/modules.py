@@ -66,4 +66,7 @@ def replace_modules(root: nn.Module, options: ModuleOptions) -> dict[str, str]:
             replaced[name] = type(new).__name__
         else:
             replaced.update({f"{name}.{k}": v for k, v in replace_modules(child, options).items()})
+    if replaced and isinstance(root, nn.TransformerEncoder):
+        # Nested tensors drop the padding PIT turns into sparsity, and reach no PIT kernel.
+        root.use_nested_tensor = False
     return replaced

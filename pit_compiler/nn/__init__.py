@@ -1,6 +1,20 @@
 """Drop-in modules for explicit control: each replaces the PyTorch module it names."""
 
-from . import functional
+from . import attention_patterns, functional
+from .attention import SparseAttention, sparse_attention
+from .attention_patterns import bigbird, causal, from_dense_mask, longformer, sliding_window, vertical_slash
 from .linear import SparseLinear
 
-__all__ = ["SparseLinear", "functional"]
+__all__ = [
+    "SparseAttention",
+    "SparseLinear",
+    "attention_patterns",
+    "bigbird",
+    "causal",
+    "from_dense_mask",
+    "functional",
+    "longformer",
+    "sliding_window",
+    "sparse_attention",
+    "vertical_slash",
+]

@@ -148,3 +148,21 @@ def test_backend_rewrites_the_relu_fed_linear():
     assert any(n.target is sparse_linear for n in gm.graph.nodes)
     x, w = torch.randn(4, 8), torch.randn(3, 8)
     torch.testing.assert_close(forward(x, w), torch.relu(x) @ w.t())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_encoder_with_padding_mask(device):
+    """BERT-style: a variable-length batch padded to the longest; attention skips the padding."""
+    torch.manual_seed(4)
+    layer = nn.TransformerEncoderLayer(48, 4, dim_feedforward=96, dropout=0.0, batch_first=True)
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).to(device).eval()
+    compiled = pit.compile(model)
+    assert all(type(m.self_attn) is pit.nn.SparseAttention for m in compiled.layers)
+    assert all(type(m.self_attn) is nn.MultiheadAttention for m in model.layers), "the user's model changed"
+    lengths = torch.tensor([40, 7, 23], device=device)
+    padding = torch.arange(40, device=device).view(1, -1) >= lengths.view(-1, 1)
+    x = torch.randn(3, 40, 48, device=device)
+    with torch.no_grad():
+        result = compiled(x, src_key_padding_mask=padding)
+        expected = model(x, src_key_padding_mask=padding)
+    torch.testing.assert_close(result[~padding], expected[~padding], rtol=1e-4, atol=1e-4)
