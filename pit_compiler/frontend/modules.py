@@ -38,6 +38,10 @@ def weight_sparsity(weight: torch.Tensor, micro_tile) -> float:
 
 
 def _replacement(module: nn.Module, options: ModuleOptions) -> nn.Module | None:
+    if options.attention and type(module) is nn.TransformerEncoderLayer:
+        from pit_compiler.nn.encoder import SparseTransformerEncoderLayer
+
+        return SparseTransformerEncoderLayer.from_module(module)
     if options.attention and type(module) is nn.MultiheadAttention:
         from pit_compiler.nn.attention import SparseAttention
 

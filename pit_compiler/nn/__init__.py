@@ -3,11 +3,13 @@
 from . import attention_patterns, functional
 from .attention import SparseAttention, sparse_attention
 from .attention_patterns import bigbird, causal, from_dense_mask, longformer, sliding_window, vertical_slash
+from .encoder import SparseTransformerEncoderLayer
 from .linear import SparseLinear
 
 __all__ = [
     "SparseAttention",
     "SparseLinear",
+    "SparseTransformerEncoderLayer",
     "attention_patterns",
     "bigbird",
     "causal",

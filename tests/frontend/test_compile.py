@@ -151,12 +151,14 @@ def test_backend_rewrites_the_relu_fed_linear():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_encoder_with_padding_mask(device):
-    """BERT-style: a variable-length batch padded to the longest; attention skips the padding."""
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_encoder_with_padding_mask(norm_first, device):
+    """BERT-style: a variable-length batch padded to the longest; attention and FFN skip it."""
     torch.manual_seed(4)
-    layer = nn.TransformerEncoderLayer(48, 4, dim_feedforward=96, dropout=0.0, batch_first=True)
+    layer = nn.TransformerEncoderLayer(48, 4, dim_feedforward=96, dropout=0.0, batch_first=True, norm_first=norm_first)
     model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).to(device).eval()
     compiled = pit.compile(model)
+    assert all(type(m) is pit.nn.SparseTransformerEncoderLayer for m in compiled.layers)
     assert all(type(m.self_attn) is pit.nn.SparseAttention for m in compiled.layers)
     assert all(type(m.self_attn) is nn.MultiheadAttention for m in model.layers), "the user's model changed"
     lengths = torch.tensor([40, 7, 23], device=device)

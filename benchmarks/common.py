@@ -1,0 +1,67 @@
+"""What every benchmark shares: timing, the GPU's name, results as JSON, and the plot."""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import statistics
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("pit_compiler.benchmarks")
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()})"
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+
+
+def time_ms(fn, device: torch.device, *, warmup: int = 3, repeat: int = 20) -> dict:
+    """Median and 20/80 percentiles in ms: CUDA events on a GPU, after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            import time
+
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    quantiles = statistics.quantiles(times, n=10) if len(times) > 1 else times * 9
+    return {"median_ms": statistics.median(times), "p20_ms": quantiles[1], "p80_ms": quantiles[7]}
+
+
+def peak_memory_mb(fn, device: torch.device) -> float | None:
+    """Peak GPU memory allocated while ``fn`` runs, above what was allocated before."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def write_json(records: list[dict], name: str, device: torch.device) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}-{slug(device_name(device))}.json"
+    path.write_text(json.dumps(records, indent=1))
+    log.info("wrote %s", path)
+    return path

@@ -1,0 +1,146 @@
+"""Eager PyTorch against ``pit.compile`` on the four kinds of dynamic sparsity of the PIT paper.
+
+Run on a GPU machine (fp16 by default): ``python benchmarks/models.py``. Every compiled model's
+output is checked against eager before it is timed. Writes
+``benchmarks/results/models-<gpu>.json`` (one record per model and implementation: median and
+20/80 percentile latency in ms, peak memory in MiB, the sparsity measured in the run) and, with
+matplotlib, ``models-<gpu>.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import pit_compiler as pit  # noqa: E402
+from common import device_name, peak_memory_mb, time_ms, write_json  # noqa: E402
+from pit_compiler.nn.moe_reference import SwitchMoE  # noqa: E402
+
+log = logging.getLogger("pit_compiler.benchmarks")
+
+
+class OPTFeedForward(nn.Module):
+    """An OPT-1.3B decoder's FFN (2048 -> 8192 -> 2048, ReLU)."""
+
+    def __init__(self, d_model=2048, d_ff=8192, bias_shift=0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(d_model, d_ff)
+        self.fc2 = nn.Linear(d_ff, d_model)
+        with torch.no_grad():
+            self.fc1.bias -= bias_shift  # trained OPT models are far sparser than random weights
+
+    def forward(self, x):
+        return x + self.fc2(torch.relu(self.fc1(x)))
+
+
+def opt_case(device, dtype, args):
+    model = OPTFeedForward(bias_shift=args.opt_bias_shift).to(device, dtype).eval()
+    x = torch.randn(args.batch, args.seq, 2048, device=device, dtype=dtype)
+    with torch.no_grad():
+        hidden = torch.relu(model.fc1(x)).reshape(-1, 8192)
+    tiles = pit.detect_micro_tiles(hidden, (32, 1))
+    sparsity = {
+        "elements_zero": (hidden == 0).float().mean().item(),
+        "micro_tiles_32x1_empty": 1 - tiles.nnz / tiles.indices.numel(),
+    }
+    return "opt-1.3b-ffn", model, (x,), sparsity
+
+
+def switch_case(device, dtype, args):
+    model = SwitchMoE(768, 3072, args.experts).to(device, dtype).eval()
+    x = torch.randn(args.batch, args.seq, 768, device=device, dtype=dtype)
+    return f"switch-base-{args.experts}-moe", model, (x,), {"experts": args.experts, "capacity_factor": 1.25}
+
+
+def bert_case(device, dtype, args):
+    layer = nn.TransformerEncoderLayer(768, 12, 3072, dropout=0.0, activation="gelu", batch_first=True)
+    model = nn.TransformerEncoder(layer, 12, enable_nested_tensor=False).to(device, dtype).eval()
+    generator = torch.Generator().manual_seed(0)
+    # GLUE-like: most sentences far shorter than the 128 they are padded to.
+    lengths = (torch.distributions.LogNormal(math.log(40), 0.5).sample((args.batch,)).clamp(4, 128)).long()
+    padding = (torch.arange(128).view(1, -1) >= lengths.view(-1, 1)).to(device)
+    x = torch.randn(args.batch, 128, 768, generator=generator).to(device, dtype)
+    sparsity = {"padding_fraction": padding.float().mean().item(), "mean_length": lengths.float().mean().item()}
+    return "bert-base-varlen", model, (x, None, padding), sparsity
+
+
+class LongformerAttention(nn.Module):
+    """Longformer-base-4096 self-attention: 12 heads of 64, window 512, a few global tokens."""
+
+    def __init__(self, seq, device, window=512, global_tokens=(0,)):
+        super().__init__()
+        self.mask = pit.nn.longformer(seq, window, list(global_tokens), block=1).to(device)
+
+    def forward(self, q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=self.mask)
+
+
+def longformer_case(device, dtype, args):
+    seq = args.longformer_seq
+    model = LongformerAttention(seq, device)
+    q, k, v = (torch.randn(1, 12, seq, 64, device=device, dtype=dtype) for _ in range(3))
+    density = model.mask.float().mean().item()
+    return "longformer-base-4096-attention", model, (q, k, v), {"seq": seq, "allowed_fraction": density}
+
+
+def pit_longformer(model):
+    grid = pit.nn.from_dense_mask(model.mask, (64, 64))
+
+    def run(q, k, v):
+        return pit.nn.sparse_attention(q, k, v, attn_mask=model.mask, block_mask=grid, block=(64, 64))
+
+    return run
+
+
+CASES = {"opt": opt_case, "switch": switch_case, "bert": bert_case, "longformer": longformer_case}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cases", default="opt,switch,bert,longformer", help="comma list of " + ",".join(CASES))
+    parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--experts", type=int, default=64)
+    parser.add_argument("--longformer-seq", type=int, default=4096)
+    parser.add_argument("--opt-bias-shift", type=float, default=2.0)
+    parser.add_argument("--repeat", type=int, default=10)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype)
+    gpu = device_name(device)
+    records = []
+    for name in args.cases.split(","):
+        torch.manual_seed(0)
+        case, model, inputs, sparsity = CASES[name](device, dtype, args)
+        compiled = pit_longformer(model) if name == "longformer" else pit.compile(model)
+        with torch.no_grad():
+            expected, result = model(*inputs), compiled(*inputs)
+            if name == "bert":
+                keep = ~inputs[2]
+                expected, result = expected[keep], result[keep]
+            error = ((result.float() - expected.float()).norm() / expected.float().norm()).item()
+            checked = error < 2e-2
+            for impl, fn in (("eager", model), ("pit", compiled)):
+                timing = time_ms(lambda: fn(*inputs), device, repeat=args.repeat)
+                memory = peak_memory_mb(lambda: fn(*inputs), device)
+                records.append({"gpu": gpu, "model": case, "dtype": args.dtype, "impl": impl, **timing,
+                                "peak_memory_mib": memory, "checked": checked, "relative_error": error,
+                                "sparsity": sparsity})
+                log.info("%-32s %-6s %9.3f ms  peak %s MiB  checked=%s (rel. err %.1e)", case, impl,
+                         timing["median_ms"], f"{memory:.0f}" if memory is not None else "-", checked, error)
+    write_json(records, "models", device)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
