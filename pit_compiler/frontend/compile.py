@@ -8,7 +8,7 @@ import logging
 import torch
 from torch import fx, nn
 
-from pit_compiler.nn.linear import SparseLinear
+from pit_compiler.nn import SparseAttention, SparseLinear, SparseMoE, SparseTransformerEncoderLayer
 
 from .modules import ModuleOptions, replace_modules
 from .rewrite import rewrite_sparse_consumers
@@ -16,12 +16,12 @@ from .rewrite import rewrite_sparse_consumers
 log = logging.getLogger("pit_compiler")
 
 # PIT's own modules stay whole in traced graphs: their insides are data-dependent.
-_PIT_LEAVES = ("SparseLinear", "SparseAttention", "SparseMoE")
+_PIT_LEAVES = (SparseLinear, SparseAttention, SparseMoE, SparseTransformerEncoderLayer)
 
 
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return type(m).__name__ in _PIT_LEAVES or super().is_leaf_module(m, qualname)
+        return isinstance(m, _PIT_LEAVES) or super().is_leaf_module(m, qualname)
 
 
 def _shared_copy(model: nn.Module) -> nn.Module:

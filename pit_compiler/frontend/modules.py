@@ -52,6 +52,10 @@ def _replacement(module: nn.Module, options: ModuleOptions) -> nn.Module | None:
 
         if isinstance(module, (SwitchMoE, MixtralMoE)):
             return SparseMoE.from_module(module)
+        if type(module).__name__ == "SwitchTransformersSparseMLP":
+            from pit_compiler.nn.huggingface import SwitchTransformersMoE
+
+            return SwitchTransformersMoE.from_module(module)
     if type(module) is nn.Linear and module.weight.dtype in (torch.float32, torch.float16, torch.bfloat16):
         sparsity = weight_sparsity(module.weight, options.weight_micro_tile)
         if sparsity >= options.min_weight_sparsity:

@@ -168,3 +168,18 @@ def test_encoder_with_padding_mask(norm_first, device):
         result = compiled(x, src_key_padding_mask=padding)
         expected = model(x, src_key_padding_mask=padding)
     torch.testing.assert_close(result[~padding], expected[~padding], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["switch", "mixtral"])
+def test_moe_block_is_replaced(kind, device):
+    from pit_compiler.nn.moe_reference import MixtralMoE, SwitchMoE
+
+    torch.manual_seed(5)
+    moe = SwitchMoE(32, 64, 4) if kind == "switch" else MixtralMoE(32, 64, 4, top_k=2)
+    model = nn.Sequential(nn.LayerNorm(32), moe).to(device)
+    compiled = pit.compile(model)
+    assert type(compiled.get_submodule("1")) is pit.nn.SparseMoE
+    x = torch.randn(3, 19, 32, device=device)
+    with torch.no_grad():
+        assert_matches_reference(compiled(x), double_forward(model, x))

@@ -43,3 +43,28 @@ def test_opt_decoder_layer(capture, caplog):
     torch.testing.assert_close(result, expected, rtol=1e-5, atol=1e-5)
     assert any("1 operators on PIT" in r.getMessage() for r in caplog.records), "fc2 after ReLU was not rewritten"
     torch._dynamo.reset()
+
+
+def switch_block():
+    from transformers import SwitchTransformersConfig
+    from transformers.models.switch_transformers.modeling_switch_transformers import SwitchTransformersLayerFF
+
+    torch.manual_seed(1)
+    config = SwitchTransformersConfig(
+        d_model=32, d_ff=64, num_experts=4, expert_capacity=6, num_heads=4, d_kv=8, dropout_rate=0.0
+    )
+    return SwitchTransformersLayerFF(config, is_sparse=True).eval()
+
+
+def test_switch_transformers_layer():
+    """HF's router, its per-sequence capacity (6 of 20 tokens per expert here drops some)."""
+    from pit_compiler.nn.huggingface import SwitchTransformersMoE
+
+    block = switch_block()
+    compiled = pit.compile(block)
+    assert type(compiled.mlp) is SwitchTransformersMoE
+    x = torch.randn(3, 20, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), block(x), rtol=1e-5, atol=1e-5)
+        one_hot, _, _ = block.mlp.router(block.layer_norm(x))
+    assert (one_hot.sum(-1) == 0).any(), "the case should drop tokens over capacity"
