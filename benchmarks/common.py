@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import platform
-import statistics
 from pathlib import Path
 
 import torch
+
+from pit_compiler.testing import do_bench
 
 log = logging.getLogger("pit_compiler.benchmarks")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -25,26 +27,8 @@ def slug(name: str) -> str:
 
 
 def time_ms(fn, device: torch.device, *, warmup: int = 3, repeat: int = 20) -> dict:
-    """Median and 20/80 percentiles in ms: CUDA events on a GPU, after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            import time
-
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    quantiles = statistics.quantiles(times, n=10) if len(times) > 1 else times * 9
-    return {"median_ms": statistics.median(times), "p20_ms": quantiles[1], "p80_ms": quantiles[7]}
+    """Median and 20/80 percentiles in ms (:func:`pit_compiler.testing.do_bench`), as a record."""
+    return dataclasses.asdict(do_bench(fn, device, warmup=warmup, repeat=repeat))
 
 
 def peak_memory_mb(fn, device: torch.device) -> float | None:

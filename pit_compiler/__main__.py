@@ -4,35 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import statistics
 import sys
 import time
 
 log = logging.getLogger("pit_compiler")
-
-
-def _time_ms(fn, device, repeat: int) -> float:
-    """Median wall time in ms; CUDA work is timed with events after a warm-up."""
-    import torch
-
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        times = []
-        for _ in range(repeat):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        return statistics.median(times)
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def demo(args) -> int:
@@ -40,6 +15,7 @@ def demo(args) -> int:
     import torch
 
     import pit_compiler as pit
+    from pit_compiler.testing import do_bench
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype)
@@ -58,8 +34,8 @@ def demo(args) -> int:
     tol = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]
     torch.testing.assert_close(C, reference, rtol=tol, atol=tol * max(1.0, K**0.5))
 
-    pit_ms = _time_ms(lambda: pit.sparse_matmul(A, B, micro_tile=(rows, cols)), device, args.repeat)
-    dense_ms = _time_ms(lambda: A @ B, device, args.repeat)
+    pit_ms = do_bench(lambda: pit.sparse_matmul(A, B, micro_tile=(rows, cols)), device, repeat=args.repeat).median_ms
+    dense_ms = do_bench(lambda: A @ B, device, repeat=args.repeat).median_ms
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (TVM llvm)"
     print(f"PIT sparse matmul {M}x{K} @ {K}x{N} {args.dtype}, micro-tile {rows}x{cols}, "
           f"{1 - keep.float().mean().item():.0%} of micro-tiles empty, on {name}")

@@ -21,11 +21,10 @@ You will learn about:
 # matter (addition commutes), and neither does the order of m, as long as every output row is
 # written back to its own place. So the non-empty pieces can be *gathered* into dense tiles.
 
-import time
-
 import torch
 
 import pit_compiler as pit
+from pit_compiler.testing import do_bench
 
 print(pit.derive_pit_rules("C[m, n] += A[m, k] * B[k, n]"))
 rules = pit.derive_pit_rules("O[p, f] += I[p + r, c] * W[r, c, f]")
@@ -100,24 +99,6 @@ def test_sparse_matmul_tutorial():
 # the 20th and 80th percentiles. On a GPU this times with CUDA events.
 
 
-def bench(fn, device, repeat=10):
-    fn()
-    times = []
-    for _ in range(repeat):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return torch.tensor(times).quantile(torch.tensor([0.5, 0.2, 0.8])).tolist()
-
-
 if __name__ == "__main__":
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16 if device == "cuda" else torch.float32
@@ -126,6 +107,6 @@ if __name__ == "__main__":
     print(f"{'sparsity':>8} {'PIT ms (p50 [p20, p80])':>28} {'dense ms':>9}")
     for sparsity in [0.0, 0.5, 0.9, 0.99]:
         A = make_sparse(size, size, (32, 1), sparsity, device, dtype)
-        p50, p20, p80 = bench(lambda: pit.sparse_matmul(A, B, micro_tile=(32, 1)), device)
-        dense, _, _ = bench(lambda: A @ B, device)
-        print(f"{sparsity:>8.2f} {p50:>10.3f} [{p20:.3f}, {p80:.3f}] {dense:>9.3f}")
+        timing = do_bench(lambda: pit.sparse_matmul(A, B, micro_tile=(32, 1)), device, repeat=10)
+        dense = do_bench(lambda: A @ B, device, repeat=10)
+        print(f"{sparsity:>8.2f} {str(timing):>28} {dense.median_ms:>9.3f}")

@@ -29,8 +29,6 @@ In doing so, you will learn about:
 # kernel for all experts, and write every row back to its own token (adding, when a token meets
 # several experts). No token is dropped unless the model's own capacity rule drops it.
 
-import time
-
 import torch
 
 import pit_compiler as pit
@@ -39,6 +37,7 @@ from pit_compiler.codegen.moe import build_grouped_gather_matmul
 from pit_compiler.nn.moe import SparseMoE
 from pit_compiler.nn.moe_reference import SwitchMoE
 from pit_compiler.targets import target_for
+from pit_compiler.testing import do_bench
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -136,35 +135,15 @@ print("schedule knobs:", default_knobs(target_for(x.device)))
 # this measures where the grouped form stands today, not its ceiling.
 
 
-def measure(fn, repeats=10, quantiles=(0.5, 0.2, 0.8)):
-    """Milliseconds at ``quantiles``: CUDA events on the GPU, perf_counter on the CPU."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if DEVICE == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            begin = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - begin) * 1e3)
-    return torch.tensor(times).quantile(torch.tensor(quantiles)).tolist()
-
-
 def sweep(token_counts, d_model=128, d_ff=256, num_experts=8):
     eager, moe = switch_layer(d_model, d_ff, num_experts)
-    print(f"{'tokens':>8} {'eager ms (p50 p20 p80)':>26} {'PIT ms (p50 p20 p80)':>26}")
+    print(f"{'tokens':>8} {'eager: median [p20, p80]':>26} {'PIT: median [p20, p80]':>26}")
     for tokens in token_counts:
         x = torch.randn(tokens, d_model, device=DEVICE)
         with torch.no_grad():
-            eager_ms = measure(lambda: eager(x))
-            pit_ms = measure(lambda: moe(x))
-        row = lambda ms: " ".join(f"{t:8.3f}" for t in ms)  # noqa: E731
-        print(f"{tokens:>8} {row(eager_ms):>26} {row(pit_ms):>26}")
+            eager_time = do_bench(lambda: eager(x), DEVICE, repeat=10)
+            pit_time = do_bench(lambda: moe(x), DEVICE, repeat=10)
+        print(f"{tokens:>8} {str(eager_time):>26} {str(pit_time):>26}")
 
 
 def test_moe_tutorial():

@@ -36,9 +36,6 @@ In doing so, you will learn about:
 # 3. ``sparse_matmul(p, v, sparse="A", mask=grid)``: the reduce form gathers, per query block,
 #    only its listed key blocks (permuting the reduction axis leaves the sum unchanged).
 
-import statistics
-import time
-
 import torch
 import torch.nn.functional as F
 
@@ -46,6 +43,7 @@ from pit_compiler.nn.attention import SparseAttention, sparse_attention
 from pit_compiler.nn.attention_patterns import longformer
 from pit_compiler.schedules import template_for
 from pit_compiler.targets import target_for
+from pit_compiler.testing import do_bench
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -129,37 +127,16 @@ with torch.no_grad():
 # not yet a speed-up over the eager kernels.
 
 
-def bench(fn, reps):
-    """Median, 20th and 80th percentile of ``reps`` timed calls, in ms (after one warm-up)."""
-    fn()
-    times = []
-    for _ in range(reps):
-        if DEVICE.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-    quantiles = statistics.quantiles(times, n=10, method="inclusive")
-    return statistics.median(times), quantiles[1], quantiles[7]
-
-
 def benchmark(seqs=(256, 512, 1024, 2048), reps=5, heads=4, dim=64):
     device_name = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "CPU"
     print(f"Longformer attention, window 64, 1 global token, {heads} heads x {dim}, float32 on {device_name}")
-    print(f"{'seq':>6} {'tiles':>7} {'eager ms (20%-80%)':>24} {'PIT ms (20%-80%)':>24}")
+    print(f"{'seq':>6} {'tiles':>7} {'eager: median [p20, p80]':>24} {'PIT: median [p20, p80]':>24}")
     for seq in seqs:
         q, k, v, elements, grid = check_against_eager(seq, heads=heads, dim=dim)
-        eager = bench(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=elements), reps)
-        pit = bench(lambda: sparse_attention(q, k, v, attn_mask=elements, block_mask=grid), reps)
+        eager = do_bench(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=elements), DEVICE, repeat=reps)
+        pit = do_bench(lambda: sparse_attention(q, k, v, attn_mask=elements, block_mask=grid), DEVICE, repeat=reps)
         density = grid.float().mean().item()
-        print(f"{seq:>6} {density:>7.1%} {eager[0]:>9.2f} ({eager[1]:.2f}-{eager[2]:.2f}) "
-              f"{pit[0]:>9.2f} ({pit[1]:.2f}-{pit[2]:.2f})")
+        print(f"{seq:>6} {density:>7.1%} {str(eager):>24} {str(pit):>24}")
 
 
 def test_sparse_attention_tutorial():
