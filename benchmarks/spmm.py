@@ -1,0 +1,155 @@
+"""Sparse x dense matmul: PIT against cuBLAS, cuSPARSE CSR, Triton BSR and a plain row gather.
+
+Run on a GPU machine: ``python benchmarks/spmm.py`` (``--quick`` for a small subset). For each
+size, micro-tile, sparsity and dtype it builds A with that fraction of its micro-tiles empty,
+checks every implementation's output against the dense product, then times it (CUDA events,
+median after warm-up, detection and format conversion included where an implementation needs
+them at run time). The ideal line is ``dense cuBLAS time x density``; each record carries the
+fraction of it reached. Writes ``benchmarks/results/spmm-<gpu>.json`` and, with matplotlib,
+a PNG of fraction-of-ideal per case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import pit_compiler as pit  # noqa: E402
+from common import device_name, time_ms, write_json  # noqa: E402
+
+log = logging.getLogger("pit_compiler.benchmarks")
+
+MICRO_TILES = {"row": (1, None), "32x1": (32, 1), "1x32": (1, 32), "1x64": (1, 64), "32x32": (32, 32), "64x64": (64, 64)}
+
+
+def sparse_operand(M, K, tile, sparsity, dtype, device, seed=0):
+    rows, cols = tile[0], tile[1] or K
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    grid = (math.ceil(M / rows), math.ceil(K / cols))
+    keep = torch.rand(grid, generator=generator) >= sparsity
+    mask = keep.repeat_interleave(rows, 0).repeat_interleave(cols, 1)[:M, :K]
+    A = torch.randn(M, K, generator=generator) * mask
+    return A.to(device=device, dtype=dtype), keep.float().mean().item()
+
+
+def baselines(A, B, tile):
+    """name -> callable computing A @ B, each paying its own format conversion."""
+    impls = {"cublas": lambda: torch.mm(A, B)}
+    rows, cols = tile[0], tile[1] or A.shape[1]
+    if tile == (1, None):
+        def row_gather():
+            nonzero = A.abs().sum(1).nonzero().squeeze(1)
+            out = torch.zeros(A.shape[0], B.shape[1], dtype=A.dtype, device=A.device)
+            return out.index_copy_(0, nonzero, torch.mm(A.index_select(0, nonzero), B))
+
+        impls["torch_rowgather"] = row_gather
+    impls["cusparse_csr"] = lambda: torch.sparse.mm(A.to_sparse_csr(), B)
+    if rows == cols and rows in (16, 32, 64, 128):
+        try:
+            from torch.sparse._triton_ops import bsr_dense_mm
+        except ImportError as error:
+            log.info("Triton BSR unavailable: %s", error)
+        else:
+            if bsr_dense_mm is not None and A.is_cuda:  # None where Triton is missing
+                impls["triton_bsr"] = lambda: bsr_dense_mm(A.to_sparse_bsr((rows, cols)), B)
+    return impls
+
+
+def run_case(M, N, K, name, sparsity, dtype, device, repeat):
+    tile = MICRO_TILES[name]
+    A, density = sparse_operand(M, K, tile, sparsity, dtype, device)
+    B = torch.randn(K, N, device=device, dtype=dtype)
+    reference = torch.mm(A.float(), B.float())
+    impls = {"pit": lambda: pit.sparse_matmul(A, B, micro_tile=tile), **baselines(A, B, tile)}
+    records, dense_ms = [], None
+    for impl, fn in impls.items():
+        try:
+            out = fn()
+            error = ((out.float() - reference).norm() / reference.norm().clamp_min(1e-30)).item()
+            checked = error < (1e-2 if dtype != torch.float32 else 1e-4)
+            timing = time_ms(fn, device, repeat=repeat)
+        except (RuntimeError, NotImplementedError, ValueError) as failure:
+            log.info("%s failed at %s %s %.2f: %s", impl, name, dtype, sparsity, str(failure).splitlines()[0])
+            continue
+        if impl == "cublas":
+            dense_ms = timing["median_ms"]
+        records.append({"impl": impl, "checked": checked, "relative_error": error, **timing})
+    ideal = dense_ms * density if dense_ms else None
+    for record in records:
+        record.update({"M": M, "N": N, "K": K, "micro_tile": name, "sparsity": sparsity, "density": density,
+                       "dtype": str(dtype).removeprefix("torch."), "ideal_ms": ideal,
+                       "fraction_of_ideal": ideal / record["median_ms"] if ideal else None})
+    return records
+
+
+def plot(records, path: Path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.info("matplotlib not installed: no plot")
+        return
+    groups = sorted({(r["M"], r["dtype"]) for r in records})
+    impls = sorted({r["impl"] for r in records if r["impl"] != "cublas"})
+    cases = sorted({(r["micro_tile"], r["sparsity"]) for r in records})
+    fig, axes = plt.subplots(len(groups), 1, figsize=(max(8, len(cases) * 0.45), 3.2 * len(groups)), squeeze=False)
+    width = 0.8 / max(len(impls), 1)
+    for ax, (size, dtype) in zip(axes[:, 0], groups):
+        for i, impl in enumerate(impls):
+            values = [
+                next((r["fraction_of_ideal"] or 0 for r in records if r["impl"] == impl and r["M"] == size
+                      and r["dtype"] == dtype and (r["micro_tile"], r["sparsity"]) == case), 0)
+                for case in cases
+            ]
+            ax.bar([c + i * width for c in range(len(cases))], values, width, label=impl)
+        ax.set_xticks([c + 0.4 for c in range(len(cases))], [f"{t}\n{s:.0%}" for t, s in cases], fontsize=7)
+        ax.set_ylabel("fraction of ideal")
+        ax.set_yscale("log")
+        ax.set_title(f"{size}³ {dtype} on {records[0]['gpu']} (ideal = cuBLAS time x density)", fontsize=9)
+    axes[0, 0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="4096,8192", help="comma list of M=N=K")
+    parser.add_argument("--micro-tiles", default=",".join(MICRO_TILES), help="comma list of " + ",".join(MICRO_TILES))
+    parser.add_argument("--sparsities", default="0,0.5,0.9,0.95,0.99")
+    parser.add_argument("--dtypes", default="float16,bfloat16")
+    parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--quick", action="store_true", help="4096, fp16, 32x1 and row, 0/90/99 %%")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.sizes, args.micro_tiles, args.sparsities, args.dtypes = "4096", "row,32x1", "0,0.9,0.99", "float16"
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gpu = device_name(device)
+    records = []
+    for size in map(int, args.sizes.split(",")):
+        for dtype in (getattr(torch, d) for d in args.dtypes.split(",")):
+            for name in args.micro_tiles.split(","):
+                for sparsity in map(float, args.sparsities.split(",")):
+                    for record in run_case(size, size, size, name, sparsity, dtype, device, args.repeat):
+                        record["gpu"] = gpu
+                        records.append(record)
+                        frac = record["fraction_of_ideal"]
+                        log.info("%5d %-9s %-5s %4.0f%% %-16s %9.3f ms  ideal-frac %s  checked=%s", size,
+                                 record["dtype"], name, 100 * sparsity, record["impl"], record["median_ms"],
+                                 f"{frac:.3f}" if frac else "-", record["checked"])
+    path = write_json(records, "spmm", device)
+    plot(records, path.with_suffix(".png"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
