@@ -38,9 +38,9 @@ def default_knobs(target: Target):
     return template_for(target).Knobs()
 
 
-def compile_primfunc(func, target: Target, knobs=None, *, what: str = "kernel"):
-    """Apply the target's schedule template (with ``knobs``) and build with TVM."""
-    template = template_for(target)
+def compile_primfunc(func, target: Target, knobs=None, *, what: str = "kernel", template=None):
+    """Apply ``template`` (default: the target's first) with ``knobs`` and build with TVM."""
+    template = template if template is not None else template_for(target)
     knobs = knobs if knobs is not None else template.Knobs()
     try:
         sch = template.apply(func, target, knobs)

@@ -11,6 +11,8 @@ import math
 import torch
 
 from pit_compiler.codegen import detect_kernel, kernel_order, matmul_kernel
+from pit_compiler.codegen.gather_matmul import fits_tensor_cores, row_gather_kernels
+from pit_compiler.schedules.tensor_core_matmul import TensorCoreMatmul
 from pit_compiler.ir import Contraction, PITPlan, SparsityAttr, as_contraction, plan_pit
 from pit_compiler.runtime import KernelCache, MicroTileIndex, default_cache_dir
 from pit_compiler.targets import target_for
@@ -131,7 +133,11 @@ def run_matmul(plan: PITPlan, A: torch.Tensor, B: torch.Tensor, out: torch.Tenso
     # Partial sums of several k blocks meet in one output element: add them in float32.
     widen = plan.accumulate and out.dtype != torch.float32
     result = torch.empty(out.shape, dtype=torch.float32, device=out.device) if widen else out
-    kernel = matmul_kernel(plan, dtype, tvm_dtype(result.dtype, "out"), target, kernel_cache())
+    # Knobs: the tile database's best for this kernel (pit-tune), else the template's defaults.
+    from pit_compiler.tuning.cost_model import tuned_knobs
+
+    knobs = tuned_knobs(plan, dtype, target, A, B)
+    kernel = matmul_kernel(plan, dtype, tvm_dtype(result.dtype, "out"), target, kernel_cache(), knobs)
     kernel(A, B, result, index.counts, index.indices)
     if widen:
         out.copy_(result)
@@ -171,5 +177,47 @@ def pit_matmul(
     contraction = matmul_contraction(A.dim(), a_transposed, b_transposed)
     plan = plan_pit(contraction, SparsityAttr(sparse, tile), {"m": M, "n": N, "k": K}, form)
     index = index_for(plan, {"A": A, "B": B}.get(sparse), mask, tile, grid_shape)
-    run_matmul(plan, batched(A), batched(B), batched(out), index)
+    if not run_row_gather_on_tensor_cores(plan, A, B, out, index):
+        run_matmul(plan, batched(A), batched(B), batched(out), index)
     return plan, index
+
+
+def run_row_gather_on_tensor_cores(plan: PITPlan, A, B, out, index: MicroTileIndex) -> bool:
+    """Whole rows of a 2-D float16 A on a CUDA GPU: the tensor-core tile; False where it does not fit.
+
+    Reads the number of listed rows back to the host (one 4-byte sync) to size the launch, so
+    the grid covers only the gathered rows.
+    """
+    target = target_for(A.device)
+    knobs = TensorCoreMatmul.Knobs()
+    K, N = A.shape[-1], B.shape[-1]
+    eligible = (
+        plan.form == "scatter"
+        and not plan.accumulate
+        and plan.sparse == "a"
+        and A.dim() == 2
+        and plan.contraction.order("a") == ("m", "k")
+        and plan.contraction.order("b") == ("k", "n")
+        and A.dtype == B.dtype == out.dtype == torch.float16
+        and fits_tensor_cores(K, N, "float16", target, knobs)
+    )
+    if not eligible:
+        return False
+    chunks = int(index.counts[0, 0])
+    if chunks == 0:
+        out.zero_()
+        return True
+    rows_per_chunk = plan.tile["m"]
+    rows = index.indices[0, 0, :chunks].long()
+    if rows_per_chunk > 1:
+        rows = (rows.view(-1, 1) * rows_per_chunk + torch.arange(rows_per_chunk, device=rows.device)).view(-1)
+        rows = rows[rows < A.shape[0]]
+    row_blocks = math.ceil(rows.numel() / knobs.block_m)
+    idx = torch.zeros(row_blocks * knobs.block_m, dtype=torch.int32, device=A.device)
+    idx[: rows.numel()] = rows
+    packed = torch.empty(row_blocks * knobs.block_m, N, dtype=torch.float32, device=A.device)
+    tile, scatter = row_gather_kernels(K, N, "float16", "float16", target, kernel_cache(), knobs)
+    tile(A, B, idx, packed, row_blocks)
+    count = torch.full((1,), rows.numel(), dtype=torch.int32, device=A.device)
+    scatter(packed, out, count, idx)
+    return True

@@ -186,3 +186,23 @@ def test_transposed_storage_is_read_in_place(sparse, tile, form, transposed, wit
     out = poisoned((M, N), torch.float32, device)
     pit.sparse_matmul(A, B, sparse=sparse, micro_tile=tile, form=form, mask=mask, out=out)
     assert_matches_reference(out, A.double() @ B.double())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tile", [(1, None), (4, None)], ids=str)
+@pytest.mark.parametrize("density", [1.0, 0.5, 0.1, 0.0])
+@pytest.mark.parametrize("M", [1, 300, 1000])
+def test_whole_rows_run_on_tensor_cores(tile, density, M, monkeypatch):
+    """float16, K and N multiples of the tile: the tensor-core row gather, checked like the rest."""
+    from pit_compiler import ops
+
+    taken = []
+    original = ops.run_row_gather_on_tensor_cores
+    monkeypatch.setattr(ops, "run_row_gather_on_tensor_cores", lambda *a: taken.append(original(*a)) or taken[-1])
+    K, N = 256, 384
+    A, _ = micro_tile_sparse((M, K), tile, density, torch.float16, "cuda", seed=M)
+    B = dense_operand((K, N), torch.float16, "cuda", seed=M + 1)
+    out = poisoned((M, N), torch.float16, "cuda")
+    pit.sparse_matmul(A, B, micro_tile=tile, out=out)
+    assert taken == [True], "the tensor-core path did not run"
+    assert_matches_reference(out, A.double() @ B.double())

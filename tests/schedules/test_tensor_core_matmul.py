@@ -1,0 +1,48 @@
+"""The tensor-core gather tile: knob checks, target gating, and a CUDA build checked here."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+from tvm.target import Target
+
+from pit_compiler.codegen.build import compile_primfunc
+from pit_compiler.codegen.gather_matmul import build_row_gather_tile, fits_tensor_cores
+from pit_compiler.ir import InvalidKnobs
+from pit_compiler.schedules.tensor_core_matmul import TensorCoreMatmul
+
+SM90 = Target({"kind": "cuda", "arch": "sm_90"})
+TEMPLATE = TensorCoreMatmul()
+
+
+@pytest.mark.parametrize(
+    "knobs",
+    [dict(block_m=100), dict(block_k=24), dict(block_m=64, warps_m=4), dict(warps_m=4, warps_n=4), dict(block_n=64, warps_n=4)],
+)
+def test_invalid_knobs_are_pruned(knobs):
+    with pytest.raises(InvalidKnobs):
+        TensorCoreMatmul.Knobs(**knobs)
+
+
+def test_gated_to_cuda_sm80_and_the_gather_workload():
+    func = build_row_gather_tile(64, 128, 128)
+    assert TEMPLATE.apply(func, Target("llvm"), TEMPLATE.Knobs()) is None
+    assert TEMPLATE.apply(func, Target({"kind": "cuda", "arch": "sm_75"}), TEMPLATE.Knobs()) is None
+    assert fits_tensor_cores(64, 128, "float16", SM90, TEMPLATE.Knobs())
+    assert not fits_tensor_cores(64, 130, "float16", SM90, TEMPLATE.Knobs())
+    assert not fits_tensor_cores(64, 128, "bfloat16", SM90, TEMPLATE.Knobs())
+
+
+@pytest.mark.parametrize("knobs", list(TEMPLATE.space(SM90)), ids=lambda k: f"{k.block_m}x{k.block_n}x{k.block_k}")
+def test_builds_mma_with_the_gather_inlined(knobs):
+    executable = compile_primfunc(build_row_gather_tile(256, 512, knobs.block_m), SM90, knobs, template=TEMPLATE)
+    source = executable.mod.imports[0].inspect_source()
+    assert "mma.sync" in source and "ldmatrix" in source
+    assert "A_ptr + (((idx_ptr[" in source, "the row gather was not folded into the shared-memory copy"
+    if shutil.which("nvcc"):
+        (path := __import__("pathlib").Path(__import__("tempfile").mkdtemp()) / "k.cu").write_text(source)
+        result = subprocess.run(["nvcc", "-arch=sm_90", "-ptx", str(path), "-o", str(path.with_suffix(".ptx"))],
+                                capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-2000:]
