@@ -100,6 +100,30 @@ def pit_longformer(model):
     return run
 
 
+def plot(records, path):
+    """Latency per model, eager against PIT, on a log scale (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.info("matplotlib not installed: no plot")
+        return
+    models = sorted({r["model"] for r in records})
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    for offset, impl in ((-0.2, "eager"), (0.2, "pit")):
+        values = [next(r["median_ms"] for r in records if r["model"] == m and r["impl"] == impl) for m in models]
+        ax.bar([i + offset for i in range(len(models))], values, 0.4, label=impl)
+    ax.set_xticks(range(len(models)), models, fontsize=7)
+    ax.set_yscale("log")
+    ax.set_ylabel("median latency (ms)")
+    ax.set_title(f"eager vs pit.compile, {records[0]['dtype']}, {records[0]['gpu']}", fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+
+
 CASES = {"opt": opt_case, "switch": switch_case, "bert": bert_case, "longformer": longformer_case}
 
 
@@ -138,7 +162,7 @@ def main(argv=None) -> int:
                                 "sparsity": sparsity})
                 log.info("%-32s %-6s %9.3f ms  peak %s MiB  checked=%s (rel. err %.1e)", case, impl,
                          timing["median_ms"], f"{memory:.0f}" if memory is not None else "-", checked, error)
-    write_json(records, "models", device)
+    plot(records, write_json(records, "models", device).with_suffix(".png"))
     return 0
 
 

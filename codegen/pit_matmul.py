@@ -133,7 +133,10 @@ def _scatter_form(plan: PITPlan, dtype: str, out_dtype: str, atomic: bool):
     tk = plan.tile["k"]
     accumulate = plan.accumulate
     # A plain add races between k blocks, so only the batch and dense loops run in parallel.
-    parallel_loops = 2 if accumulate and not atomic else 5
+    # With atomics the k blocks run in parallel too, but the listed entries stay a serial loop
+    # per thread: all five loops fused would reach batch * N * K/tk * M/tp threads, past the
+    # int32 range of a launch at 4096^3 with 1x32 pieces.
+    parallel_loops = 2 if accumulate and not atomic else (3 if accumulate else 5)
 
     def k_at(vq, kk):
         """k of step ``kk`` in block ``vq``; without accumulation one block spans all of k."""
