@@ -12,14 +12,6 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from tvm import s_tir
-from tvm.s_tir.tensor_intrin.cuda import (
-    LDMATRIX_f16_A_INTRIN,
-    LDMATRIX_f16_B_INTRIN,
-    MMA_f16f16f32_INTRIN,
-    MMA_fill_16x16_f32_INTRIN,
-    MMA_store_16x16_f32_global_INTRIN,
-    shared_16x16_to_ldmatrix_32x8_layout,
-)
 from tvm.target import Target
 
 from .common import ScheduleTemplate, check
@@ -28,8 +20,18 @@ MMA = 16  # the m16n16k16 tile the intrinsics compute
 GATHER_BLOCK = "Ag"  # the gather stage codegen names; inlined into the shared-memory copy
 
 
+def _cuda_intrinsics():
+    """TVM's CUDA tensor intrinsics, imported on first use: the import parses and registers
+    several hundred of them (tens of seconds on a slow CPU), which ``import pit_compiler``
+    must not pay."""
+    from tvm.s_tir.tensor_intrin import cuda
+
+    return cuda
+
+
 def _fragment_layout(i, j):
-    return (i // MMA, j // MMA, *shared_16x16_to_ldmatrix_32x8_layout(i % MMA, j % MMA))
+    to_ldmatrix = _cuda_intrinsics().shared_16x16_to_ldmatrix_32x8_layout
+    return (i // MMA, j // MMA, *to_ldmatrix(i % MMA, j % MMA))
 
 
 class TensorCoreMatmul(ScheduleTemplate):
@@ -136,9 +138,10 @@ class TensorCoreMatmul(ScheduleTemplate):
         sch.transform_layout(a_warp, ("write", 0), _fragment_layout)
         sch.transform_layout(b_warp, ("write", 0), _fragment_layout)
         sch.transform_layout(c_warp, ("read", 0), _fragment_layout)
-        sch.tensorize(sch.get_loops(a_warp)[-2], LDMATRIX_f16_A_INTRIN)
-        sch.tensorize(sch.get_loops(b_warp)[-2], LDMATRIX_f16_B_INTRIN)
-        sch.tensorize(sch.get_loops(block)[-3], MMA_f16f16f32_INTRIN)
-        sch.tensorize(sch.get_loops(sch.get_sblock("C_init"))[-2], MMA_fill_16x16_f32_INTRIN)
-        sch.tensorize(sch.get_loops(c_warp)[-2], MMA_store_16x16_f32_global_INTRIN)
+        cuda = _cuda_intrinsics()
+        sch.tensorize(sch.get_loops(a_warp)[-2], cuda.LDMATRIX_f16_A_INTRIN)
+        sch.tensorize(sch.get_loops(b_warp)[-2], cuda.LDMATRIX_f16_B_INTRIN)
+        sch.tensorize(sch.get_loops(block)[-3], cuda.MMA_f16f16f32_INTRIN)
+        sch.tensorize(sch.get_loops(sch.get_sblock("C_init"))[-2], cuda.MMA_fill_16x16_f32_INTRIN)
+        sch.tensorize(sch.get_loops(c_warp)[-2], cuda.MMA_store_16x16_f32_global_INTRIN)
         return sch
