@@ -21,7 +21,14 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["pit_compiler", "pit_compiler.runtime", "pit_compiler.nn", "pit_compiler.frontend", *STAGE_PACKAGES],
+    packages=[
+        "pit_compiler",
+        "pit_compiler.runtime",
+        "pit_compiler.nn",
+        "pit_compiler.frontend",
+        "pit_compiler.tuning",
+        *STAGE_PACKAGES,
+    ],
     package_dir={"pit_compiler": "pit_compiler", **STAGE_PACKAGES},
     install_requires=[
         "apache-tvm==0.27.0.post1",
@@ -33,7 +40,7 @@ setup(
     ],
     extras_require={"test": ["pytest", "hypothesis"]},
     entry_points={
-        "console_scripts": ["pit=pit_compiler.__main__:main"],
+        "console_scripts": ["pit=pit_compiler.__main__:main", "pit-tune=pit_compiler.cli:main"],
         "torch_dynamo_backends": ["pit = pit_compiler.backend:pit"],
     },
 )

@@ -2,7 +2,7 @@
 
 from .build import CODEGEN_VERSION, compile_primfunc, kernel_key
 from .detect import build_detect
-from .kernels import detect_kernel, matmul_kernel
+from .kernels import detect_kernel, matmul_kernel, matmul_module
 from .pit_matmul import build_pit_matmul, kernel_order
 
 __all__ = [
@@ -14,4 +14,5 @@ __all__ = [
     "kernel_key",
     "kernel_order",
     "matmul_kernel",
+    "matmul_module",
 ]

@@ -14,6 +14,11 @@ from .pit_matmul import build_pit_matmul
 
 def matmul_kernel(plan: PITPlan, dtype: str, out_dtype: str, target: Target, cache: KernelCache, knobs=None):
     """The compiled ``main(a, b, c, cnt, idx)`` for ``plan``."""
+    return matmul_module(plan, dtype, out_dtype, target, cache, knobs)["main"]
+
+
+def matmul_module(plan: PITPlan, dtype: str, out_dtype: str, target: Target, cache: KernelCache, knobs=None):
+    """The module holding :func:`matmul_kernel`'s ``main`` (the tuner times it with TVM's evaluator)."""
     knobs = knobs if knobs is not None else default_knobs(target)
     atomic = target.kind.name == "cuda"
     dtypes = {"in": dtype, "out": out_dtype, "atomic": atomic}
@@ -23,7 +28,7 @@ def matmul_kernel(plan: PITPlan, dtype: str, out_dtype: str, target: Target, cac
         func = build_pit_matmul(plan, dtype, out_dtype, atomic=atomic)
         return compile_primfunc(func, target, knobs, what=f"{plan.form} matmul ({plan.signature()})")
 
-    return cache.get(key, build)["main"]
+    return cache.get(key, build)
 
 
 def detect_kernel(

@@ -5,7 +5,7 @@ kernels (Permutation Invariant Transformation, SOSP'23), generated and built wit
 """
 
 from pit_compiler import nn
-from pit_compiler.api import detect_micro_tiles, sparse_matmul
+from pit_compiler.api import detect_micro_tiles, select_micro_tile, sparse_matmul
 from pit_compiler.frontend.compile import compile
 from pit_compiler.ops import kernel_cache, set_kernel_cache
 from pit_compiler.ir import (
@@ -34,6 +34,7 @@ __all__ = [
     "kernel_cache",
     "nn",
     "parse_operator",
+    "select_micro_tile",
     "set_kernel_cache",
     "sparse_matmul",
 ]

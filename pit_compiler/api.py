@@ -8,6 +8,7 @@ from pit_compiler.autograd import grid_shape_of, sparse_matmul_op
 from pit_compiler.ops import as_kernel_input, batched, detect, pit_matmul
 from pit_compiler.runtime import MicroTileIndex
 from pit_compiler.validation import (
+    check_auto,
     check_mask,
     check_matmul_operands,
     check_out,
@@ -68,7 +69,11 @@ def sparse_matmul(
             output: only tiles listed by ``mask`` are computed, the rest are zero).
         micro_tile: ``(rows, cols)`` of the sparse operand's smallest sparse unit, e.g.
             ``(32, 1)`` column pieces or ``(1, 64)`` row pieces; ``None`` spans a whole axis
-            (``(1, None)``: whole rows).
+            (``(1, None)``: whole rows). ``"auto"`` (sparse A or B, eager) lets
+            :func:`select_micro_tile` pick from the tile database (``pit-tune``) the micro-tile
+            predicted to finish first, or dense ``torch.matmul`` when that is predicted fastest
+            (then the sparse operand's gradient is dense too); with nothing tuned for the
+            shape it uses ``(32, 1)``.
         mask: which micro-tiles are non-empty, shaped like the sparse operand or like its
             micro-tile grid; non-zero marks kept. Without it the non-empty micro-tiles of the
             operand are detected on its device. Micro-tiles outside the mask are taken as zero.
@@ -83,6 +88,8 @@ def sparse_matmul(
     """
     check_matmul_operands(A, B)
     sparse = check_sparse(sparse)
+    if check_auto(micro_tile):
+        return _sparse_matmul_auto(A, B, sparse, mask, out, form)
     M, K, N = A.shape[-2], A.shape[-1], B.shape[-1]
     out_shape = (*A.shape[:-2], M, N)
     operand_shape = {"A": (M, K), "B": (K, N), "C": (M, N)}[sparse]
@@ -100,3 +107,45 @@ def sparse_matmul(
         raise ValueError("out= does not support automatic differentiation; pass out=None when A or B requires grad")
     pit_matmul(A, B, check_out(out, out_shape, A.dtype, A.device), sparse, tile, grid_shape, mask, form)
     return out
+
+
+def select_micro_tile(A: torch.Tensor, B: torch.Tensor, sparse: str = "A", candidates=None, *, dense: bool = True):
+    """The micro-tile of ``sparse`` predicted to finish first, from the tile database.
+
+    Returns a :class:`~pit_compiler.tuning.Selection`: ``micro_tile`` (``None`` for dense
+    ``torch.matmul``), ``predicted_ms`` per candidate, ``listed`` micro-tiles per candidate,
+    and ``source`` (``"default"`` when nothing was tuned for this shape). ``candidates``
+    defaults to every micro-tile tuned for the shape bucket, dtype and target.
+    """
+    from pit_compiler.tuning import select_micro_tile as select
+
+    return select(A, B, check_sparse(sparse), candidates, dense=dense)
+
+
+def _sparse_matmul_auto(A, B, sparse, mask, out, form):
+    """``micro_tile="auto"``: ask the selector, then run its micro-tile or dense torch."""
+    from pit_compiler.tuning import select_micro_tile as select
+
+    if sparse == "C":
+        raise ValueError("micro_tile='auto' picks micro-tiles of A or B; for sparse='C' pass the output's micro_tile")
+    if form is not None:
+        raise ValueError(f"form={form!r} needs an explicit micro_tile; 'auto' picks the form with the micro-tile")
+    if out is not None and torch.is_grad_enabled() and (A.requires_grad or B.requires_grad):
+        raise ValueError("out= does not support automatic differentiation; pass out=None when A or B requires grad")
+    if mask is not None:
+        # Unlisted micro-tiles are zero: the mask applied first gives every candidate the same operand.
+        operand = A if sparse == "A" else B
+        if tuple(require_tensor("mask", mask).shape) != tuple(operand.shape):
+            raise ValueError(
+                f"with micro_tile='auto', mask must have the sparse operand's shape {tuple(operand.shape)} "
+                f"(a micro-tile grid mask needs its micro_tile), got {tuple(mask.shape)}"
+            )
+        mask = check_mask(mask, tuple(operand.shape), tuple(operand.shape), A.device)
+        operand = torch.where(mask != 0, operand, torch.zeros((), dtype=operand.dtype, device=operand.device))
+        A, B = (operand, B) if sparse == "A" else (A, operand)
+    choice = select(A, B, sparse)
+    if choice.dense:
+        if out is None:
+            return torch.matmul(A, B)
+        return torch.matmul(A, B, out=check_out(out, (*A.shape[:-1], B.shape[-1]), A.dtype, A.device))
+    return sparse_matmul(A, B, sparse=sparse, micro_tile=choice.micro_tile, mask=choice.grid, out=out)

@@ -133,7 +133,11 @@ def run_matmul(plan: PITPlan, A: torch.Tensor, B: torch.Tensor, out: torch.Tenso
     # Partial sums of several k blocks meet in one output element: add them in float32.
     widen = plan.accumulate and out.dtype != torch.float32
     result = torch.empty(out.shape, dtype=torch.float32, device=out.device) if widen else out
-    kernel = matmul_kernel(plan, dtype, tvm_dtype(result.dtype, "out"), target, kernel_cache())
+    # Knobs: the tile database's best for this kernel (pit-tune), else the template's defaults.
+    from pit_compiler.tuning.cost_model import tuned_knobs
+
+    knobs = tuned_knobs(plan, dtype, target, A, B)
+    kernel = matmul_kernel(plan, dtype, tvm_dtype(result.dtype, "out"), target, kernel_cache(), knobs)
     kernel(A, B, result, index.counts, index.indices)
     if widen:
         out.copy_(result)

@@ -53,6 +53,15 @@ def check_sparse(sparse) -> str:
     return sparse
 
 
+def check_auto(micro_tile) -> bool:
+    """Whether ``micro_tile`` asks for run-time selection (``"auto"``); other text is an error."""
+    if isinstance(micro_tile, str):
+        if micro_tile != "auto":
+            raise ValueError(f"micro_tile must be a pair (rows, cols) or 'auto', got {micro_tile!r}")
+        return True
+    return False
+
+
 def normalize_micro_tile(micro_tile, operand_shape: Sequence[int]) -> tuple[int, int]:
     """``(rows, cols)`` of positive ints; ``None`` for one entry means the whole axis."""
     if (
@@ -64,7 +73,7 @@ def normalize_micro_tile(micro_tile, operand_shape: Sequence[int]) -> tuple[int,
     ):
         raise ValueError(
             f"micro_tile must be a pair (rows, cols) of positive ints, or None for a whole axis, "
-            f"e.g. (32, 1), (1, 64) or (1, None); got {micro_tile!r}"
+            f"e.g. (32, 1), (1, 64) or (1, None) (sparse_matmul also takes 'auto'); got {micro_tile!r}"
         )
     return tuple(max(1, size) if t is None else t for t, size in zip(micro_tile, operand_shape))
 

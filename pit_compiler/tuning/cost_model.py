@@ -1,0 +1,329 @@
+"""Run-time selection: predict each candidate micro-tile's time from the database, pick the least.
+
+A PIT kernel's time is a line in the micro-tiles it lists, ``ms = a + b * listed``, fitted by
+least squares over the sparsities the tuner measured, per kernel (form, micro-tile, dtype,
+shape bucket, best knobs). ``a`` holds what every call pays (launch, zero fill, scatter), ``b``
+the cost of one listed micro-tile. ``listed`` is scaled to the bucket's free extent (N for a
+sparse A, M for a sparse B), so every shape of a bucket reads one line. A candidate's
+prediction adds detection at its own granularity: counting its listed micro-tiles means
+detecting at that granularity (``pit.detect_micro_tiles``, on the device), which is how a fine
+pattern is re-covered by a coarser micro-tile. The dense fallback is the measured
+``torch.matmul`` time; whichever predicts least runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from pit_compiler.ir import SparsityAttr, plan_pit
+from pit_compiler.codegen import kernel_order
+from pit_compiler.ops import matmul_contraction, tvm_dtype
+from pit_compiler.schedules import template_for
+from pit_compiler.targets import target_for
+from pit_compiler.validation import check_matmul_operands, normalize_micro_tile
+
+from .database import (
+    TileDatabase,
+    dense_workload,
+    matmul_workload,
+    shape_bucket,
+    target_label,
+    tile_database,
+    versions,
+    workload_key,
+)
+
+log = logging.getLogger(__name__)
+
+# What micro_tile="auto" runs when the database knows nothing of the shape: 32-row column
+# pieces, the granularity a ReLU leaves over a block of tokens (and sparse_matmul's default).
+DEFAULT_MICRO_TILE = (32, 1)
+
+
+@dataclass(frozen=True)
+class Line:
+    """``ms = a + b * x``, never negative."""
+
+    a: float
+    b: float
+    points: int
+
+    def __call__(self, x: float) -> float:
+        return max(0.0, self.a + self.b * x)
+
+
+def fit_line(xs, ys) -> Line:
+    """Least squares; through the origin when the free fit's intercept comes out negative."""
+    x, y = np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
+    if len(x) == 0:
+        raise ValueError("fit_line needs at least one point")
+    if len(set(x.tolist())) >= 2:
+        b, a = np.polyfit(x, y, 1)
+        if a >= 0 and b >= 0:
+            return Line(float(a), float(b), len(x))
+    if not (x > 0).any():
+        return Line(float(y.mean()), 0.0, len(x))
+    b = float((x * y).sum() / (x * x).sum())
+    return Line(0.0, max(b, 0.0), len(x))
+
+
+def free_extent(sparse: str, shape) -> int:
+    """The extent one listed micro-tile's work scales with: N for sparse A, M for sparse B."""
+    M, N, _ = shape
+    return N if sparse == "A" else M
+
+
+def operand_elements(sparse: str, shape) -> int:
+    M, N, K = shape
+    return M * K if sparse == "A" else K * N
+
+
+def _ok(measurements: dict) -> list[dict]:
+    return [m for m in measurements.values() if "ms" in m and "knobs" in m]
+
+
+def best_knobs(entry: dict) -> dict | None:
+    """The knob setting fastest over the points every setting measured (geometric mean)."""
+    by_knobs: dict[str, dict] = {}
+    for m in _ok(entry["measurements"]):
+        text = repr(sorted(m["knobs"].items()))
+        by_knobs.setdefault(text, {"knobs": m["knobs"], "points": {}})["points"][
+            (tuple(m["shape"]), m["sparsity"])
+        ] = max(m["ms"], 1e-9)
+    if not by_knobs:
+        return None
+    common = set.intersection(*(set(v["points"]) for v in by_knobs.values()))
+
+    def score(v):
+        points = common or set(v["points"])
+        mean_log = sum(math.log(v["points"][p]) for p in points) / len(points)
+        return (0 if common else -len(v["points"]), mean_log)
+
+    return min(by_knobs.values(), key=score)["knobs"]
+
+
+@dataclass(frozen=True)
+class KernelModel:
+    """One tuned kernel's predicted time: detection + the fitted line at its best knobs."""
+
+    micro_tile: tuple  # storage order, None where it spans all of k
+    form: str
+    sparse: str
+    knobs: dict
+    line: Line
+    bucket_free: int
+    detect_ms_per_element: float
+
+    def predict(self, listed: int, shape, batch: int = 1) -> float:
+        x = listed * free_extent(self.sparse, shape) / self.bucket_free
+        detect = self.detect_ms_per_element * operand_elements(self.sparse, shape) * batch
+        return detect + self.line(x)
+
+
+def kernel_model(entry: dict) -> KernelModel | None:
+    """The model of a kernel entry, or None if it holds no successful measurement."""
+    knobs = best_knobs(entry)
+    if knobs is None:
+        return None
+    workload = entry["workload"]
+    sparse = workload["sparse"]
+    bucket = workload["bucket"]
+    points = [m for m in _ok(entry["measurements"]) if m["knobs"] == knobs]
+    bucket_free = free_extent(sparse, bucket)
+    xs = [m["listed"] * free_extent(sparse, m["shape"]) / bucket_free for m in points]
+    line = fit_line(xs, [m["ms"] for m in points])
+    detects = [
+        d["ms"] / operand_elements(sparse, d["shape"]) for d in entry.get("detect", {}).values() if "ms" in d
+    ]
+    form = workload["signature"].split("form=")[1].split()[0]
+    detect = float(np.mean(detects)) if detects else 0.0
+    return KernelModel(tuple(workload["micro_tile"]), form, sparse, knobs, line, bucket_free, detect)
+
+
+def dense_ms(entry: dict | None, shape, batch: int = 1) -> float | None:
+    """The measured torch.matmul time, scaled to ``shape`` by its multiply-adds."""
+    if entry is None:
+        return None
+    per_mac = [m["ms"] / math.prod(m["shape"]) for m in entry["measurements"].values() if "ms" in m]
+    return float(np.mean(per_mac)) * math.prod(shape) * batch if per_mac else None
+
+
+_models: dict = {}
+
+
+def _cached_model(db: TileDatabase, key: str) -> KernelModel | None:
+    """``kernel_model`` of an entry, fitted once per version of the database file."""
+    cache_key = (db.serial, db.token(), key)
+    if cache_key not in _models:
+        if len(_models) > 4096:  # models of old versions are never read again
+            _models.clear()
+        entry = db.get(key)
+        _models[cache_key] = kernel_model(entry) if entry is not None else None
+    return _models[cache_key]
+
+
+def tile_label(micro_tile) -> str:
+    return "x".join("all" if t is None else str(t) for t in micro_tile)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What ``micro_tile="auto"`` runs: a micro-tile, or ``None`` for dense ``torch.matmul``.
+
+    ``predicted_ms`` and ``listed`` are keyed by candidate label (``"32x1"``, ``"dense"``);
+    ``source`` is ``"database"``, or ``"default"`` when nothing was tuned for this shape.
+    """
+
+    micro_tile: tuple | None
+    predicted_ms: dict
+    listed: dict
+    source: str
+    grid: torch.Tensor | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def dense(self) -> bool:
+        return self.micro_tile is None
+
+    @property
+    def label(self) -> str:
+        return "dense" if self.micro_tile is None else tile_label(self.micro_tile)
+
+
+def _transposed(t: torch.Tensor) -> bool:
+    """Whether PIT reads ``t`` as a transposed view (see ``ops.storage``)."""
+    return not t.is_contiguous() and t.transpose(-1, -2).is_contiguous()
+
+
+_defaulted: set = set()
+
+
+def select_micro_tile(
+    A: torch.Tensor,
+    B: torch.Tensor,
+    sparse: str = "A",
+    candidates=None,
+    *,
+    dense: bool = True,
+    database: TileDatabase | None = None,
+) -> Selection:
+    """Choose the micro-tile of ``sparse`` (``"A"`` or ``"B"``) that should finish first.
+
+    Args:
+        candidates: micro-tiles to weigh, e.g. ``[(32, 1), (1, 32), (32, 32)]``; by default every
+            micro-tile tuned for this shape bucket, dtype and target. Untuned ones are skipped.
+        dense: also weigh dense ``torch.matmul`` (when the database measured it).
+        database: defaults to the process-wide one (``<cache dir>/tiles.json``).
+
+    With nothing tuned it returns ``DEFAULT_MICRO_TILE`` with ``source="default"`` (logged once
+    at DEBUG). Detection runs once per candidate, on the operands' device.
+    """
+    check_matmul_operands(A, B)
+    if sparse not in ("A", "B"):
+        raise ValueError(f"sparse must be 'A' or 'B' to select a micro-tile, got {sparse!r}")
+    db = database if database is not None else tile_database()
+    operand = A if sparse == "A" else B
+    M, K, N = A.shape[-2], A.shape[-1], B.shape[-1]
+    shape, batch = (M, N, K), (A.shape[0] if A.dim() == 3 else 1)
+    operand_shape = tuple(operand.shape[-2:])
+    target, dtype = target_for(A.device), tvm_dtype(A.dtype, "A")
+    template = template_for(target)
+    contraction = matmul_contraction(2, _transposed(A), _transposed(B))
+    transposed = _transposed(operand)
+    sizes = {"m": M, "n": N, "k": K}
+
+    if candidates is None:
+        fields = {"op": "pit_matmul", "operator": f"{contraction.c} += {contraction.a} * {contraction.b}"}
+        fields.update(sparse=sparse, bucket=list(shape_bucket(shape)), dtype=dtype, target=str(target), **versions())
+        found = {tuple(e["workload"]["micro_tile"]) for _, e in db.find(**fields)}
+        candidates = sorted((t[::-1] if transposed else t for t in found), key=lambda t: [x or 0 for x in t])
+    models = {}
+    for candidate in candidates:
+        tile = normalize_micro_tile(candidate, operand_shape)
+        plan = plan_pit(contraction, SparsityAttr(sparse, tile[::-1] if transposed else tile), sizes)
+        model = _cached_model(db, workload_key(matmul_workload(plan, shape, dtype, target, template)))
+        if model is not None:
+            models[tile_label(candidate)] = (tuple(candidate), tile, model)
+    if not models:
+        key = (str(db.path), sparse, shape_bucket(shape), dtype, str(target))
+        if key not in _defaulted:
+            _defaulted.add(key)
+            log.debug(
+                "no tuned PIT kernels for sparse %s, %s %s on %s in %s; micro_tile='auto' uses %s. "
+                "Tune with: pit-tune matmul --shape %dx%dx%d --dtype %s --sparse %s",
+                sparse, "x".join(map(str, shape)), dtype, target_label(target), db.path, DEFAULT_MICRO_TILE,
+                M, N, K, dtype, sparse,
+            )  # fmt: skip
+        return Selection(DEFAULT_MICRO_TILE, {}, {}, "default")
+
+    # Step 1. Count listed micro-tiles at every candidate's granularity (one host read).
+    from pit_compiler.api import detect_micro_tiles
+
+    indices = {label: detect_micro_tiles(operand, tile) for label, (_, tile, _) in models.items()}
+    counts = torch.stack([index.counts.sum() for index in indices.values()]).tolist()
+    listed = dict(zip(indices, (int(c) for c in counts)))
+    # Step 2. Predict, and weigh dense when it was measured.
+    predicted = {label: model.predict(listed[label], shape, batch) for label, (_, _, model) in models.items()}
+    if dense:
+        dense_time = dense_ms(db.get(workload_key(dense_workload(shape, dtype, target))), shape, batch)
+        if dense_time is not None:
+            predicted["dense"] = dense_time
+    choice = min(predicted, key=predicted.get)
+    if choice == "dense":
+        return Selection(None, predicted, listed, "database")
+    grid = indices[choice].to_mask()
+    grid = grid if operand.dim() == 3 else grid[0]
+    return Selection(models[choice][0], predicted, listed, "database", grid)  # as given: (1, None) stays
+
+
+def unbatched_plan(plan, sizes: dict):
+    """The 2-D plan a batched kernel was tuned as (one kernel serves both)."""
+    c = plan.contraction
+    if "batch" not in c.order("c"):
+        return plan
+    a_transposed = tuple(r for r in c.order("a") if r != "batch") == ("k", "m")
+    b_transposed = tuple(r for r in c.order("b") if r != "batch") == ("n", "k")
+    roles = [r for r in c.order(plan.sparse) if r != "batch"]
+    tile = tuple(int(plan.tile[r]) for r in roles)
+    flat = matmul_contraction(2, a_transposed, b_transposed)
+    return plan_pit(flat, SparsityAttr(plan.sparse.upper(), tile), sizes, plan.form)
+
+
+_knob_cache: dict = {}
+_knob_warned: set = set()
+
+
+def tuned_knobs(plan, dtype: str, target, A: torch.Tensor, B: torch.Tensor, database: TileDatabase | None = None):
+    """The database's best knobs for the kernel ``run_matmul`` is about to run, else None.
+
+    ``A`` and ``B`` are the kernel's (batched, storage-order) operands. Never raises: a lookup
+    that fails costs the defaults, with one warning.
+    """
+    if plan.sparse == "c":
+        return None
+    db = database if database is not None else tile_database()
+    try:
+        token = db.token()
+        if token is None:
+            return None
+        sizes = dict(zip(kernel_order(plan, "a"), A.shape)) | dict(zip(kernel_order(plan, "b"), B.shape))
+        shape = (sizes["m"], sizes["n"], sizes["k"])
+        cache_key = (db.serial, token, plan.signature(), shape_bucket(shape), dtype, str(target))
+        if cache_key not in _knob_cache:
+            if len(_knob_cache) > 4096:  # entries of old tokens are never read again
+                _knob_cache.clear()
+            flat = unbatched_plan(plan, {"m": shape[0], "n": shape[1], "k": shape[2]})
+            template = template_for(target)
+            entry = db.get(workload_key(matmul_workload(flat, shape, dtype, target, template)))
+            knobs = best_knobs(entry) if entry is not None else None
+            _knob_cache[cache_key] = template.Knobs(**knobs) if knobs is not None else None
+        return _knob_cache[cache_key]
+    except Exception as error:  # the defaults are always correct, only slower
+        if str(db.path) not in _knob_warned:
+            _knob_warned.add(str(db.path))
+            log.warning("could not read tuned knobs from %s (%s); using the defaults", db.path, error)
+        return None

@@ -1,0 +1,181 @@
+"""Run-time selection on synthetic database entries: fitted lines, re-covering, dense, defaults."""
+
+import logging
+
+import pytest
+import torch
+from tvm.target import Target
+
+import pit_compiler as pit
+import pit_compiler.api as api
+from pit_compiler.ir import SparsityAttr, plan_pit
+from pit_compiler.ops import matmul_contraction
+from pit_compiler.schedules import template_for
+from pit_compiler.tuning import DEFAULT_MICRO_TILE, TileDatabase, fit_line, select_micro_tile, set_tile_database
+from pit_compiler.tuning.cost_model import best_knobs
+from pit_compiler.tuning.database import dense_workload, matmul_workload
+
+from sparse_data import micro_tile_sparse
+
+LLVM = Target("llvm")
+SHAPE = (256, 256, 256)  # M, N, K
+# Per micro-tile: (ms per call, ms per listed micro-tile). A 32x32 tile does 32 times the work
+# of a 32x1 tile but costs only 20 times as much: dense tiles are more efficient per element.
+# A 4x1 tile is too short for the reduce form: it runs as a scatter with partial sums added,
+# so it costs more per tile than a 16x1 one in the reduce form.
+LINES = {(32, 1): (0.01, 0.001), (32, 32): (0.01, 0.02), (4, 1): (0.01, 0.002), (16, 1): (0.01, 0.0012)}
+
+
+def record_kernel(db, tile, a, b, *, knobs=None, shape=SHAPE, dtype="float32", detect_ms=0.001):
+    M, N, K = shape
+    plan = plan_pit(matmul_contraction(2), SparsityAttr("A", tile), {"m": M, "n": N, "k": K})
+    workload = matmul_workload(plan, shape, dtype, LLVM, template_for(LLVM))
+    tiles = -(-M // tile[0]) * -(-K // tile[1])
+    for sparsity in (0.5, 0.9, 0.99):
+        listed = round((1 - sparsity) * tiles)
+        for setting, extra in ((knobs or {"parallel": True}, 0.0), ({"parallel": False}, 1.0)):
+            point = {"knobs": setting, "sparsity": sparsity, "shape": list(shape), "listed": listed, "tiles": tiles}
+            db.record(workload, f"{setting}/{sparsity}", {**point, "ms": a + b * listed + extra})
+    db.record(workload, "x".join(map(str, shape)), {"shape": list(shape), "ms": detect_ms}, part="detect")
+
+
+def record_dense(db, ms, shape=SHAPE):
+    db.record(dense_workload(shape, "float32", LLVM), "x".join(map(str, shape)), {"shape": list(shape), "ms": ms})
+
+
+@pytest.fixture
+def db():
+    database = TileDatabase(None)
+    for tile in ((32, 1), (32, 32)):
+        record_kernel(database, tile, *LINES[tile])
+    record_dense(database, 100.0)
+    return database
+
+
+def operand(tile, sparsity, seed=0):
+    return micro_tile_sparse((SHAPE[0], SHAPE[2]), tile, 1 - sparsity, torch.float32, seed=seed)[0]
+
+
+def test_fit_line_recovers_a_line_and_never_predicts_below_zero():
+    line = fit_line([10, 20, 40], [1.5, 2.5, 4.5])
+    assert line.a == pytest.approx(0.5) and line.b == pytest.approx(0.1) and line.points == 3
+    through_origin = fit_line([10, 20], [0.5, 2.0])  # a free fit would cross below zero
+    assert through_origin.a == 0 and through_origin(0) == 0 and through_origin.b > 0
+    assert fit_line([5], [1.0]).b == pytest.approx(0.2)
+    assert fit_line([0, 0], [1.0, 3.0])(0) == pytest.approx(2.0)
+
+
+def test_best_knobs_compare_the_points_every_setting_measured(db):
+    (entry,) = [e for _, e in db.find(op="pit_matmul", micro_tile=[32, 1])]
+    assert best_knobs(entry) == {"parallel": True}
+
+
+def test_scattered_pattern_keeps_the_fine_micro_tile(db):
+    A, B = operand((32, 1), 0.95), torch.randn(SHAPE[2], SHAPE[1])
+    choice = select_micro_tile(A, B, database=db)
+    assert choice.micro_tile == (32, 1) and choice.source == "database"
+    # Scattered 32x1 pieces leave few 32x32 tiles empty: coarse tiles list far more work.
+    assert choice.listed["32x32"] * 32 > 5 * choice.listed["32x1"]
+    assert choice.predicted_ms["32x1"] < choice.predicted_ms["32x32"] < choice.predicted_ms["dense"]
+    assert choice.predicted_ms["32x1"] == pytest.approx(0.001 + 0.01 + 0.001 * choice.listed["32x1"])
+
+
+def test_blocky_pattern_picks_the_coarse_micro_tile(db):
+    A, B = operand((32, 32), 0.9), torch.randn(SHAPE[2], SHAPE[1])
+    choice = select_micro_tile(A, B, database=db)
+    assert choice.micro_tile == (32, 32)
+    assert choice.listed["32x1"] == 32 * choice.listed["32x32"]
+    torch.testing.assert_close(pit.sparse_matmul(A, B, micro_tile=choice.micro_tile, mask=choice.grid), A @ B)
+
+
+def test_a_fine_pattern_is_re_covered_by_a_coarser_micro_tile():
+    db = TileDatabase(None)
+    for tile in ((4, 1), (16, 1)):
+        record_kernel(db, tile, *LINES[tile])
+    A, B = operand((4, 1), 0.97, seed=3), torch.randn(SHAPE[2], SHAPE[1])
+    choice = select_micro_tile(A, B, database=db)
+    # 4x1 lists 3 % of its tiles; 16x1 covers them with ~11 % of its (4x fewer) tiles, cheaper each.
+    assert choice.micro_tile == (16, 1)
+    assert choice.listed["16x1"] < choice.listed["4x1"]
+    assert select_micro_tile(A, B, candidates=[(4, 1)], database=db).micro_tile == (4, 1)
+
+
+def test_dense_wins_when_it_is_predicted_fastest(db):
+    record_dense(db, 0.0001)
+    A, B = operand((32, 1), 0.5), torch.randn(SHAPE[2], SHAPE[1])
+    assert select_micro_tile(A, B, database=db).dense
+    assert not select_micro_tile(A, B, dense=False, database=db).dense
+
+
+def test_predictions_scale_within_a_bucket_and_over_a_batch(db):
+    A, B = operand((32, 1), 0.9), torch.randn(SHAPE[2], SHAPE[1])
+    one = select_micro_tile(A, B, database=db)
+    batched = select_micro_tile(A.expand(2, -1, -1), B.expand(2, -1, -1), database=db)
+    assert batched.listed["32x1"] == 2 * one.listed["32x1"]
+    assert batched.predicted_ms["dense"] == pytest.approx(2 * one.predicted_ms["dense"])
+    half_n = select_micro_tile(A, B[:, :129], database=db)  # same bucket, about half the work per tile
+    assert half_n.predicted_ms["32x1"] < 0.6 * one.predicted_ms["32x1"]
+
+
+def test_without_entries_auto_uses_the_default_and_logs_once(caplog):
+    empty = TileDatabase(None)
+    A, B = torch.randn(40, 24), torch.randn(24, 8)
+    with caplog.at_level(logging.DEBUG, logger="pit_compiler.tuning.cost_model"):
+        first = select_micro_tile(A, B, database=empty)
+        second = select_micro_tile(A, B, database=empty)
+    assert first.micro_tile == second.micro_tile == DEFAULT_MICRO_TILE
+    assert first.source == "default" and first.predicted_ms == {}
+    assert caplog.text.count("no tuned PIT kernels") == 1 and "pit-tune matmul --shape 40x8x24" in caplog.text
+
+
+@pytest.fixture
+def process_database(db):
+    set_tile_database(db)
+    yield db
+    set_tile_database(None)
+
+
+@pytest.mark.parametrize("pattern, expected", [((32, 1), (32, 1)), ((32, 32), (32, 32))])
+def test_sparse_matmul_auto_runs_the_selected_micro_tile(process_database, pattern, expected, monkeypatch):
+    A, B = operand(pattern, 0.9), torch.randn(SHAPE[2], SHAPE[1])
+    assert pit.select_micro_tile(A, B).micro_tile == expected
+    tiles = []
+    original = api.sparse_matmul_op
+    monkeypatch.setattr(api, "sparse_matmul_op", lambda A, B, sparse, tile, *rest: tiles.append(tuple(tile)) or original(A, B, sparse, tile, *rest))
+    torch.testing.assert_close(pit.sparse_matmul(A, B, micro_tile="auto"), A @ B, rtol=1e-5, atol=1e-4)
+    assert tiles == [expected]
+    out = torch.empty(SHAPE[0], SHAPE[1])
+    assert pit.sparse_matmul(A, B, micro_tile="auto", out=out) is out
+    torch.testing.assert_close(out, A @ B, rtol=1e-5, atol=1e-4)
+
+
+def test_sparse_matmul_auto_dense_fallback_applies_the_mask_first(process_database, monkeypatch):
+    record_dense(process_database, 0.0001)
+    A, B = torch.randn(SHAPE[0], SHAPE[2]), torch.randn(SHAPE[2], SHAPE[1])
+    mask = torch.rand(A.shape) < 0.3
+    calls = []
+    monkeypatch.setattr(api, "sparse_matmul_op", lambda *a: calls.append(a))
+    expected = (A * mask) @ B
+    torch.testing.assert_close(pit.sparse_matmul(A, B, micro_tile="auto", mask=mask), expected, rtol=1e-5, atol=1e-4)
+    assert calls == []  # dense: no PIT kernel ran
+
+
+def test_sparse_matmul_auto_with_a_mask_and_sparse_b(process_database):
+    A, B = torch.randn(32, 64), torch.randn(64, 48)
+    mask = torch.rand(64, 48) < 0.5
+    C = pit.sparse_matmul(A, B, sparse="B", micro_tile="auto", mask=mask)  # nothing tuned for B: default
+    torch.testing.assert_close(C, A @ (B * mask), rtol=1e-5, atol=1e-4)
+
+
+def test_auto_argument_errors_name_the_argument():
+    A, B = torch.randn(64, 64), torch.randn(64, 64)
+    with pytest.raises(ValueError, match="micro_tile"):
+        pit.sparse_matmul(A, B, micro_tile="fast")
+    with pytest.raises(ValueError, match="sparse='C'"):
+        pit.sparse_matmul(A, B, sparse="C", micro_tile="auto", mask=torch.ones(2, 2))
+    with pytest.raises(ValueError, match="form="):
+        pit.sparse_matmul(A, B, micro_tile="auto", form="reduce")
+    with pytest.raises(ValueError, match="mask must have the sparse operand's shape"):
+        pit.sparse_matmul(A, B, micro_tile="auto", mask=torch.ones(2, 64, dtype=torch.bool))
+    with pytest.raises(ValueError, match="sparse must be"):
+        pit.select_micro_tile(A, B, sparse="C")

@@ -1,0 +1,152 @@
+"""The tuner on the CPU target: measurements persisted, checked, resumable, capped, replayed."""
+
+import pytest
+import torch
+from tvm.s_tir.meta_schedule.runner.config import EvaluatorConfig
+from tvm.target import Target
+
+import pit_compiler as pit
+import pit_compiler.ops as ops
+from pit_compiler.ir import SparsityAttr, plan_pit
+from pit_compiler.schedules import CpuParallel
+from pit_compiler.tuning import TileDatabase, format_report, set_tile_database, tune_matmul, tuned_knobs
+from pit_compiler.tuning import tuner
+from pit_compiler.tuning.database import dense_workload, workload_key
+
+FAST = EvaluatorConfig(number=1, repeat=1, min_repeat_ms=1, enable_cpu_cache_flush=False)
+SHAPE = (64, 64, 64)
+
+
+def tune(db, **kwargs):
+    options = dict(micro_tiles=[(32, 1)], sparsities=[0.5, 0.9], target="llvm", database=db, evaluator=FAST, progress=False)
+    return tune_matmul(SHAPE, "float32", **{**options, **kwargs})
+
+
+def points(db, key):
+    return {name for name, m in db.get(key)["measurements"].items() if "ms" in m}
+
+
+def test_every_knob_and_sparsity_is_measured_and_persisted(tmp_path):
+    db = TileDatabase(tmp_path / "tiles.json")
+    report = tune(db, micro_tiles=[(32, 1), (1, 32)])
+    (k32, k1) = report.kernels
+    assert (k32.form, k1.form) == ("reduce", "scatter")
+    space = len(list(CpuParallel().space(Target("llvm"))))
+    assert [k.measured for k in report.kernels] == [2 * space, 2 * space]
+    stored = TileDatabase(tmp_path / "tiles.json")
+    for kernel in report.kernels:
+        entry = stored.get(kernel.key)
+        assert len(points(stored, kernel.key)) == 2 * space
+        assert "64x64x64" in entry["detect"]
+        assert {m["listed"] for m in entry["measurements"].values()} == {64, 13}  # round((1 - s) * 128)
+        assert kernel.best_knobs in ({"parallel": True}, {"parallel": False}) and kernel.b_ms >= 0
+    dense = stored.get(workload_key(dense_workload(SHAPE, "float32", Target("llvm"))))
+    assert report.dense_ms == dense["measurements"]["64x64x64"]["ms"] > 0
+    table = format_report(report)
+    assert "32x1" in table and "1x32" in table and "dense torch.matmul" in table
+
+
+def test_interrupted_run_resumes_with_only_the_rest(tmp_path):
+    db = TileDatabase(tmp_path / "tiles.json")
+    seen = []
+
+    def interrupt_after_two(measurement):
+        seen.append(measurement)
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        tune(db, on_measurement=interrupt_after_two)
+    key = workload_key(_workload_of(db))
+    assert len(points(TileDatabase(tmp_path / "tiles.json"), key)) == 2
+
+    again = []
+    report = tune(TileDatabase(tmp_path / "tiles.json"), on_measurement=again.append)
+    done = {(m.knobs["parallel"], m.sparsity) for m in seen}
+    rest = {(m.knobs["parallel"], m.sparsity) for m in again}
+    assert len(again) == 2 and not done & rest
+    assert report.kernels[0].reused == 2 and report.kernels[0].measured == 2
+    assert len(points(db, key)) == 4
+
+
+def _workload_of(db):
+    (entry,) = [e for e in db.entries().values() if e["workload"]["op"] == "pit_matmul"]
+    return entry["workload"]
+
+
+def test_trials_cap_counts_what_the_database_holds(tmp_path):
+    db = TileDatabase(tmp_path / "tiles.json")
+    first = tune(db, trials=3)
+    assert first.kernels[0].measured == 3
+    second = tune(db, trials=3)
+    assert (second.kernels[0].measured, second.kernels[0].reused) == (0, 3)
+    third = tune(db, trials=4)
+    assert third.kernels[0].measured == 1
+
+
+def test_a_kernel_that_fails_the_torch_check_is_rejected_and_never_retried(tmp_path, monkeypatch):
+    monkeypatch.setitem(tuner.TOLERANCE, "float32", -1.0)  # nothing can pass
+    db = TileDatabase(tmp_path / "tiles.json")
+    report = tune(db)
+    assert report.kernels[0].measured == 0 and report.kernels[0].failed == 2
+    assert report.kernels[0].best_knobs is None
+    entry = db.get(report.kernels[0].key)
+    assert all("differs from dense torch" in m["error"] for m in entry["measurements"].values())
+    assert tune(db).kernels[0].failed == 0  # rejected knobs are skipped, not measured again
+
+
+def test_runtime_replays_the_best_knobs(tmp_path, monkeypatch):
+    db = TileDatabase(tmp_path / "tiles.json")
+    report = tune(db, micro_tiles=[(32, 1)])
+    best = report.kernels[0].best_knobs
+    # Make the non-default setting the best, so replay is visible.
+    entry_key = report.kernels[0].key
+    slow = {"parallel": not best["parallel"]}
+
+    def favour(entries):
+        for m in entries[entry_key]["measurements"].values():
+            m["ms"] = 1.0 if m["knobs"] == slow else 5.0
+
+    db.update(favour)
+    used = []
+    original = ops.matmul_kernel
+
+    def spy(plan, dtype, out_dtype, target, cache, knobs=None):
+        used.append(knobs)
+        return original(plan, dtype, out_dtype, target, cache, knobs)
+
+    monkeypatch.setattr(ops, "matmul_kernel", spy)
+    set_tile_database(db)
+    try:
+        A = torch.randn(3, 64, 48)  # batched, another shape of the bucket: the 2-D tuning serves it
+        A[:, :, torch.rand(48) < 0.5] = 0
+        B = torch.randn(3, 48, 40)
+        torch.testing.assert_close(pit.sparse_matmul(A, B, micro_tile=(32, 1)), A @ B, rtol=1e-5, atol=1e-4)
+        pit.sparse_matmul(A[0], B[0], micro_tile=(32, 1))
+        pit.sparse_matmul(A[0], B[0], micro_tile=(1, 16))  # not tuned: defaults
+    finally:
+        set_tile_database(None)
+    assert used == [CpuParallel.Knobs(**slow), CpuParallel.Knobs(**slow), None]
+
+
+def test_tuned_knobs_is_none_without_a_database(tmp_path):
+    plan = plan_pit(ops.matmul_contraction(2), SparsityAttr("A", (32, 1)), {"m": 64, "n": 64, "k": 64})
+    A, B = torch.zeros(1, 64, 64), torch.zeros(1, 64, 64)
+    assert tuned_knobs(plan, "float32", Target("llvm"), A, B, TileDatabase(tmp_path / "none.json")) is None
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"shape": (64, 64)}, "shape"),
+        ({"dtype": "int8"}, "dtype"),
+        ({"sparsities": [1.5]}, "sparsities"),
+        ({"sparse": "C"}, "sparse"),
+        ({"trials": 0}, "trials"),
+        ({"target": "rocm"}, "target"),
+    ],
+)
+def test_bad_arguments_name_the_argument(kwargs, match):
+    options = {"shape": SHAPE, "dtype": "float32", "database": TileDatabase(None), "progress": False, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        tune_matmul(options.pop("shape"), options.pop("dtype"), **options)
