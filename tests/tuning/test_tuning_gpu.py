@@ -1,0 +1,50 @@
+"""The tuner and run-time selection on a CUDA GPU: CUDA-event timings, tuned knobs that run, auto."""
+
+import pytest
+import torch
+from tvm.s_tir.meta_schedule.runner.config import EvaluatorConfig
+
+import pit_compiler as pit
+from pit_compiler.tuning import TileDatabase, set_tile_database, tune_matmul
+
+from sparse_data import micro_tile_sparse
+
+pytestmark = pytest.mark.gpu
+
+FAST = EvaluatorConfig(number=1, repeat=2, min_repeat_ms=5, enable_cpu_cache_flush=False)
+SHAPE = (200, 136, 264)  # M, N, K: no multiple of a tile
+
+
+@pytest.fixture
+def tuned_db(tmp_path):
+    db = TileDatabase(tmp_path / "tiles.json")
+    report = tune_matmul(
+        SHAPE, "float16", [(32, 1), (1, 32), (1, None)], [0.5, 0.9], target="cuda", trials=4,
+        database=db, evaluator=FAST, progress=False,
+    )  # fmt: skip
+    set_tile_database(db)
+    yield db, report
+    set_tile_database(None)
+
+
+def test_cuda_tuning_measures_every_kernel_and_the_dense_fallback(tuned_db):
+    db, report = tuned_db
+    assert report.dense_ms > 0
+    assert [k.form for k in report.kernels] == ["reduce", "scatter", "scatter"]
+    for kernel in report.kernels:
+        assert kernel.measured > 0 and kernel.failed == 0, kernel
+        assert kernel.best_knobs is not None and kernel.detect_ms > 0
+    assert all(m.ms > 0 for m in report.measurements if m.status == "measured")
+
+
+@pytest.mark.parametrize("tile", [(32, 1), (1, 32), (1, None), (4, 1)])
+@pytest.mark.parametrize("sparsity", [0.0, 0.9, 1.0])
+def test_auto_runs_the_selected_kernel_with_tuned_knobs_correctly(tuned_db, tile, sparsity):
+    M, N, K = SHAPE
+    A, _ = micro_tile_sparse((M, K), tile, 1.0 - sparsity, torch.float16, "cuda")
+    B = torch.randn(K, N, dtype=torch.float16, device="cuda")
+    choice = pit.select_micro_tile(A, B)
+    assert choice.source == "database" and set(choice.predicted_ms) >= {"32x1", "1x32", "1xall", "dense"}
+    out = torch.full((M, N), float("nan"), dtype=torch.float16, device="cuda")
+    pit.sparse_matmul(A, B, micro_tile="auto", out=out)
+    torch.testing.assert_close(out.float(), A.float() @ B.float(), atol=2e-2, rtol=2e-2)
