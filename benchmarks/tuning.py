@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -141,6 +142,23 @@ def auto_case(size, tiles, granularities, sparsities, seeds, dtype, device, db, 
     return records
 
 
+def prediction_errors(autos) -> dict:
+    """Per candidate (and over all): relative error of the cost model's prediction against the
+    time measured for that candidate on the same pattern."""
+    by_candidate: dict[str, list[float]] = {}
+    for r in autos:
+        for name, predicted in r["predicted_ms"].items():
+            measured = r["fixed_ms"].get(name)
+            if measured:
+                error = abs(predicted - measured) / measured
+                by_candidate.setdefault(name, []).append(error)
+                by_candidate.setdefault("all", []).append(error)
+    return {
+        name: {"median": statistics.median(errors), "max": max(errors), "patterns": len(errors)}
+        for name, errors in by_candidate.items()
+    }
+
+
 def plot(records, path: Path):
     try:
         import matplotlib
@@ -213,11 +231,15 @@ def main(argv=None) -> int:
         records += auto_case(size, tiles, granularities, sparsities, args.seeds, dtype, device, db, args.repeat)
     autos = [r for r in records if r["section"] == "auto"]
     share = sum(r["within_5pct"] for r in autos) / max(len(autos), 1)
+    errors = prediction_errors(autos)
     records.append({"section": "summary", "auto_within_5pct": share, "patterns": len(autos), "database": str(db.path),
-                    "dtype": str(dtype).removeprefix("torch.")})
+                    "dtype": str(dtype).removeprefix("torch."), "prediction_error": errors})
     for record in records:
         record["gpu"] = gpu
     log.info("auto within 5 %% of the best fixed choice in %.0f %% of %d patterns", 100 * share, len(autos))
+    for name, error in errors.items():
+        log.info("cost model %-6s median |predicted - measured| / measured %5.1f %% (max %5.1f %%, %d patterns)",
+                 name, 100 * error["median"], 100 * error["max"], error["patterns"])
     path = write_json(records, "tuning", device)
     plot(records, path.with_suffix(".png"))
     return 0

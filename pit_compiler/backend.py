@@ -19,7 +19,7 @@ log = logging.getLogger("pit_compiler")
 class PITOptions:
     """Options of the ``pit`` backend: ``torch.compile(..., backend="pit", options={...})``."""
 
-    input_micro_tile: tuple = (32, 1)
+    input_micro_tile: tuple | str = "auto"  # or a pair; see pit_compiler.compile
 
     @classmethod
     def from_dict(cls, options: dict | None) -> "PITOptions":

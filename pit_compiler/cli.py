@@ -98,6 +98,7 @@ def tune(args) -> int:
         args.micro_tile,
         args.sparsity,
         sparse=args.sparse,
+        layout=args.layout,
         target=args.target,
         trials=args.trials,
         database=_database(args),
@@ -218,6 +219,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--trials", type=_positive, default=64, help="most (knobs, sparsity) points per micro-tile (64)")
     p.add_argument("--sparse", choices=("A", "B"), default="A", help="the sparse operand (default A)")
+    p.add_argument(
+        "--layout",
+        choices=("nn", "nt", "tn", "tt"),
+        default="nn",
+        help="storage of A and B, n as written, t a transposed view (default nn; "
+        "nt is x @ W.t() of an nn.Linear, what pit.nn.SparseLinear runs)",
+    )
     p.add_argument("--target", choices=("cuda", "llvm"), help="default: cuda when a GPU is present, else llvm")
     p.add_argument("--repeat", type=_positive, default=5, help="timed repeats per point (default 5)")
     p.add_argument("--min-repeat-ms", type=_positive, default=50, help="shortest repeat in ms (default 50)")

@@ -53,6 +53,14 @@ def check_sparse(sparse) -> str:
     return sparse
 
 
+def input_micro_tile_option(micro_tile, in_features: int):
+    """A layer's input micro-tile: ``"auto"`` (picked per call, see ``sparse_matmul``) or a pair."""
+    if check_auto(micro_tile):
+        return "auto"
+    normalize_micro_tile(micro_tile, (1, in_features))
+    return tuple(micro_tile)
+
+
 def check_auto(micro_tile) -> bool:
     """Whether ``micro_tile`` asks for run-time selection (``"auto"``); other text is an error."""
     if isinstance(micro_tile, str):

@@ -9,6 +9,7 @@ import torch
 from torch import fx, nn
 
 from pit_compiler.nn import SparseAttention, SparseLinear, SparseMoE, SparseTransformerEncoderLayer
+from pit_compiler.validation import input_micro_tile_option
 
 from .modules import ModuleOptions, replace_modules
 from .rewrite import rewrite_sparse_consumers
@@ -34,7 +35,7 @@ def compile(
     model: nn.Module,
     example_inputs=None,
     *,
-    input_micro_tile=(32, 1),
+    input_micro_tile="auto",
     attention: bool = True,
     moe: bool = True,
     weight_micro_tile=(1, 32),
@@ -47,7 +48,9 @@ def compile(
     :mod:`pit_compiler.nn.moe_reference`, linears whose weight has at least
     ``min_weight_sparsity`` empty ``weight_micro_tile`` pieces, and, in the traced graph,
     every linear or matmul fed by a ReLU through zero-keeping operations (its input's
-    ``input_micro_tile`` pieces are detected at run time). The result is an ``fx.GraphModule``
+    ``input_micro_tile`` pieces are detected at run time; ``"auto"`` picks, per call, the
+    micro-tile the tile database predicts fastest, or dense ``torch.matmul`` where PIT would
+    lose, and ``(32, 1)`` when nothing was tuned: see ``pit-tune``). The result is an ``fx.GraphModule``
     whose ``.code`` shows the rewrite; a model torch.fx cannot trace (data-dependent control
     flow, as in most HuggingFace models) is captured by ``torch.compile(backend="pit")``
     instead, around its graph breaks, and that is logged once, never raised.
@@ -58,7 +61,7 @@ def compile(
     if not 0.0 <= min_weight_sparsity <= 1.0:
         raise ValueError(f"min_weight_sparsity must be in [0, 1], got {min_weight_sparsity!r}")
     options = ModuleOptions(attention, moe, tuple(weight_micro_tile), min_weight_sparsity)
-    SparseLinear(1, 1, input_micro_tile=input_micro_tile)  # validates the micro-tile early
+    input_micro_tile = input_micro_tile_option(input_micro_tile, 1)  # validated early
 
     replaced_model = _shared_copy(model)
     replaced = replace_modules(replaced_model, options)
@@ -80,7 +83,7 @@ def compile(
             "torch.compile(backend='pit') instead, %d modules replaced",
             type(model).__name__, type(error).__name__, str(error).splitlines()[0], len(replaced),
         )
-        compiled = torch.compile(replaced_model, backend=pit_backend, options={"input_micro_tile": tuple(input_micro_tile)})
+        compiled = torch.compile(replaced_model, backend=pit_backend, options={"input_micro_tile": input_micro_tile})
     if example_inputs is not None:
         with torch.no_grad():
             compiled(*example_inputs)

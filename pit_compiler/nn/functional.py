@@ -21,7 +21,8 @@ def sparse_linear(
 
     - ``input_micro_tile``: the input's micro-tiles over ``(tokens, in_features)`` are
       detected on the fly; ``(32, 1)`` skips features that are zero for 32 tokens at once
-      (ReLU outputs), ``(1, None)`` skips whole zero rows.
+      (ReLU outputs), ``(1, None)`` skips whole zero rows, ``"auto"`` picks per call from
+      the tile database (``pit-tune``), dense ``torch.matmul`` included.
     - ``weight_grid`` with ``weight_micro_tile``: the weight's listed micro-tiles over
       ``(out_features, in_features)``, built once (see :class:`SparseLinear`); the weight is
       read in place, and its gradient keeps the same micro-tiles.

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from pit_compiler.api import detect_micro_tiles
-from pit_compiler.validation import normalize_micro_tile
+from pit_compiler.validation import input_micro_tile_option, normalize_micro_tile
 
 from .functional import sparse_linear
 
@@ -46,8 +46,7 @@ class SparseLinear(nn.Linear):
         return module
 
     def _configure(self, input_micro_tile, weight_micro_tile) -> None:
-        normalize_micro_tile(input_micro_tile, (1, self.in_features))
-        self.input_micro_tile = tuple(input_micro_tile)
+        self.input_micro_tile = input_micro_tile_option(input_micro_tile, self.in_features)
         self.weight_micro_tile = (
             normalize_micro_tile(weight_micro_tile, (self.out_features, self.in_features))
             if weight_micro_tile is not None

@@ -202,6 +202,43 @@ def _transposed(t: torch.Tensor) -> bool:
 _defaulted: set = set()
 
 
+_candidates_cache: dict = {}
+
+
+def _candidate_models(db: TileDatabase, sparse: str, shape, dtype: str, target, layout, candidates):
+    """``{label: (micro_tile as given, concrete tile, KernelModel)}`` of the tuned candidates,
+    and the database entry of the dense fallback (or None).
+
+    Reading keys and fitting lines costs far more than a small matmul, so the answer is kept
+    per version of the database file and per shape, layout and candidate list.
+    """
+    cache_key = (db.serial, db.token(), sparse, tuple(shape), dtype, str(target), layout, candidates)
+    if cache_key in _candidates_cache:
+        return _candidates_cache[cache_key]
+    if len(_candidates_cache) > 4096:  # answers for old versions are never read again
+        _candidates_cache.clear()
+    M, N, K = shape
+    template = template_for(target)
+    contraction = matmul_contraction(2, *layout)
+    transposed = layout[0] if sparse == "A" else layout[1]
+    operand_shape = (M, K) if sparse == "A" else (K, N)
+    if candidates is None:
+        fields = {"op": "pit_matmul", "operator": f"{contraction.c} += {contraction.a} * {contraction.b}"}
+        fields.update(sparse=sparse, bucket=list(shape_bucket(shape)), dtype=dtype, target=str(target), **versions())
+        found = {tuple(e["workload"]["micro_tile"]) for _, e in db.find(**fields)}
+        candidates = sorted((t[::-1] if transposed else t for t in found), key=lambda t: [x or 0 for x in t])
+    models = {}
+    for candidate in candidates:
+        tile = normalize_micro_tile(candidate, operand_shape)
+        plan = plan_pit(contraction, SparsityAttr(sparse, tile[::-1] if transposed else tile), {"m": M, "n": N, "k": K})
+        model = _cached_model(db, workload_key(matmul_workload(plan, shape, dtype, target, template)))
+        if model is not None:
+            models[tile_label(candidate)] = (tuple(candidate), tile, model)
+    dense = db.get(workload_key(dense_workload(shape, dtype, target)))
+    _candidates_cache[cache_key] = models, dense
+    return models, dense
+
+
 def select_micro_tile(
     A: torch.Tensor,
     B: torch.Tensor,
@@ -229,25 +266,10 @@ def select_micro_tile(
     operand = A if sparse == "A" else B
     M, K, N = A.shape[-2], A.shape[-1], B.shape[-1]
     shape, batch = (M, N, K), (A.shape[0] if A.dim() == 3 else 1)
-    operand_shape = tuple(operand.shape[-2:])
     target, dtype = target_for(A.device), tvm_dtype(A.dtype, "A")
-    template = template_for(target)
-    contraction = matmul_contraction(2, _transposed(A), _transposed(B))
-    transposed = _transposed(operand)
-    sizes = {"m": M, "n": N, "k": K}
-
-    if candidates is None:
-        fields = {"op": "pit_matmul", "operator": f"{contraction.c} += {contraction.a} * {contraction.b}"}
-        fields.update(sparse=sparse, bucket=list(shape_bucket(shape)), dtype=dtype, target=str(target), **versions())
-        found = {tuple(e["workload"]["micro_tile"]) for _, e in db.find(**fields)}
-        candidates = sorted((t[::-1] if transposed else t for t in found), key=lambda t: [x or 0 for x in t])
-    models = {}
-    for candidate in candidates:
-        tile = normalize_micro_tile(candidate, operand_shape)
-        plan = plan_pit(contraction, SparsityAttr(sparse, tile[::-1] if transposed else tile), sizes)
-        model = _cached_model(db, workload_key(matmul_workload(plan, shape, dtype, target, template)))
-        if model is not None:
-            models[tile_label(candidate)] = (tuple(candidate), tile, model)
+    layout = (_transposed(A), _transposed(B))
+    candidates = None if candidates is None else tuple(tuple(c) for c in candidates)
+    models, dense_entry = _candidate_models(db, sparse, shape, dtype, target, layout, candidates)
     if not models:
         key = (str(db.path), sparse, shape_bucket(shape), dtype, str(target))
         if key not in _defaulted:
@@ -269,7 +291,7 @@ def select_micro_tile(
     # Step 2. Predict, and weigh dense when it was measured.
     predicted = {label: model.predict(listed[label], shape, batch) for label, (_, _, model) in models.items()}
     if dense:
-        dense_time = dense_ms(db.get(workload_key(dense_workload(shape, dtype, target))), shape, batch)
+        dense_time = dense_ms(dense_entry, shape, batch)
         if dense_time is not None:
             predicted["dense"] = dense_time
     choice = min(predicted, key=predicted.get)

@@ -31,7 +31,7 @@ from tvm.target import Target
 from pit_compiler.codegen import matmul_module
 from pit_compiler.ir import PITError, SparsityAttr, plan_pit
 from pit_compiler import ops
-from pit_compiler.ops import batched, index_for, kernel_cache, matmul_contraction
+from pit_compiler.ops import batched, index_for, kernel_cache, matmul_contraction, storage
 from pit_compiler.runtime import MicroTileIndex
 from pit_compiler.schedules import template_for
 from pit_compiler.targets import target_for
@@ -56,6 +56,9 @@ DEFAULT_EVALUATOR = EvaluatorConfig(number=1, repeat=5, min_repeat_ms=50, enable
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Of the largest reference entry: float32 sums exactly enough; half types round the output.
 TOLERANCE = {"float32": 1e-4, "float16": 4e-3, "bfloat16": 3e-2}
+# How A and B are stored, BLAS style: "n" as written, "t" a transposed view. "nt" is
+# ``x @ W.t()`` of an ``nn.Linear``, whose kernels read the weight in place (``ops.storage``).
+LAYOUTS = ("nn", "nt", "tn", "tt")
 
 
 def resolve_target(target: str | None) -> tuple[torch.device, Target]:
@@ -172,6 +175,7 @@ class TuneReport:
     sparse: str
     target: str
     database: str
+    layout: str = "nn"
     dense_ms: float | None = None
     kernels: list = field(default_factory=list)
     measurements: list = field(default_factory=list)
@@ -184,6 +188,7 @@ class TuneReport:
             "sparse": self.sparse,
             "target": self.target,
             "database": self.database,
+            "layout": self.layout,
             "dense_ms": self.dense_ms,
             "elapsed_s": self.elapsed_s,
             "kernels": [{**vars(k), "micro_tile": list(k.micro_tile)} for k in self.kernels],
@@ -191,7 +196,7 @@ class TuneReport:
         }
 
 
-def _check_arguments(shape, dtype, micro_tiles, sparsities, sparse, trials):
+def _check_arguments(shape, dtype, micro_tiles, sparsities, sparse, trials, layout):
     if not (isinstance(shape, (tuple, list)) and len(shape) == 3 and all(isinstance(s, int) and s > 0 for s in shape)):
         raise ValueError(f"shape must be (M, N, K) of positive ints, got {shape!r}")
     if dtype not in DTYPES:
@@ -204,6 +209,8 @@ def _check_arguments(shape, dtype, micro_tiles, sparsities, sparse, trials):
         raise ValueError(f"sparse must be 'A' or 'B', got {sparse!r}")
     if not (isinstance(trials, int) and trials >= 1):
         raise ValueError(f"trials must be a positive int, got {trials!r}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {list(LAYOUTS)} (n: as written, t: a transposed view), got {layout!r}")
 
 
 def tune_matmul(
@@ -213,6 +220,7 @@ def tune_matmul(
     sparsities=(0.5, 0.9, 0.99),
     *,
     sparse: str = "A",
+    layout: str = "nn",
     target: str | None = None,
     trials: int = 64,
     database: TileDatabase | None = None,
@@ -226,15 +234,17 @@ def tune_matmul(
     For each micro-tile, every knob setting of the target's template is built, checked once
     against dense torch, then timed at each sparsity; at most ``trials`` (knobs, sparsity)
     points per micro-tile, counting those already in the database (so a rerun measures only
-    what is missing). Dense ``torch.matmul`` and detection are timed once per shape.
+    what is missing). Dense ``torch.matmul`` and detection are timed once per shape. ``layout``
+    says how A and B are stored (:data:`LAYOUTS`): a kernel is tuned for one storage order.
     ``on_measurement(measurement)`` is called after each point is saved.
     """
-    _check_arguments(shape, dtype, micro_tiles, sparsities, sparse, trials)
+    _check_arguments(shape, dtype, micro_tiles, sparsities, sparse, trials, layout)
     start = time.perf_counter()
     device, tvm_target = resolve_target(target)
     db = database if database is not None else tile_database()
-    run = _Run(tuple(shape), dtype, sparse, tuple(sparsities), device, tvm_target, db, evaluator, seed)
-    report = TuneReport(run.shape, dtype, sparse, str(tvm_target), str(run.db.path))
+    transposed = (layout[0] == "t", layout[1] == "t")
+    run = _Run(tuple(shape), dtype, sparse, transposed, tuple(sparsities), device, tvm_target, db, evaluator, seed)
+    report = TuneReport(run.shape, dtype, sparse, str(tvm_target), str(run.db.path), layout)
     # Step 1. Plan every micro-tile: the points still to measure, those the database holds.
     tasks = [run.plan(number, tuple(tile), trials, report) for number, tile in enumerate(micro_tiles)]
     dense = dense_workload(run.shape, dtype, tvm_target)
@@ -276,6 +286,7 @@ class _Run:
     shape: tuple
     dtype: str
     sparse: str
+    transposed: tuple  # (A, B): stored as a transposed view
     sparsities: tuple
     device: torch.device
     target: Target
@@ -291,18 +302,28 @@ class _Run:
         self.operand_shape = (M, K) if self.sparse == "A" else (K, N)
         dense_shape = (K, N) if self.sparse == "A" else (M, K)
         dense = torch.randn(dense_shape, generator=torch.Generator().manual_seed(self.seed + 1))
-        self.dense_operand = dense.to(device=self.device, dtype=self.torch_dtype)
+        self.dense_operand = self._stored(dense.to(device=self.device, dtype=self.torch_dtype), self.sparse == "A")
+        self.sparse_transposed = self.transposed[0 if self.sparse == "A" else 1]
+
+    def _stored(self, logical: torch.Tensor, is_b: bool) -> torch.Tensor:
+        """``logical`` with its layout's storage: as written, or a transposed view."""
+        return logical.t().contiguous().t() if self.transposed[int(is_b)] else logical
+
+    def _storage_tile(self, tile: tuple) -> tuple:
+        """A logical micro-tile (or grid) of the sparse operand in its storage order."""
+        return tile[::-1] if self.sparse_transposed else tile
 
     def plan(self, number: int, micro_tile: tuple, trials: int, report: TuneReport) -> _Task:
         M, N, K = self.shape
         tile = normalize_micro_tile(micro_tile, self.operand_shape)
-        plan = plan_pit(matmul_contraction(2), SparsityAttr(self.sparse, tile), {"m": M, "n": N, "k": K})
+        contraction = matmul_contraction(2, *self.transposed)
+        plan = plan_pit(contraction, SparsityAttr(self.sparse, self._storage_tile(tile)), {"m": M, "n": N, "k": K})
         workload = matmul_workload(plan, self.shape, self.dtype, self.target, self.template)
         summary = KernelSummary(micro_tile, plan.form, workload_key(workload))
         entry = self.db.get(summary.key) or {"measurements": {}, "detect": {}}
         done = entry["measurements"]
         failed = {name.split("/")[1] for name in done if name.endswith("/failed")}
-        dedicated = dedicated_path(plan, self.shape, self.torch_dtype, self.device)
+        dedicated = dedicated_path(plan, self.shape, self.torch_dtype, self.device, self.transposed)
         space = self.space[:1] if dedicated else self.space  # its kernel takes no template knobs
         points = [(k, s) for k in space if knobs_text(k) not in failed for s in self.sparsities]
         names = [_point_name(self.shape, k, s) for k, s in points]
@@ -319,25 +340,31 @@ class _Run:
 
     def time_dense(self) -> float:
         M, N, K = self.shape
-        a = torch.randn(M, K, device=self.device, dtype=self.torch_dtype)
-        b = torch.randn(K, N, device=self.device, dtype=self.torch_dtype)
+        a = self._stored(torch.randn(M, K, device=self.device, dtype=self.torch_dtype), False)
+        b = self._stored(torch.randn(K, N, device=self.device, dtype=self.torch_dtype), True)
         c = torch.empty(M, N, device=self.device, dtype=self.torch_dtype)
         return time_callable(lambda: torch.matmul(a, b, out=c), self.device, self.evaluator)
 
     def data(self, task: _Task, sparsity: float, cache: dict):
-        """``(A, B, index, listed, tiles)`` with ``task``'s micro-tiles at ``sparsity``."""
+        """``(A, B, index, listed, tiles)`` with ``task``'s micro-tiles at ``sparsity``.
+
+        A and B are logical (possibly transposed views); kernels take their storage.
+        """
         if sparsity not in cache:
             seed = self.seed + 1000 * task.number + round(sparsity * 1e4)
             operand, listed, tiles = micro_tile_operand(
                 self.operand_shape, task.tile, sparsity, self.torch_dtype, self.device, seed
             )
-            index = index_for(task.plan, operand, None, task.tile, self._grid(task))
+            operand = self._stored(operand, self.sparse == "B")
+            index = self.detect(task, operand)
             A, B = (operand, self.dense_operand) if self.sparse == "A" else (self.dense_operand, operand)
             cache[sparsity] = (A, B, index, listed, tiles)
         return cache[sparsity]
 
-    def _grid(self, task: _Task) -> tuple:
-        return tuple(math.ceil(size / t) for size, t in zip(self.operand_shape, task.tile))
+    def detect(self, task: _Task, operand: torch.Tensor):
+        """The index of ``operand``'s listed micro-tiles, as run time builds it."""
+        grid = tuple(math.ceil(size / t) for size, t in zip(self.operand_shape, task.tile))
+        return index_for(task.plan, storage(operand)[0], None, self._storage_tile(task.tile), self._storage_tile(grid))
 
     def tune(self, task: _Task, bar: Progress, report: TuneReport, on_measurement) -> None:
         began, data = time.perf_counter(), {}
@@ -345,9 +372,8 @@ class _Run:
         label = tile_label(micro_tile)
         if task.needs_detect:
             A, B = self.data(task, self.sparsities[len(self.sparsities) // 2], data)[:2]
-            operand, grid = (A if self.sparse == "A" else B), self._grid(task)
-            detect = lambda: index_for(task.plan, operand, None, task.tile, grid)  # noqa: E731
-            ms = time_callable(detect, self.device, self.evaluator)
+            operand = A if self.sparse == "A" else B
+            ms = time_callable(lambda: self.detect(task, operand), self.device, self.evaluator)
             self.db.record(task.workload, shape_text(self.shape), {"shape": list(self.shape), "ms": ms}, part="detect")
             bar.update(note=f"{label} detection {ms:.4f} ms")
         checked, rejected = set(), set()
@@ -395,7 +421,7 @@ def _point_name(shape, knobs, sparsity: float) -> str:
     return f"{shape_text(shape)}/{knobs_text(knobs)}/{sparsity:g}"
 
 
-def dedicated_path(plan, shape, dtype, device) -> bool:
+def dedicated_path(plan, shape, dtype, device, transposed=(False, False)) -> bool:
     """Whether run time sends ``plan`` to a dedicated kernel (the tensor-core row gather of
     ``ops``) instead of the template-scheduled one: then that kernel is what gets timed.
 
@@ -406,6 +432,7 @@ def dedicated_path(plan, shape, dtype, device) -> bool:
         return False
     M, N, K = shape
     A, B = torch.zeros(M, K, dtype=dtype, device=device), torch.zeros(K, N, dtype=dtype, device=device)
+    A, B = (A.t().contiguous() if transposed[0] else A), (B.t().contiguous() if transposed[1] else B)
     none = torch.zeros(1, 1, 1, dtype=torch.int32, device=device)
     empty = MicroTileIndex(none[0], none)
     return bool(probe(plan, A, B, torch.empty(M, N, dtype=dtype, device=device), empty))
@@ -438,7 +465,7 @@ def _measure(plan, dtype, target, knobs, A, B, index, device, evaluator, check: 
     out = torch.empty((1, A.shape[0], B.shape[1]), dtype=torch.float32 if widen else A.dtype, device=device)
     out_dtype = "float32" if widen else dtype
     module = matmul_module(plan, dtype, out_dtype, target, kernel_cache(), knobs)
-    args = (batched(A), batched(B), out, index.counts, index.indices)
+    args = (batched(storage(A)[0]), batched(storage(B)[0]), out, index.counts, index.indices)
     if check:
         module["main"](*args)
         _check_against_torch(out[0], A, B, dtype)
@@ -459,7 +486,7 @@ def format_report(report: TuneReport) -> str:
     """The final table: every point, then each micro-tile's best knobs and fitted line."""
     where = target_label(report.target)
     lines = [
-        f"PIT matmul {shape_text(report.shape)} {report.dtype}, sparse {report.sparse}, on {where}",
+        f"PIT matmul {shape_text(report.shape)} {report.dtype}, sparse {report.sparse}, layout {report.layout}, on {where}",
         f"{'micro-tile':>10} {'knobs':<22} {'sparsity':>8} {'listed':>8} {'ms':>10}  status",
     ]
     for m in report.measurements:

@@ -129,6 +129,33 @@ def test_runtime_replays_the_best_knobs(tmp_path, monkeypatch):
     assert used == [CpuParallel.Knobs(**slow), CpuParallel.Knobs(**slow), None]
 
 
+@pytest.mark.parametrize("layout, sparse", [("nt", "A"), ("tn", "A"), ("nt", "B")])
+def test_a_transposed_layout_is_tuned_for_its_own_kernel_and_selected_for_it(tmp_path, layout, sparse):
+    # "nt" with sparse A is x @ W.t() of an nn.Linear: the weight is read in place, transposed.
+    db = TileDatabase(tmp_path / "tiles.json")
+    report = tune(db, micro_tiles=[(32, 1), (1, 32)], layout=layout, sparse=sparse)
+    assert all(k.measured > 0 and k.failed == 0 for k in report.kernels)
+    assert report.layout == layout and f"layout {layout}" in format_report(report)
+    plain = tune(TileDatabase(tmp_path / "plain.json"), micro_tiles=[(32, 1)], sparse=sparse)
+    assert plain.kernels[0].key != report.kernels[0].key  # another storage order, another kernel
+
+    M, N, K = SHAPE
+    A, B = torch.randn(M, K), torch.randn(K, N)
+    A, B = (A.t().contiguous().t() if layout[0] == "t" else A), (B.t().contiguous().t() if layout[1] == "t" else B)
+    sparse_operand = A if sparse == "A" else B
+    with torch.no_grad():
+        sparse_operand[:, ::3] = 0  # whole columns: the tuned micro-tiles see real sparsity
+    set_tile_database(db)
+    try:
+        choice = pit.select_micro_tile(A, B, sparse)
+        assert choice.source == "database" and {"32x1", "1x32"} <= set(choice.predicted_ms)
+        out = torch.full((M, N), float("nan"))
+        pit.sparse_matmul(A, B, sparse=sparse, micro_tile="auto", out=out)
+    finally:
+        set_tile_database(None)
+    torch.testing.assert_close(out, A @ B, rtol=1e-5, atol=1e-4)
+
+
 def test_tuned_knobs_is_none_without_a_database(tmp_path):
     plan = plan_pit(ops.matmul_contraction(2), SparsityAttr("A", (32, 1)), {"m": 64, "n": 64, "k": 64})
     A, B = torch.zeros(1, 64, 64), torch.zeros(1, 64, 64)
@@ -144,6 +171,7 @@ def test_tuned_knobs_is_none_without_a_database(tmp_path):
         ({"sparse": "C"}, "sparse"),
         ({"trials": 0}, "trials"),
         ({"target": "rocm"}, "target"),
+        ({"layout": "nx"}, "layout"),
     ],
 )
 def test_bad_arguments_name_the_argument(kwargs, match):
