@@ -49,3 +49,16 @@ def write_json(records: list[dict], name: str, device: torch.device) -> Path:
     path.write_text(json.dumps(records, indent=1))
     log.info("wrote %s", path)
     return path
+
+
+def pyplot():
+    """``matplotlib.pyplot`` drawing to files, or None (logged) where matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.info("matplotlib not installed: no plot")
+        return None
+    return plt

@@ -21,7 +21,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import pit_compiler as pit  # noqa: E402
-from common import device_name, peak_memory_mb, time_ms, write_json  # noqa: E402
+from common import device_name, peak_memory_mb, pyplot, time_ms, write_json  # noqa: E402
 from pit_compiler.nn.moe_reference import SwitchMoE  # noqa: E402
 
 log = logging.getLogger("pit_compiler.benchmarks")
@@ -102,13 +102,8 @@ def pit_longformer(model):
 
 def plot(records, path):
     """Latency per model, eager against PIT, on a log scale (needs matplotlib)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.info("matplotlib not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     models = sorted({r["model"] for r in records})
     fig, ax = plt.subplots(figsize=(8, 3.5))

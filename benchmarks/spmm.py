@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import pit_compiler as pit  # noqa: E402
-from common import device_name, time_ms, write_json  # noqa: E402
+from common import device_name, pyplot, time_ms, write_json  # noqa: E402
 
 log = logging.getLogger("pit_compiler.benchmarks")
 
@@ -90,13 +90,8 @@ def run_case(M, N, K, name, sparsity, dtype, device, repeat):
 
 
 def plot(records, path: Path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.info("matplotlib not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     groups = sorted({(r["M"], r["dtype"]) for r in records})
     impls = sorted({r["impl"] for r in records if r["impl"] != "cublas"})

@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import pit_compiler as pit  # noqa: E402
-from common import device_name, time_ms, write_json  # noqa: E402
+from common import device_name, pyplot, time_ms, write_json  # noqa: E402
 from pit_compiler.tuning import TileDatabase, format_report, set_tile_database, tune_matmul  # noqa: E402
 from pit_compiler.tuning.tuner import DEFAULT_EVALUATOR  # noqa: E402
 
@@ -160,13 +160,8 @@ def prediction_errors(autos) -> dict:
 
 
 def plot(records, path: Path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.info("matplotlib not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     kernels = [r for r in records if r["section"] == "kernels"]
     autos = [r for r in records if r["section"] == "auto"]
