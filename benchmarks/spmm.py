@@ -5,8 +5,10 @@ size, micro-tile, sparsity and dtype it builds A with that fraction of its micro
 checks every implementation's output against the dense product, then times it (CUDA events,
 median after warm-up, detection and format conversion included where an implementation needs
 them at run time). The ideal line is ``dense cuBLAS time x density``; each record carries the
-fraction of it reached. Writes ``benchmarks/results/spmm-<gpu>.json`` and, with matplotlib,
-a PNG of fraction-of-ideal per case.
+fraction of it reached. PIT's online detection and index alone is timed too (``pit_detect``:
+its fraction of the dense product's time, the budget being 0.1, and the bandwidth it reads A
+at), and checked against the micro-tiles A really has. Writes
+``benchmarks/results/spmm-<gpu>.json`` and, with matplotlib, a PNG of fraction-of-ideal per case.
 """
 
 from __future__ import annotations
@@ -62,6 +64,27 @@ def baselines(A, B, tile):
     return impls
 
 
+def detection(A, B, tile):
+    """``(detect, check)``: PIT's detection and index of A as sparse_matmul runs it, and its check."""
+    from pit_compiler.ir import SparsityAttr, plan_pit
+    from pit_compiler.ops import index_for, matmul_contraction, operand_grid
+    from pit_compiler.validation import normalize_micro_tile
+
+    (M, K), N = A.shape, B.shape[1]
+    tile = normalize_micro_tile(tile, (M, K))
+    plan = plan_pit(matmul_contraction(2), SparsityAttr("A", tile), {"m": M, "n": N, "k": K})
+    rows, cols = tile
+    grid = (math.ceil(M / rows), math.ceil(K / cols))
+    padded = torch.zeros(grid[0] * rows, grid[1] * cols, dtype=torch.bool, device=A.device)
+    padded[:M, :K] = A.ne(0)
+    expected = padded.view(grid[0], rows, grid[1], cols).any(3).any(1)
+
+    def detect():
+        return index_for(plan, A, None, tile, grid)
+
+    return detect, lambda: torch.equal(operand_grid(plan, detect())[0], expected)
+
+
 def run_case(M, N, K, name, sparsity, dtype, device, repeat):
     tile = MICRO_TILES[name]
     A, density = sparse_operand(M, K, tile, sparsity, dtype, device)
@@ -81,11 +104,17 @@ def run_case(M, N, K, name, sparsity, dtype, device, repeat):
         if impl == "cublas":
             dense_ms = timing["median_ms"]
         records.append({"impl": impl, "checked": checked, "relative_error": error, **timing})
+    detect, check = detection(A, B, tile)
+    timing = time_ms(detect, device, repeat=repeat)
+    detect_ms = timing["median_ms"]
+    records.append({"impl": "pit_detect", "checked": check(), **timing,
+                    "detect_fraction_of_dense": detect_ms / dense_ms if dense_ms else None,
+                    "read_gb_per_s": A.numel() * A.element_size() / detect_ms / 1e6})
     ideal = dense_ms * density if dense_ms else None
     for record in records:
         record.update({"M": M, "N": N, "K": K, "micro_tile": name, "sparsity": sparsity, "density": density,
                        "dtype": str(dtype).removeprefix("torch."), "ideal_ms": ideal,
-                       "fraction_of_ideal": ideal / record["median_ms"] if ideal else None})
+                       "fraction_of_ideal": ideal / record["median_ms"] if ideal and record["impl"] != "pit_detect" else None})
     return records
 
 
@@ -94,7 +123,7 @@ def plot(records, path: Path):
     if plt is None:
         return
     groups = sorted({(r["M"], r["dtype"]) for r in records})
-    impls = sorted({r["impl"] for r in records if r["impl"] != "cublas"})
+    impls = sorted({r["impl"] for r in records if r["impl"] not in ("cublas", "pit_detect")})
     cases = sorted({(r["micro_tile"], r["sparsity"]) for r in records})
     fig, axes = plt.subplots(len(groups), 1, figsize=(max(8, len(cases) * 0.45), 3.2 * len(groups)), squeeze=False)
     width = 0.8 / max(len(impls), 1)
@@ -137,10 +166,11 @@ def main(argv=None) -> int:
                     for record in run_case(size, size, size, name, sparsity, dtype, device, args.repeat):
                         record["gpu"] = gpu
                         records.append(record)
-                        frac = record["fraction_of_ideal"]
-                        log.info("%5d %-9s %-5s %4.0f%% %-16s %9.3f ms  ideal-frac %s  checked=%s", size,
+                        frac = record["fraction_of_ideal"] or record.get("detect_fraction_of_dense")
+                        label = "of-dense" if record["impl"] == "pit_detect" else "ideal-frac"
+                        log.info("%5d %-9s %-5s %4.0f%% %-16s %9.3f ms  %s %s  checked=%s", size,
                                  record["dtype"], name, 100 * sparsity, record["impl"], record["median_ms"],
-                                 f"{frac:.3f}" if frac else "-", record["checked"])
+                                 label, f"{frac:.3f}" if frac else "-", record["checked"])
     path = write_json(records, "spmm", device)
     plot(records, path.with_suffix(".png"))
     return 0

@@ -16,7 +16,7 @@ from pit_compiler.schedules import template_for
 log = logging.getLogger(__name__)
 
 # Bump whenever generated TIR or schedules change meaning, so stale cached kernels never match.
-CODEGEN_VERSION = 2
+CODEGEN_VERSION = 3
 
 
 def kernel_key(kind: str, signature: str, dtypes: dict, target: Target, knobs) -> str:

@@ -6,6 +6,8 @@ from tvm.target import Target
 
 from pit_compiler.ir import PITPlan
 from pit_compiler.runtime.cache import KernelCache
+from pit_compiler.schedules import template_for
+from pit_compiler.schedules.detection import DetectionThreads
 
 from .build import compile_primfunc, default_knobs, kernel_key
 from .detect import build_detect
@@ -41,14 +43,24 @@ def detect_kernel(
     target: Target,
     cache: KernelCache,
     knobs=None,
+    *,
+    pack: int = 1,
+    one_pass: bool = False,
 ):
-    """The compiled ``main(s, cnt, idx)`` listing non-empty micro-tiles (see :mod:`.detect`)."""
-    knobs = knobs if knobs is not None else default_knobs(target)
-    signature = f"order={order} blocked={blocked}:{blocked_tile} permuted={permuted}:{permuted_tile}"
-    key = kernel_key("detect", signature, {"in": dtype}, target, knobs)
+    """The compiled ``main(s, cnt, idx)`` listing non-empty micro-tiles (see :mod:`.detect`).
+
+    ``s`` holds ``dtype`` elements as integer words of ``pack``; tiles are in words. With
+    ``one_pass`` (CUDA only) the listing is atomic and :class:`DetectionThreads` schedules it;
+    otherwise the target's template runs the ascending two-stage listing.
+    """
+    atomic = one_pass and target.kind.name == "cuda"
+    template = DetectionThreads() if atomic else template_for(target)
+    knobs = knobs if knobs is not None else template.Knobs()
+    signature = f"order={order} blocked={blocked}:{blocked_tile} permuted={permuted}:{permuted_tile} pack={pack}"
+    key = kernel_key("detect", signature, {"in": dtype, "atomic": atomic}, target, knobs)
 
     def build():
-        func = build_detect(order, blocked, permuted, blocked_tile, permuted_tile, dtype)
-        return compile_primfunc(func, target, knobs, what=f"detection ({signature})")
+        func = build_detect(order, blocked, permuted, blocked_tile, permuted_tile, dtype, atomic=atomic, pack=pack)
+        return compile_primfunc(func, target, knobs, what=f"detection ({signature})", template=template)
 
     return cache.get(key, build)["main"]

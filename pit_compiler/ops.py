@@ -12,10 +12,11 @@ import torch
 
 from pit_compiler.codegen import detect_kernel, kernel_order, matmul_kernel
 from pit_compiler.codegen.gather_matmul import fits_tensor_cores, row_gather_kernels
+from pit_compiler.codegen.reduce_matmul import reduce_tile_kernel, reduce_tile_knobs
 from pit_compiler.schedules.tensor_core_matmul import TensorCoreMatmul
 from pit_compiler.ir import Contraction, PITPlan, SparsityAttr, as_contraction, plan_pit
 from pit_compiler.runtime import KernelCache, MicroTileIndex, default_cache_dir
-from pit_compiler.targets import target_for
+from pit_compiler.targets import target_for, unverified_cuda_kernels
 
 # The logical axes of each operand's rows and columns, whatever its storage order.
 _LOGICAL_ROLES = {"a": ("m", "k"), "b": ("k", "n"), "c": ("m", "n")}
@@ -101,18 +102,35 @@ def detect(
     if s.numel() == 0:
         counts.zero_()
         return MicroTileIndex(counts, indices)
+    dtype = tvm_dtype(s.dtype, argument)
+    tile = {blocked: None if whole_blocked else tiles[blocked], permuted: tiles[permuted]}
+    last = order[-1]  # the contiguous axis
+    words, pack = as_words(s, 1 if last == "batch" else tile[last] or s.shape[-1])
+    if pack > 1:
+        tile = {role: t // pack if role == last and t is not None else t for role, t in tile.items()}
+    target, one_pass = target_for(s.device), s.is_cuda and unverified_cuda_kernels()
     kernel = detect_kernel(
-        order,
-        blocked,
-        permuted,
-        None if whole_blocked else tiles[blocked],
-        tiles[permuted],
-        tvm_dtype(s.dtype, argument),
-        target_for(s.device),
-        kernel_cache(),
+        order, blocked, permuted, tile[blocked], tile[permuted], dtype, target, kernel_cache(), pack=pack, one_pass=one_pass
     )
-    kernel(s, counts, indices)
+    kernel(words, counts, indices)
     return MicroTileIndex(counts, indices)
+
+
+_WORDS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def as_words(s: torch.Tensor, run: int) -> tuple[torch.Tensor, int]:
+    """``s`` (compact) viewed as integer words of ``pack`` elements along its last axis, and ``pack``.
+
+    Detection reads bits, so packing is a free view that lets one load test up to 8 bytes. A
+    word must not straddle two micro-tiles: ``pack`` divides ``run``, the micro-tile's extent
+    along the last axis, and that axis' extent.
+    """
+    size, extent = s.element_size(), s.shape[-1]
+    pack = 8 // size if size < 8 else 1
+    while pack > 1 and (run % pack or extent % pack or s.storage_offset() % pack):
+        pack //= 2
+    return s.view(_WORDS[size * pack]), pack
 
 
 def index_for(plan: PITPlan, operand, mask, tile, grid) -> MicroTileIndex:
@@ -177,7 +195,10 @@ def pit_matmul(
     contraction = matmul_contraction(A.dim(), a_transposed, b_transposed)
     plan = plan_pit(contraction, SparsityAttr(sparse, tile), {"m": M, "n": N, "k": K}, form)
     index = index_for(plan, {"A": A, "B": B}.get(sparse), mask, tile, grid_shape)
-    if not run_row_gather_on_tensor_cores(plan, A, B, out, index):
+    on_tensor_cores = run_row_gather_on_tensor_cores(plan, A, B, out, index) or run_reduce_on_tensor_cores(
+        plan, A, B, out, index
+    )
+    if not on_tensor_cores:
         run_matmul(plan, batched(A), batched(B), batched(out), index)
     return plan, index
 
@@ -220,4 +241,31 @@ def run_row_gather_on_tensor_cores(plan: PITPlan, A, B, out, index: MicroTileInd
     tile(A, B, idx, packed, row_blocks)
     count = torch.full((1,), rows.numel(), dtype=torch.int32, device=A.device)
     scatter(packed, out, count, idx)
+    return True
+
+
+def run_reduce_on_tensor_cores(plan: PITPlan, A, B, out, index: MicroTileIndex) -> bool:
+    """Column pieces and blocks of a 2-D float16 A (reduce form) on a CUDA GPU: the tensor-core
+    tile; False where it does not fit (see :func:`~pit_compiler.codegen.reduce_matmul.reduce_tile_knobs`).
+
+    No host sync: each thread block reads its own row block's count. The tile writes whole row
+    blocks, so an M that is not a multiple of the micro-tile's rows goes through a padded copy.
+    Not yet run on a GPU: used only with ``$PIT_UNVERIFIED_CUDA_KERNELS=1`` (see ``targets``).
+    """
+    if not unverified_cuda_kernels():
+        return False
+    target = target_for(A.device)
+    K, N = A.shape[-1], B.shape[-1]
+    out_dtype = tvm_dtype(out.dtype, "out")
+    knobs = reduce_tile_knobs(plan, A.dim(), K, N, tvm_dtype(A.dtype, "A"), out_dtype, target)
+    if knobs is None or B.dtype != A.dtype:
+        return False
+    bm, bk = plan.tile["m"], plan.tile["k"]
+    row_blocks = index.counts.shape[-1]
+    direct = out.is_contiguous() and row_blocks * bm == out.shape[0]
+    C = out if direct else torch.empty(row_blocks * bm, N, dtype=out.dtype, device=out.device)
+    kernel = reduce_tile_kernel(K, N, bm, bk, out_dtype, target, kernel_cache(), knobs)
+    kernel(A, B, index.counts[0], index.indices[0], C.view(row_blocks, bm, N))
+    if C is not out:
+        out.copy_(C[: out.shape[0]])
     return True

@@ -1,9 +1,19 @@
 """Tensor-core dense tile for a gathered matmul: ``mma.sync`` fed by ``ldmatrix`` from shared memory.
 
-The gather is an inlined stage of the global->shared copy, so SRead costs an index load per
-row and nothing else: the tile itself is the plain dense tensor-core pipeline. Built from TVM's
-own schedule primitives and registered tensor intrinsics (``tvm.s_tir.tensor_intrin.cuda``);
+The gathers are inlined stages of the global->shared copies, so SRead costs an index load per
+row (or column) and nothing else: the tile itself is the plain dense tensor-core pipeline. Built
+from TVM's own schedule primitives and registered tensor intrinsics (``tvm.s_tir.tensor_intrin.cuda``);
 float16 inputs with float32 accumulation, the pair TVM 0.27 registers ``mma`` intrinsics for.
+
+The workload this template takes (codegen writes it with ``te``):
+
+- ``C``: ``C[*batch, i, j] = sum_k Ag[*batch, i, k] * Bg[*batch, k, j]`` in float32, with any
+  leading batch axes (one thread block never spans two batches);
+- ``Ag`` / ``Bg``: optional gather stages producing the operands, inlined into the copies;
+- ``C_cast``: an optional cast of ``C`` to the output dtype, staged through shared memory;
+- the function attribute ``pit.reduction_extent``: an :class:`~tvm.tirx.IndexMap` from the batch
+  indices to how many leading positions of k may be non-zero (the rest are zero padding), so
+  each thread block stops its k loop there: a data-dependent reduction on a static schedule.
 """
 
 from __future__ import annotations
@@ -11,13 +21,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator
 
-from tvm import s_tir
+from tvm import s_tir, tirx
 from tvm.target import Target
 
 from .common import ScheduleTemplate, check
 
 MMA = 16  # the m16n16k16 tile the intrinsics compute
-GATHER_BLOCK = "Ag"  # the gather stage codegen names; inlined into the shared-memory copy
+VECTOR = 8  # float16 elements per 16-byte copy
+GATHER_BLOCK = "Ag"  # the gather stage of A codegen names; inlined into the shared-memory copy
+GATHER_B_BLOCK = "Bg"  # the same for B
+CAST_BLOCK = "C_cast"  # the output cast, read from the accumulators staged in shared memory
+REDUCTION_EXTENT = "pit.reduction_extent"  # function attribute, see the module docstring
 
 
 def _cuda_intrinsics():
@@ -29,16 +43,51 @@ def _cuda_intrinsics():
     return cuda
 
 
-def _fragment_layout(i, j):
+def _fragment_layout(*indices):
+    """Leading (batch) indices kept; the last two tiled into ldmatrix's per-thread fragments."""
+    *batch, i, j = indices
     to_ldmatrix = _cuda_intrinsics().shared_16x16_to_ldmatrix_32x8_layout
-    return (i // MMA, j // MMA, *to_ldmatrix(i % MMA, j % MMA))
+    return (*batch, i // MMA, j // MMA, *to_ldmatrix(i % MMA, j % MMA))
+
+
+def _cooperative_copy(sch: s_tir.Schedule, block, warps: int, vector: int = VECTOR) -> None:
+    """All threads of the block copy its tile, ``vector`` elements per thread and step."""
+    fused = sch.fuse(*sch.get_loops(block)[-2:])
+    _, ty, tx, vec = sch.split(fused, [None, warps, 32, vector])
+    sch.bind(tx, "threadIdx.x")
+    sch.bind(ty, "threadIdx.y")
+    sch.vectorize(vec)
+
+
+def _bound_reduction(sch: s_tir.Schedule, k0, block_loop, extents: list, knobs) -> None:
+    """Stop the k loop of each thread block where ``pit.reduction_extent`` says its batch's
+    non-zero positions end. Applied last, on the finished schedule: skipped steps would only
+    have added zeros, so no primitive before needs to see a data-dependent extent."""
+    extent_map = sch.mod["main"].attrs.get(REDUCTION_EXTENT)
+    if extent_map is None:
+        return
+    # blockIdx.x runs over (*batch, tiles of i, tiles of j): unravel the batch indices.
+    *batch_extents, tiles_i, tiles_j = extents
+    rest = tirx.floordiv(sch.get(block_loop).loop_var, tiles_i * tiles_j)
+    indices = []
+    for extent in reversed(batch_extents[1:]):
+        indices.insert(0, tirx.floormod(rest, extent))
+        rest = tirx.floordiv(rest, extent)
+    indices.insert(0, rest)
+    (positions,) = extent_map.map_indices(indices)
+    loop = sch.get(k0)
+    steps = tirx.floordiv(positions + knobs.block_k - 1, knobs.block_k)
+    bounded = tirx.For(
+        loop.loop_var, loop.min, tirx.min(loop.extent, steps), loop.kind, loop.body, loop.thread_binding, loop.annotations
+    )
+    sch.state.replace(sch.get_sref(k0), bounded, {})
 
 
 class TensorCoreMatmul(ScheduleTemplate):
-    """``C[i, j] = sum_k Ag[i, k] * B[k, j]`` over ``block_m x block_n`` tiles, one per thread block."""
+    """``C[*b, i, j] = sum_k Ag[*b, i, k] * Bg[*b, k, j]`` over ``block_m x block_n`` tiles, one per thread block."""
 
     name = "tensor_core_matmul"
-    version = 1
+    version = 2
 
     @dataclass(frozen=True)
     class Knobs:
@@ -49,6 +98,10 @@ class TensorCoreMatmul(ScheduleTemplate):
         warps_n: int = 2
         fragments_m: int = 2  # 16x16 accumulators per warp along m held in registers at once
         fragments_n: int = 2
+        # float16 elements per thread in A's shared-memory copy: 16 bytes where A's rows are read
+        # in runs of 8 or more; fewer (a warp then covers more of one row) where the gather
+        # picks single columns, which no vector load can fetch.
+        vector_a: int = VECTOR
 
         def __post_init__(self):
             for name in ("block_m", "block_n", "block_k"):
@@ -62,6 +115,7 @@ class TensorCoreMatmul(ScheduleTemplate):
                 f"block_n={self.block_n} must split into warps_n={self.warps_n} x fragments_n={self.fragments_n} x {MMA}",
             )
             check(1 <= self.warps_m * self.warps_n <= 8, f"1 to 8 warps per block, got {self.warps_m * self.warps_n}")
+            check(self.vector_a in (1, 2, 4, 8), f"vector_a must be 1, 2, 4 or 8, got {self.vector_a!r}")
 
     def is_target_available(self, target: Target) -> bool:
         if target.kind.name != "cuda":
@@ -80,12 +134,13 @@ class TensorCoreMatmul(ScheduleTemplate):
             return None
         sch = s_tir.Schedule(func)
         names = {sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))}
-        if names != {GATHER_BLOCK, "C"}:
+        gathers = [name for name in (GATHER_BLOCK, GATHER_B_BLOCK) if name in names]
+        if "C" not in names or names - {"C", CAST_BLOCK, *gathers}:
             return None
 
         # Step 1. Tile the loops: 16x16x16 MMA tiles, grouped into warps and thread blocks.
         block = sch.get_sblock("C")
-        i, j, k = sch.get_loops(block)
+        *batch, i, j, k = sch.get_loops(block)
         i, i_mma = sch.split(i, [None, MMA])
         j, j_mma = sch.split(j, [None, MMA])
         k, k_mma = sch.split(k, [None, MMA])
@@ -98,25 +153,26 @@ class TensorCoreMatmul(ScheduleTemplate):
         k0, k1 = sch.split(k, [None, knobs.block_k // MMA])
         sch.reorder(i0, j0, j1, i1, k0, k1, i2, j2, i3, j3)
 
-        # Step 2. Thread blocks over output tiles, warps within them.
-        sch.bind(sch.fuse(i0, j0), "blockIdx.x")
+        # Step 2. Thread blocks over (batches and) output tiles, warps within them.
+        tile_loops = [*batch, i0, j0]
+        tile_extents = [sch.get(loop).extent for loop in tile_loops]
+        block_loop = sch.fuse(*tile_loops)
+        sch.bind(block_loop, "blockIdx.x")
         warp = sch.fuse(j1, i1)
         sch.bind(warp, "threadIdx.y")
         warps = knobs.warps_m * knobs.warps_n
 
-        # Step 3. SRead: global -> shared copies, the row gather inlined into A's.
+        # Step 3. SRead: global -> shared copies, the gathers inlined into them.
         for operand in (0, 1):
             shared = sch.cache_read(mma_block, operand, "shared")
             sch.compute_at(shared, k0)
-            fused = sch.fuse(*sch.get_loops(shared)[-2:])
-            _, ty, tx, vec = sch.split(fused, [None, warps, 32, 8])
-            sch.bind(tx, "threadIdx.x")
-            sch.bind(ty, "threadIdx.y")
-            sch.vectorize(vec)
+            _cooperative_copy(sch, shared, warps, knobs.vector_a if operand == 0 else VECTOR)
             sch.storage_align(shared, 0, axis=-2, factor=32, offset=8)
-        sch.compute_inline(sch.get_sblock(GATHER_BLOCK))
+        for name in gathers:
+            sch.compute_inline(sch.get_sblock(name))
 
-        # Step 4. Shared -> registers with ldmatrix, accumulators in registers, stored by warps.
+        # Step 4. Shared -> registers with ldmatrix, accumulators in registers, stored by warps
+        # (to global memory, or to shared memory for the cast's cooperative copy out).
         a_warp = sch.cache_read(mma_block, 0, "warp")
         b_warp = sch.cache_read(mma_block, 1, "warp")
         sch.compute_at(a_warp, k1)
@@ -128,6 +184,12 @@ class TensorCoreMatmul(ScheduleTemplate):
         cj0, cj1 = sch.split(cj, [None, MMA])
         sch.reorder(ci0, cj0, ci1, cj1)
         sch.decompose_reduction(mma_block, sch.get_loops(mma_block)[2])  # at k0
+        if CAST_BLOCK in names:
+            sch.set_scope(c_warp, 0, "shared.dyn")
+            sch.storage_align(c_warp, 0, axis=-2, factor=32, offset=8)
+            cast = sch.get_sblock(CAST_BLOCK)
+            sch.reverse_compute_at(cast, block_loop)
+            _cooperative_copy(sch, cast, warps)
 
         # Step 5. Tensorize: every 16x16 piece becomes one intrinsic.
         for cached in (a_warp, b_warp):
@@ -143,5 +205,10 @@ class TensorCoreMatmul(ScheduleTemplate):
         sch.tensorize(sch.get_loops(b_warp)[-2], cuda.LDMATRIX_f16_B_INTRIN)
         sch.tensorize(sch.get_loops(block)[-3], cuda.MMA_f16f16f32_INTRIN)
         sch.tensorize(sch.get_loops(sch.get_sblock("C_init"))[-2], cuda.MMA_fill_16x16_f32_INTRIN)
-        sch.tensorize(sch.get_loops(c_warp)[-2], cuda.MMA_store_16x16_f32_global_INTRIN)
+        staged = CAST_BLOCK in names
+        store = cuda.MMA_store_16x16_f32_shared_dyn_INTRIN if staged else cuda.MMA_store_16x16_f32_global_INTRIN
+        sch.tensorize(sch.get_loops(c_warp)[-2], store)
+
+        # Step 6. A data-dependent end of the reduction, per thread block.
+        _bound_reduction(sch, k0, block_loop, tile_extents, knobs)
         return sch

@@ -19,7 +19,7 @@ TEMPLATE = TensorCoreMatmul()
 
 @pytest.mark.parametrize(
     "knobs",
-    [dict(block_m=100), dict(block_k=24), dict(block_m=64, warps_m=4), dict(warps_m=4, warps_n=4), dict(block_n=64, warps_n=4)],
+    [dict(block_m=100), dict(block_k=24), dict(block_m=64, warps_m=4), dict(warps_m=4, warps_n=4), dict(block_n=64, warps_n=4), dict(vector_a=3)],
 )
 def test_invalid_knobs_are_pruned(knobs):
     with pytest.raises(InvalidKnobs):

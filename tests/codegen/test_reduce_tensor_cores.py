@@ -1,0 +1,189 @@
+"""The reduce form on tensor cores: where it applies, that its workload computes the reduce form
+(built for the CPU), that it builds for sm_90 with both gathers in the shared-memory copies,
+and (on a GPU) that ``pit.sparse_matmul`` through it matches dense torch."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import subprocess
+
+import pytest
+import torch
+import tvm
+from tvm.target import Target
+
+import pit_compiler as pit
+from pit_compiler import ops
+from pit_compiler.codegen.build import compile_primfunc
+from pit_compiler.codegen.reduce_matmul import build_reduce_tile, reduce_tile_knobs
+from pit_compiler.ir import SparsityAttr, plan_pit
+from pit_compiler.schedules.tensor_core_matmul import TensorCoreMatmul
+from pit_compiler.targets import UNVERIFIED_CUDA_ENV
+from sparse_data import assert_matches_reference, dense_operand, expand_mask, micro_tile_sparse
+
+SM90 = Target({"kind": "cuda", "arch": "sm_90"})
+
+
+def reduce_plan(tile, K=256, N=384, a_transposed=False, b_transposed=False, form=None):
+    contraction = ops.matmul_contraction(2, a_transposed, b_transposed)
+    if a_transposed:
+        tile = tile[::-1]
+    return plan_pit(contraction, SparsityAttr("A", tile), {"m": 512, "n": N, "k": K}, form)
+
+
+def knobs_for(tile=(32, 1), K=256, N=384, ndim=2, dtype="float16", out="float16", target=SM90, **plan):
+    return reduce_tile_knobs(reduce_plan(tile, K, N, **plan), ndim, K, N, dtype, out, target)
+
+
+def test_knobs_follow_the_micro_tile():
+    knobs = knobs_for((32, 1))
+    assert (knobs.block_m, knobs.block_n, knobs.block_k, knobs.vector_a) == (32, 128, 32, 1)
+    knobs = knobs_for((64, 64), out="float32")
+    assert (knobs.block_m, knobs.vector_a) == (64, 8)
+    assert knobs_for((16, 8), N=320).block_n == 64  # N a multiple of 64 only
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(N=200),  # N not a multiple of 64
+        dict(K=100),  # K not a multiple of 8: the 16-byte copies would be misaligned
+        dict(tile=(8, 8)),  # 8-row blocks: less than one MMA tile
+        dict(tile=(48, 1)),  # not a power-of-two row block
+        dict(tile=(1, 16)),  # row pieces: the scatter form
+        dict(tile=(32, 1), form="scatter"),
+        dict(dtype="float32"),
+        dict(dtype="bfloat16"),
+        dict(out="bfloat16"),
+        dict(ndim=3),
+        dict(a_transposed=True),
+        dict(b_transposed=True),
+        dict(target=Target({"kind": "cuda", "arch": "sm_75"})),
+        dict(target=Target("llvm")),
+    ],
+    ids=str,
+)
+def test_not_chosen_where_it_does_not_apply(case):
+    assert knobs_for(**case) is None
+
+
+@pytest.mark.parametrize("sparse,tile,form", [("B", (32, 1), "reduce"), ("B", (1, 32), None), ("C", (32, 32), None)], ids=str)
+def test_not_chosen_for_other_sparse_operands(sparse, tile, form):
+    plan = plan_pit(ops.matmul_contraction(2), SparsityAttr(sparse, tile), {"m": 512, "n": 384, "k": 256}, form)
+    assert reduce_tile_knobs(plan, 2, 256, 384, "float16", "float16", SM90) is None
+
+
+@pytest.mark.parametrize(
+    "M,K,N,tile,out",
+    [(64, 64, 64, (32, 1), "float32"), (40, 200, 64, (16, 24), "float32"), (100, 136, 128, (64, 64), "float16")],
+    ids=str,
+)
+@pytest.mark.parametrize("density", [1.0, 0.5, 0.0])
+def test_workload_computes_the_reduce_form(M, K, N, tile, out, density):
+    """The unscheduled workload, built for the CPU and fed detection's index as the GPU path
+    feeds it: gathers, zero padding, K and M tails."""
+    bm, bk = tile
+    executable = tvm.compile(build_reduce_tile(K, N, bm, bk, 32, out), target="llvm")
+    A, mask = micro_tile_sparse((M, K), tile, density, torch.float16, seed=M + K)
+    B = dense_operand((K, N), torch.float16, seed=N)
+    index = ops.index_for(reduce_plan(tile, K, N), A, None, tile, tuple(mask.shape))
+    rows = mask.shape[0] * bm
+    C = torch.full((mask.shape[0], bm, N), float("nan"), dtype=getattr(torch, out))
+    executable["main"](A, B, index.counts[0], index.indices[0], C)
+    assert_matches_reference(C.view(rows, N)[:M], A.double() @ B.double())
+    assert not C.view(rows, N)[M:].any(), "rows past M must be zero"
+
+
+def cuda_source(K, N, tile, out):
+    bm, bk = tile
+    knobs = knobs_for(tile, K, N, out=out)
+    executable = compile_primfunc(build_reduce_tile(K, N, bm, bk, knobs.block_k, out), SM90, knobs, template=TensorCoreMatmul())
+    return executable.mod.imports[0].inspect_source()
+
+
+@pytest.mark.parametrize("K,N,tile,out", [(512, 256, (32, 1), "float16"), (200, 192, (64, 64), "float32")], ids=str)
+def test_builds_mma_with_both_gathers_in_the_shared_copies(K, N, tile, out, tmp_path):
+    source = cuda_source(K, N, tile, out)
+    assert "mma.sync" in source and "ldmatrix" in source
+    # The gathered operands exist only in shared memory, loaded through the index.
+    assert "Ag_shared_ptr" in source and "Bg_shared_ptr" in source
+    assert "Ag_ptr" not in source and "Bg_ptr" not in source, "a gather stage was left in global memory"
+    gathers = [line for line in source.splitlines() if "idx_ptr[" in line]
+    assert any("A_ptr" in line for line in gathers) and any("B_ptr" in line for line in gathers)
+    assert "p_0_0 < min(" in source and "cnt_ptr[" in source, "the k loop does not stop at the row block's count"
+    assert ("C_shared_dyn" in source) == (out == "float16"), "float16 output is cast from shared memory"
+    if shutil.which("nvcc"):
+        path = tmp_path / "reduce.cu"
+        path.write_text(source)
+        result = subprocess.run(
+            ["nvcc", "-arch=sm_90", "-cubin", str(path), "-o", str(path.with_suffix(".cubin"))],
+            capture_output=True,
+            text=True,
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# On a GPU: the whole path, pit.sparse_matmul -> detection -> the tensor-core tile.
+
+
+@pytest.fixture
+def taken(monkeypatch):
+    """Whether each call took the tensor-core reduce path (opted in: it has not yet run on a GPU)."""
+    monkeypatch.setenv(UNVERIFIED_CUDA_ENV, "1")
+    calls = []
+    original = ops.run_reduce_on_tensor_cores
+    monkeypatch.setattr(ops, "run_reduce_on_tensor_cores", lambda *a: calls.append(original(*a)) or calls[-1])
+    return calls
+
+
+def poisoned(shape, dtype):
+    return torch.full(shape, float("nan"), dtype=dtype, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tile", [(32, 1), (32, 32), (64, 64), (16, 8), (128, 16)], ids=str)
+@pytest.mark.parametrize("density", [1.0, 0.5, 0.1, 0.0])
+@pytest.mark.parametrize("M,K,N", [(256, 512, 384), (300, 200, 320), (1024, 2048, 512)], ids=str)
+def test_sparse_A_on_tensor_cores(tile, density, M, K, N, taken):
+    """Tails in M (padded copy) and K (partial last chunk), N a multiple of 64 not of 128."""
+    A, _ = micro_tile_sparse((M, K), tile, density, torch.float16, "cuda", seed=M + tile[1])
+    B = dense_operand((K, N), torch.float16, "cuda", seed=K)
+    out = poisoned((M, N), torch.float16)
+    pit.sparse_matmul(A, B, micro_tile=tile, out=out)
+    assert taken == [True], "the tensor-core reduce path did not run"
+    assert_matches_reference(out, A.double() @ B.double())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tile", [(32, 1), (64, 64)], ids=str)
+def test_float32_output_and_grid_mask(tile, taken):
+    """float32 out (the accumulators stored directly), the index built from a micro-tile mask."""
+    M, K, N = 320, 256, 256
+    A, grid = micro_tile_sparse((M, K), tile, 0.3, torch.float16, "cuda", seed=7)
+    B = dense_operand((K, N), torch.float16, "cuda", seed=8)
+    out = poisoned((M, N), torch.float32)
+    grid_shape = tuple(math.ceil(size / t) for size, t in zip((M, K), tile))
+    ops.pit_matmul(A, B, out, "A", tile, grid_shape, grid, None)
+    assert taken == [True]
+    assert_matches_reference(out, A.double() @ B.double())
+    # The mask, not A, decides what is listed: unlisted micro-tiles read as zero.
+    half = grid.clone()
+    half[:, : grid.shape[1] // 2] = False
+    out = poisoned((M, N), torch.float32)
+    ops.pit_matmul(A, B, out, "A", tile, grid_shape, half, None)
+    kept = A * expand_mask(half, tile, (M, K))
+    assert_matches_reference(out, kept.double() @ B.double())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("K,N,tile", [(200, 200, (32, 1)), (100, 256, (32, 1)), (256, 256, (8, 8))], ids=str)
+def test_falls_back_to_simt_where_the_tile_does_not_fit(K, N, tile, taken):
+    M = 96
+    A, _ = micro_tile_sparse((M, K), tile, 0.5, torch.float16, "cuda", seed=3)
+    B = dense_operand((K, N), torch.float16, "cuda", seed=4)
+    out = poisoned((M, N), torch.float16)
+    pit.sparse_matmul(A, B, micro_tile=tile, out=out)
+    assert taken == [False]
+    assert_matches_reference(out, A.double() @ B.double())
