@@ -109,17 +109,21 @@ def sparse_matmul(
     return out
 
 
-def select_micro_tile(A: torch.Tensor, B: torch.Tensor, sparse: str = "A", candidates=None, *, dense: bool = True):
+def select_micro_tile(
+    A: torch.Tensor, B: torch.Tensor, sparse: str = "A", candidates=None, *, dense: bool = True, prune: bool = False
+):
     """The micro-tile of ``sparse`` predicted to finish first, from the tile database.
 
     Returns a :class:`~pit_compiler.tuning.Selection`: ``micro_tile`` (``None`` for dense
     ``torch.matmul``), ``predicted_ms`` per candidate, ``listed`` micro-tiles per candidate,
     and ``source`` (``"default"`` when nothing was tuned for this shape). ``candidates``
-    defaults to every micro-tile tuned for the shape bucket, dtype and target.
+    defaults to every micro-tile tuned for the shape bucket, dtype and target. ``prune``
+    skips detecting candidates that cannot beat the best so far, as ``micro_tile="auto"``
+    does; by default every candidate is detected and predicted, to inspect them all.
     """
     from pit_compiler.tuning import select_micro_tile as select
 
-    return select(A, B, check_sparse(sparse), candidates, dense=dense)
+    return select(A, B, check_sparse(sparse), candidates, dense=dense, prune=prune)
 
 
 def _sparse_matmul_auto(A, B, sparse, mask, out, form):
@@ -143,7 +147,7 @@ def _sparse_matmul_auto(A, B, sparse, mask, out, form):
         mask = check_mask(mask, tuple(operand.shape), tuple(operand.shape), A.device)
         operand = torch.where(mask != 0, operand, torch.zeros((), dtype=operand.dtype, device=operand.device))
         A, B = (operand, B) if sparse == "A" else (A, operand)
-    choice = select(A, B, sparse)
+    choice = select(A, B, sparse, prune=True)
     if choice.dense:
         if out is None:
             return torch.matmul(A, B)

@@ -246,6 +246,7 @@ def select_micro_tile(
     candidates=None,
     *,
     dense: bool = True,
+    prune: bool = False,
     database: TileDatabase | None = None,
 ) -> Selection:
     """Choose the micro-tile of ``sparse`` (``"A"`` or ``"B"``) that should finish first.
@@ -254,6 +255,11 @@ def select_micro_tile(
         candidates: micro-tiles to weigh, e.g. ``[(32, 1), (1, 32), (32, 32)]``; by default every
             micro-tile tuned for this shape bucket, dtype and target. Untuned ones are skipped.
         dense: also weigh dense ``torch.matmul`` (when the database measured it).
+        prune: detect only candidates that can still win: a candidate's time is at least its
+            detection plus its line at zero listed micro-tiles, so one whose bound is no less
+            than the best prediction so far is skipped, undetected and absent from
+            ``predicted_ms`` (what ``micro_tile="auto"`` does: where dense is sure to win it
+            runs no detection at all). Without it every candidate is detected and predicted.
         database: defaults to the process-wide one (``<cache dir>/tiles.json``).
 
     With nothing tuned it returns ``DEFAULT_MICRO_TILE`` with ``source="default"`` (logged once
@@ -282,18 +288,27 @@ def select_micro_tile(
             )  # fmt: skip
         return Selection(DEFAULT_MICRO_TILE, {}, {}, "default")
 
-    # Step 1. Count listed micro-tiles at every candidate's granularity (one host read).
     from pit_compiler.api import detect_micro_tiles
 
-    indices = {label: detect_micro_tiles(operand, tile) for label, (_, tile, _) in models.items()}
-    counts = torch.stack([index.counts.sum() for index in indices.values()]).tolist()
-    listed = dict(zip(indices, (int(c) for c in counts)))
-    # Step 2. Predict, and weigh dense when it was measured.
-    predicted = {label: model.predict(listed[label], shape, batch) for label, (_, _, model) in models.items()}
+    # Step 1. The dense fallback's measured time, and each candidate's lower bound (nothing listed).
+    predicted, listed, indices = {}, {}, {}
     if dense:
         dense_time = dense_ms(dense_entry, shape, batch)
         if dense_time is not None:
             predicted["dense"] = dense_time
+    bounds = {label: model.predict(0, shape, batch) for label, (_, _, model) in models.items()}
+    # Step 2. Detect at each candidate's granularity, most promising first, and predict its time.
+    if not prune:  # one host read for all candidates
+        indices = {label: detect_micro_tiles(operand, tile) for label, (_, tile, _) in models.items()}
+        counts = torch.stack([index.counts.sum() for index in indices.values()]).tolist()
+        listed = dict(zip(indices, (int(c) for c in counts)))
+    for label in sorted(models, key=bounds.get):
+        if prune:
+            if predicted and bounds[label] >= min(predicted.values()):
+                break  # the rest are bounded higher still
+            indices[label] = detect_micro_tiles(operand, models[label][1])
+            listed[label] = int(indices[label].counts.sum())
+        predicted[label] = models[label][2].predict(listed[label], shape, batch)
     choice = min(predicted, key=predicted.get)
     if choice == "dense":
         return Selection(None, predicted, listed, "database")

@@ -107,6 +107,33 @@ def test_dense_wins_when_it_is_predicted_fastest(db):
     assert not select_micro_tile(A, B, dense=False, database=db).dense
 
 
+def test_pruning_detects_only_candidates_that_can_still_win(monkeypatch):
+    db = TileDatabase(None)
+    record_kernel(db, (32, 32), *LINES[(32, 32)], detect_ms=0.001)
+    record_kernel(db, (32, 1), *LINES[(32, 1)], detect_ms=0.05)  # bound 0.06 ms: detection alone
+    record_dense(db, 100.0)
+    A, B = torch.zeros(SHAPE[0], SHAPE[2]), torch.randn(SHAPE[2], SHAPE[1])
+    A[32:64, 96:128] = torch.rand(32, 32) + 0.5  # one 32x32 block: 0.011 + 0.02 ms predicted
+    full = select_micro_tile(A, B, database=db)
+    detected = []
+    original = api.detect_micro_tiles
+
+    def spy(operand, tile, **kwargs):
+        detected.append(tuple(tile))
+        return original(operand, tile, **kwargs)
+
+    monkeypatch.setattr(api, "detect_micro_tiles", spy)
+    pruned = select_micro_tile(A, B, prune=True, database=db)
+    assert pruned.micro_tile == full.micro_tile == (32, 32)
+    assert pruned.predicted_ms.items() <= full.predicted_ms.items() and "32x1" not in pruned.predicted_ms
+    assert detected == [(32, 32)]  # 32x1 can do no better than its 0.06 ms bound
+    # Where dense beats every candidate's bound, nothing is detected at all.
+    detected.clear()
+    record_dense(db, 1e-6)
+    assert select_micro_tile(A, B, prune=True, database=db).dense
+    assert detected == []
+
+
 def test_predictions_scale_within_a_bucket_and_over_a_batch(db):
     A, B = operand((32, 1), 0.9), torch.randn(SHAPE[2], SHAPE[1])
     one = select_micro_tile(A, B, database=db)
