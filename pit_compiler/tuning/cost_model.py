@@ -5,10 +5,11 @@ least squares over the sparsities the tuner measured, per kernel (form, micro-ti
 shape bucket, best knobs). ``a`` holds what every call pays (launch, zero fill, scatter), ``b``
 the cost of one listed micro-tile. ``listed`` is scaled to the bucket's free extent (N for a
 sparse A, M for a sparse B), so every shape of a bucket reads one line. A candidate's
-prediction adds detection at its own granularity: counting its listed micro-tiles means
-detecting at that granularity (``pit.detect_micro_tiles``, on the device), which is how a fine
-pattern is re-covered by a coarser micro-tile. The dense fallback is the measured
-``torch.matmul`` time; whichever predicts least runs.
+prediction adds the detection its kernel will run. Its listed micro-tiles are counted by
+pooling one non-zero mask of the operand at its granularity (cheaper than a detection per
+candidate, on the operand's device), which is how a fine pattern is re-covered by a coarser
+micro-tile. The dense fallback is the measured ``torch.matmul`` time; whichever predicts least
+runs.
 """
 
 from __future__ import annotations
@@ -167,6 +168,16 @@ def _cached_model(db: TileDatabase, key: str) -> KernelModel | None:
     return _models[cache_key]
 
 
+def tile_grid(nonzero: torch.Tensor, tile) -> torch.Tensor:
+    """Which ``tile = (rows, cols)`` pieces of a boolean ``(..., R, C)`` tensor hold a True."""
+    (R, C), (rows, cols) = nonzero.shape[-2:], tile
+    x = nonzero.to(torch.uint8)
+    if R % rows or C % cols:
+        x = torch.nn.functional.pad(x, (0, -C % cols, 0, -R % rows))
+    x = x.reshape(*x.shape[:-2], x.shape[-2] // rows, rows, x.shape[-1] // cols, cols)
+    return x.amax(dim=(-3, -1)).bool()
+
+
 def tile_label(micro_tile) -> str:
     return "x".join("all" if t is None else str(t) for t in micro_tile)
 
@@ -288,33 +299,31 @@ def select_micro_tile(
             )  # fmt: skip
         return Selection(DEFAULT_MICRO_TILE, {}, {}, "default")
 
-    from pit_compiler.api import detect_micro_tiles
-
     # Step 1. The dense fallback's measured time, and each candidate's lower bound (nothing listed).
-    predicted, listed, indices = {}, {}, {}
+    predicted, listed, grids = {}, {}, {}
     if dense:
         dense_time = dense_ms(dense_entry, shape, batch)
         if dense_time is not None:
             predicted["dense"] = dense_time
     bounds = {label: model.predict(0, shape, batch) for label, (_, _, model) in models.items()}
-    # Step 2. Detect at each candidate's granularity, most promising first, and predict its time.
+    # Step 2. Count each candidate's listed micro-tiles, most promising first, and predict its
+    # time. One pass finds the non-zero elements (NaN != 0 counts); each granularity then pools it.
+    nonzero = operand != 0
     if not prune:  # one host read for all candidates
-        indices = {label: detect_micro_tiles(operand, tile) for label, (_, tile, _) in models.items()}
-        counts = torch.stack([index.counts.sum() for index in indices.values()]).tolist()
-        listed = dict(zip(indices, (int(c) for c in counts)))
+        grids = {label: tile_grid(nonzero, tile) for label, (_, tile, _) in models.items()}
+        counts = torch.stack([grid.sum() for grid in grids.values()]).tolist()
+        listed = dict(zip(grids, (int(c) for c in counts)))
     for label in sorted(models, key=bounds.get):
         if prune:
             if predicted and bounds[label] >= min(predicted.values()):
                 break  # the rest are bounded higher still
-            indices[label] = detect_micro_tiles(operand, models[label][1])
-            listed[label] = int(indices[label].counts.sum())
+            grids[label] = tile_grid(nonzero, models[label][1])
+            listed[label] = int(grids[label].sum())
         predicted[label] = models[label][2].predict(listed[label], shape, batch)
     choice = min(predicted, key=predicted.get)
     if choice == "dense":
         return Selection(None, predicted, listed, "database")
-    grid = indices[choice].to_mask()
-    grid = grid if operand.dim() == 3 else grid[0]
-    return Selection(models[choice][0], predicted, listed, "database", grid)  # as given: (1, None) stays
+    return Selection(models[choice][0], predicted, listed, "database", grids[choice])  # as given: (1, None) stays
 
 
 def unbatched_plan(plan, sizes: dict):

@@ -12,7 +12,8 @@ from pit_compiler.ir import SparsityAttr, plan_pit
 from pit_compiler.ops import matmul_contraction
 from pit_compiler.schedules import template_for
 from pit_compiler.tuning import DEFAULT_MICRO_TILE, TileDatabase, fit_line, select_micro_tile, set_tile_database
-from pit_compiler.tuning.cost_model import best_knobs
+from pit_compiler.tuning import cost_model
+from pit_compiler.tuning.cost_model import best_knobs, tile_grid
 from pit_compiler.tuning.database import dense_workload, matmul_workload
 
 from sparse_data import micro_tile_sparse
@@ -107,6 +108,15 @@ def test_dense_wins_when_it_is_predicted_fastest(db):
     assert not select_micro_tile(A, B, dense=False, database=db).dense
 
 
+@pytest.mark.parametrize("shape, tile", [((64, 96), (32, 1)), ((2, 70, 45), (32, 32)), ((33, 65), (1, 65)), ((5, 7), (4, 3))])
+def test_tile_grid_matches_detection(shape, tile):
+    x, _ = micro_tile_sparse(shape, tile, 0.4, torch.float32)
+    x[..., 0, 0] = float("nan")  # NaN counts as non-zero, as in detection
+    expected = pit.detect_micro_tiles(x, tile).to_mask()
+    grid = tile_grid(x != 0, tile)
+    assert torch.equal(grid, expected if x.dim() == 3 else expected[0])
+
+
 def test_pruning_detects_only_candidates_that_can_still_win(monkeypatch):
     db = TileDatabase(None)
     record_kernel(db, (32, 32), *LINES[(32, 32)], detect_ms=0.001)
@@ -116,13 +126,13 @@ def test_pruning_detects_only_candidates_that_can_still_win(monkeypatch):
     A[32:64, 96:128] = torch.rand(32, 32) + 0.5  # one 32x32 block: 0.011 + 0.02 ms predicted
     full = select_micro_tile(A, B, database=db)
     detected = []
-    original = api.detect_micro_tiles
+    original = cost_model.tile_grid
 
-    def spy(operand, tile, **kwargs):
+    def spy(nonzero, tile):
         detected.append(tuple(tile))
-        return original(operand, tile, **kwargs)
+        return original(nonzero, tile)
 
-    monkeypatch.setattr(api, "detect_micro_tiles", spy)
+    monkeypatch.setattr(cost_model, "tile_grid", spy)
     pruned = select_micro_tile(A, B, prune=True, database=db)
     assert pruned.micro_tile == full.micro_tile == (32, 32)
     assert pruned.predicted_ms.items() <= full.predicted_ms.items() and "32x1" not in pruned.predicted_ms
