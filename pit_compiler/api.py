@@ -12,6 +12,7 @@ from pit_compiler.validation import (
     check_mask,
     check_matmul_operands,
     check_out,
+    check_out_without_grad,
     check_sparse,
     normalize_micro_tile,
     require_tensor,
@@ -103,8 +104,7 @@ def sparse_matmul(
 
     if out is None:
         return sparse_matmul_op(A, B, sparse, list(tile), list(grid_shape), mask, form)[0]
-    if torch.is_grad_enabled() and (A.requires_grad or B.requires_grad):
-        raise ValueError("out= does not support automatic differentiation; pass out=None when A or B requires grad")
+    check_out_without_grad(out, A, B)
     pit_matmul(A, B, check_out(out, out_shape, A.dtype, A.device), sparse, tile, grid_shape, mask, form)
     return out
 
@@ -134,8 +134,7 @@ def _sparse_matmul_auto(A, B, sparse, mask, out, form):
         raise ValueError("micro_tile='auto' picks micro-tiles of A or B; for sparse='C' pass the output's micro_tile")
     if form is not None:
         raise ValueError(f"form={form!r} needs an explicit micro_tile; 'auto' picks the form with the micro-tile")
-    if out is not None and torch.is_grad_enabled() and (A.requires_grad or B.requires_grad):
-        raise ValueError("out= does not support automatic differentiation; pass out=None when A or B requires grad")
+    check_out_without_grad(out, A, B)
     if mask is not None:
         # Unlisted micro-tiles are zero: the mask applied first gives every candidate the same operand.
         operand = A if sparse == "A" else B

@@ -63,9 +63,14 @@ def storage(t: torch.Tensor) -> tuple[torch.Tensor, bool]:
     Transposed views (``W.t()`` of an ``nn.Linear`` weight, the operands of a backward pass)
     are read in place by a kernel built for that layout instead of being copied.
     """
-    if not t.is_contiguous() and t.transpose(-1, -2).is_contiguous():
+    if is_transposed_view(t):
         return t.transpose(-1, -2), True
     return t.contiguous(), False
+
+
+def is_transposed_view(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a transposed view of compact memory, which kernels read in place."""
+    return not t.is_contiguous() and t.transpose(-1, -2).is_contiguous()
 
 
 def tvm_dtype(dtype: torch.dtype, argument: str) -> str:
@@ -145,11 +150,16 @@ def index_for(plan: PITPlan, operand, mask, tile, grid) -> MicroTileIndex:
     return detect(as_kernel_input(batched(source)), order, plan.blocked, plan.permuted, tiles, whole_blocked, argument)
 
 
+def result_dtype(plan: PITPlan, out_dtype: torch.dtype) -> torch.dtype:
+    """What the kernel writes for an ``out_dtype`` output: partial sums of several k blocks meet
+    in one output element when ``plan`` accumulates, so they are added in float32."""
+    return torch.float32 if plan.accumulate else out_dtype
+
+
 def run_matmul(plan: PITPlan, A: torch.Tensor, B: torch.Tensor, out: torch.Tensor, index: MicroTileIndex) -> None:
     target = target_for(A.device)
     dtype = tvm_dtype(A.dtype, "A")
-    # Partial sums of several k blocks meet in one output element: add them in float32.
-    widen = plan.accumulate and out.dtype != torch.float32
+    widen = result_dtype(plan, out.dtype) != out.dtype
     result = torch.empty(out.shape, dtype=torch.float32, device=out.device) if widen else out
     # Knobs: the tile database's best for this kernel (pit-tune), else the template's defaults.
     from pit_compiler.tuning.cost_model import tuned_knobs

@@ -61,6 +61,12 @@ def input_micro_tile_option(micro_tile, in_features: int):
     return tuple(micro_tile)
 
 
+def check_out_without_grad(out, A, B) -> None:
+    """``out=`` writes in place, which autograd cannot record."""
+    if out is not None and torch.is_grad_enabled() and (A.requires_grad or B.requires_grad):
+        raise ValueError("out= does not support automatic differentiation; pass out=None when A or B requires grad")
+
+
 def check_auto(micro_tile) -> bool:
     """Whether ``micro_tile`` asks for run-time selection (``"auto"``); other text is an error."""
     if isinstance(micro_tile, str):

@@ -23,7 +23,7 @@ import torch
 
 from pit_compiler.ir import SparsityAttr, plan_pit
 from pit_compiler.codegen import kernel_order
-from pit_compiler.ops import matmul_contraction, tvm_dtype
+from pit_compiler.ops import is_transposed_view, matmul_contraction, tvm_dtype
 from pit_compiler.schedules import template_for
 from pit_compiler.targets import target_for
 from pit_compiler.validation import check_matmul_operands, normalize_micro_tile
@@ -205,14 +205,7 @@ class Selection:
         return "dense" if self.micro_tile is None else tile_label(self.micro_tile)
 
 
-def _transposed(t: torch.Tensor) -> bool:
-    """Whether PIT reads ``t`` as a transposed view (see ``ops.storage``)."""
-    return not t.is_contiguous() and t.transpose(-1, -2).is_contiguous()
-
-
 _defaulted: set = set()
-
-
 _candidates_cache: dict = {}
 
 
@@ -284,7 +277,7 @@ def select_micro_tile(
     M, K, N = A.shape[-2], A.shape[-1], B.shape[-1]
     shape, batch = (M, N, K), (A.shape[0] if A.dim() == 3 else 1)
     target, dtype = target_for(A.device), tvm_dtype(A.dtype, "A")
-    layout = (_transposed(A), _transposed(B))
+    layout = (is_transposed_view(A), is_transposed_view(B))
     candidates = None if candidates is None else tuple(tuple(c) for c in candidates)
     models, dense_entry = _candidate_models(db, sparse, shape, dtype, target, layout, candidates)
     if not models:

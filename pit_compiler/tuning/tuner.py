@@ -31,7 +31,7 @@ from tvm.target import Target
 from pit_compiler.codegen import matmul_module
 from pit_compiler.ir import PITError, SparsityAttr, plan_pit
 from pit_compiler import ops
-from pit_compiler.ops import batched, index_for, kernel_cache, matmul_contraction, storage
+from pit_compiler.ops import batched, index_for, kernel_cache, matmul_contraction, result_dtype, storage, tvm_dtype
 from pit_compiler.runtime import MicroTileIndex
 from pit_compiler.schedules import template_for
 from pit_compiler.targets import target_for
@@ -460,11 +460,8 @@ def _measure_dedicated(plan, A, B, index, device, evaluator, check: bool) -> flo
 
 def _measure(plan, dtype, target, knobs, A, B, index, device, evaluator, check: bool) -> float:
     """Build ``plan`` with ``knobs``, check it against torch if asked, and time it (ms)."""
-    # As run_matmul does: partial sums of several k blocks are added in float32.
-    widen = plan.accumulate and A.dtype != torch.float32
-    out = torch.empty((1, A.shape[0], B.shape[1]), dtype=torch.float32 if widen else A.dtype, device=device)
-    out_dtype = "float32" if widen else dtype
-    module = matmul_module(plan, dtype, out_dtype, target, kernel_cache(), knobs)
+    out = torch.empty((1, A.shape[0], B.shape[1]), dtype=result_dtype(plan, A.dtype), device=device)
+    module = matmul_module(plan, dtype, tvm_dtype(out.dtype, "out"), target, kernel_cache(), knobs)
     args = (batched(storage(A)[0]), batched(storage(B)[0]), out, index.counts, index.indices)
     if check:
         module["main"](*args)
