@@ -25,7 +25,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import pit_compiler as pit  # noqa: E402
 from common import device_name, pyplot, time_ms, write_json  # noqa: E402
-from pit_compiler.targets import unverified_cuda_kernels  # noqa: E402
 
 log = logging.getLogger("pit_compiler.benchmarks")
 
@@ -173,7 +172,7 @@ def main(argv=None) -> int:
                                  record["dtype"], name, 100 * sparsity, record["impl"], record["median_ms"],
                                  label, f"{frac:.3f}" if frac else "-", record["checked"])
     # The opt-in kernels not yet checked on a GPU get their own file, beside the defaults'.
-    path = write_json(records, "spmm-unverified" if unverified_cuda_kernels() else "spmm", device)
+    path = write_json(records, "spmm", device)
     plot(records, path.with_suffix(".png"))
     return 0
 

@@ -16,7 +16,7 @@ from pit_compiler.codegen.reduce_matmul import reduce_tile_kernel, reduce_tile_k
 from pit_compiler.schedules.tensor_core_matmul import TensorCoreMatmul
 from pit_compiler.ir import Contraction, PITPlan, SparsityAttr, as_contraction, plan_pit
 from pit_compiler.runtime import KernelCache, MicroTileIndex, default_cache_dir
-from pit_compiler.targets import target_for, unverified_cuda_kernels
+from pit_compiler.targets import target_for
 
 # The logical axes of each operand's rows and columns, whatever its storage order.
 _LOGICAL_ROLES = {"a": ("m", "k"), "b": ("k", "n"), "c": ("m", "n")}
@@ -113,7 +113,7 @@ def detect(
     words, pack = as_words(s, 1 if last == "batch" else tile[last] or s.shape[-1])
     if pack > 1:
         tile = {role: t // pack if role == last and t is not None else t for role, t in tile.items()}
-    target, one_pass = target_for(s.device), s.is_cuda and unverified_cuda_kernels()
+    target, one_pass = target_for(s.device), s.is_cuda  # CUDA lists with atomics, in one pass
     kernel = detect_kernel(
         order, blocked, permuted, tile[blocked], tile[permuted], dtype, target, kernel_cache(), pack=pack, one_pass=one_pass
     )
@@ -260,10 +260,7 @@ def run_reduce_on_tensor_cores(plan: PITPlan, A, B, out, index: MicroTileIndex) 
 
     No host sync: each thread block reads its own row block's count. The tile writes whole row
     blocks, so an M that is not a multiple of the micro-tile's rows goes through a padded copy.
-    Not yet run on a GPU: used only with ``$PIT_UNVERIFIED_CUDA_KERNELS=1`` (see ``targets``).
     """
-    if not unverified_cuda_kernels():
-        return False
     target = target_for(A.device)
     K, N = A.shape[-1], B.shape[-1]
     out_dtype = tvm_dtype(out.dtype, "out")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 from tvm.target import Target
@@ -30,14 +29,3 @@ def target_for(device: torch.device) -> Target:
         torch.cuda.current_device() if device.type == "cuda" else None
     )
     return _target(device.type, index)
-
-
-# CUDA kernels that build (nvcc, sm_90) and pass every CPU check but have not yet run on a GPU:
-# they stay off unless asked for, so a GPU user gets only kernels the gpu test suite has passed.
-UNVERIFIED_CUDA_ENV = "PIT_UNVERIFIED_CUDA_KERNELS"
-
-
-def unverified_cuda_kernels() -> bool:
-    """Whether ``$PIT_UNVERIFIED_CUDA_KERNELS=1`` opts in to the not yet GPU-checked CUDA kernels
-    (the tensor-core reduce tile and the one-pass detection); the gpu tests of those kernels set it."""
-    return os.environ.get(UNVERIFIED_CUDA_ENV) == "1"

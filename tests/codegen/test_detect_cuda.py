@@ -17,7 +17,6 @@ from tvm.target import Target
 import pit_compiler as pit
 from pit_compiler import ops
 from pit_compiler.codegen import build_detect, compile_primfunc, detect_kernel
-from pit_compiler.targets import UNVERIFIED_CUDA_ENV, unverified_cuda_kernels
 from pit_compiler.codegen.detect import value_mask, word_dtype
 from pit_compiler.ir import InvalidKnobs
 from pit_compiler.runtime import KernelCache
@@ -270,21 +269,16 @@ def test_cuda_detection_compiles_with_nvcc(cuda_sources, case, tmp_path):
 
 
 @pytest.mark.parametrize("case", CUDA_CASES, ids=case_id)
-def test_default_cuda_detection_is_the_two_stage_kernel_and_builds(case, monkeypatch):
-    monkeypatch.delenv(UNVERIFIED_CUDA_ENV, raising=False)
+def test_two_stage_cuda_detection_builds(case):
+    """The ascending listing still builds for CUDA (the tuner may time it); runs use the one-pass kernel."""
     call = launches(*case, M=512, K=512)
-    assert call["one_pass"] is False
     kernel = detect_kernel(call["order"], call["blocked"], call["permuted"], call["blocked_tile"], call["permuted_tile"],
                            call["dtype"], CUDA, KernelCache(None), pack=call["pack"], one_pass=False)
     assert kernel is not None
 
 
-def test_one_pass_detection_is_opt_in_and_cuda_only(monkeypatch):
-    monkeypatch.delenv(UNVERIFIED_CUDA_ENV, raising=False)
-    assert not unverified_cuda_kernels()
-    monkeypatch.setenv(UNVERIFIED_CUDA_ENV, "1")
-    assert unverified_cuda_kernels()
-    assert launches((32, 1), False, M=64, K=64)["one_pass"] is False  # CPU tensors: never atomic
+def test_one_pass_detection_is_for_cuda_tensors_only():
+    assert launches((32, 1), False, M=64, K=64)["one_pass"] is False  # CPU tensors: the ascending listing
 
 
 def test_cuda_detection_uses_its_template():
@@ -312,18 +306,7 @@ def test_contiguous_lanes(steps, threads, lanes):
     assert contiguous_lanes(steps, threads) == lanes
 
 
-# On a GPU: CUDA against torch, for both CUDA detections
-
-
-@pytest.fixture(params=["two_stage", "one_pass"])
-def detection_path(request, monkeypatch):
-    """GPU tests check the default two-stage detection and the one-pass kernel, which stays
-    opt-in (``$PIT_UNVERIFIED_CUDA_KERNELS``) until these tests have passed on a GPU."""
-    if request.param == "one_pass":
-        monkeypatch.setenv(UNVERIFIED_CUDA_ENV, "1")
-    else:
-        monkeypatch.delenv(UNVERIFIED_CUDA_ENV, raising=False)
-    return request.param
+# On a GPU: the one-pass CUDA detection against torch
 
 
 def cuda_input(shape, tile, sparsity, dtype, seed=0):
@@ -332,7 +315,6 @@ def cuda_input(shape, tile, sparsity, dtype, seed=0):
 
 
 @pytest.mark.gpu
-@pytest.mark.usefixtures("detection_path")
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("micro_tile", PROJECT_TILES + [(4, 8), (1, 1), (3, 5), (1, 48), (300, 1)], ids=str)
 @pytest.mark.parametrize("blocked", ["rows", "cols"])
@@ -349,7 +331,6 @@ def test_cuda_matches_torch(dtype, micro_tile, blocked, sparsity):
 
 
 @pytest.mark.gpu
-@pytest.mark.usefixtures("detection_path")
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("blocked", ["rows", "cols"])
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 1.0])
@@ -361,7 +342,6 @@ def test_cuda_whole_axis_matches_torch(dtype, blocked, sparsity, shape):
 
 
 @pytest.mark.gpu
-@pytest.mark.usefixtures("detection_path")
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("micro_tile", PROJECT_TILES + [(1, 1)], ids=str)
 def test_cuda_nan_inf_and_negative_zero(dtype, micro_tile):
@@ -378,7 +358,6 @@ def test_cuda_nan_inf_and_negative_zero(dtype, micro_tile):
 
 
 @pytest.mark.gpu
-@pytest.mark.usefixtures("detection_path")
 @pytest.mark.parametrize("micro_tile", PROJECT_TILES, ids=str)
 @pytest.mark.parametrize("sparsity", [0.0, 0.9])
 def test_cuda_large(micro_tile, sparsity):
@@ -392,7 +371,6 @@ def test_cuda_large(micro_tile, sparsity):
 
 
 @pytest.mark.gpu
-@pytest.mark.usefixtures("detection_path")
 @pytest.mark.parametrize("micro_tile", PROJECT_TILES, ids=str)
 @pytest.mark.parametrize("transposed", [False, True])
 def test_cuda_sparse_matmul_index(micro_tile, transposed):

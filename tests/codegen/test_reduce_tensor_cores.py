@@ -19,7 +19,6 @@ from pit_compiler.codegen.build import compile_primfunc
 from pit_compiler.codegen.reduce_matmul import build_reduce_tile, reduce_tile_knobs
 from pit_compiler.ir import SparsityAttr, plan_pit
 from pit_compiler.schedules.tensor_core_matmul import TensorCoreMatmul
-from pit_compiler.targets import UNVERIFIED_CUDA_ENV
 from sparse_data import assert_matches_reference, dense_operand, expand_mask, micro_tile_sparse
 
 SM90 = Target({"kind": "cuda", "arch": "sm_90"})
@@ -130,8 +129,7 @@ def test_builds_mma_with_both_gathers_in_the_shared_copies(K, N, tile, out, tmp_
 
 @pytest.fixture
 def taken(monkeypatch):
-    """Whether each call took the tensor-core reduce path (opted in: it has not yet run on a GPU)."""
-    monkeypatch.setenv(UNVERIFIED_CUDA_ENV, "1")
+    """Whether each call took the tensor-core reduce path."""
     calls = []
     original = ops.run_reduce_on_tensor_cores
     monkeypatch.setattr(ops, "run_reduce_on_tensor_cores", lambda *a: calls.append(original(*a)) or calls[-1])
