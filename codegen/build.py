@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -21,11 +22,16 @@ CODEGEN_VERSION = 3
 
 def kernel_key(kind: str, signature: str, dtypes: dict, target: Target, knobs) -> str:
     """A stable hash of everything a compiled kernel depends on."""
+    return _hashed_key(kind, signature, tuple(sorted(dtypes.items())), str(target), knobs)
+
+
+@functools.lru_cache(maxsize=4096)  # every kernel call looks its key up: hash once per kernel
+def _hashed_key(kind: str, signature: str, dtypes: tuple, target: str, knobs) -> str:
     config = {
         "kind": kind,
         "signature": signature,
-        "dtypes": dtypes,
-        "target": str(target),
+        "dtypes": dict(dtypes),
+        "target": target,
         "knobs": {"template": type(knobs).__qualname__, **asdict(knobs)},
         "tvm": tvm.__version__,
         "codegen": CODEGEN_VERSION,

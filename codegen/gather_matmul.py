@@ -92,4 +92,4 @@ def row_gather_kernels(K: int, N: int, dtype: str, out_dtype: str, target: Targe
     def build_scatter():
         return compile_primfunc(build_row_scatter(out_dtype), target, what="row scatter")
 
-    return cache.get(tile_key, build_tile)["main"], cache.get(scatter_key, build_scatter)["main"]
+    return cache.main(tile_key, build_tile), cache.main(scatter_key, build_scatter)

@@ -16,11 +16,16 @@ from .pit_matmul import build_pit_matmul
 
 def matmul_kernel(plan: PITPlan, dtype: str, out_dtype: str, target: Target, cache: KernelCache, knobs=None):
     """The compiled ``main(a, b, c, cnt, idx)`` for ``plan``."""
-    return matmul_module(plan, dtype, out_dtype, target, cache, knobs)["main"]
+    return cache.main(*_matmul_build(plan, dtype, out_dtype, target, knobs))
 
 
 def matmul_module(plan: PITPlan, dtype: str, out_dtype: str, target: Target, cache: KernelCache, knobs=None):
     """The module holding :func:`matmul_kernel`'s ``main`` (the tuner times it with TVM's evaluator)."""
+    return cache.get(*_matmul_build(plan, dtype, out_dtype, target, knobs))
+
+
+def _matmul_build(plan: PITPlan, dtype: str, out_dtype: str, target: Target, knobs):
+    """The cache key of a matmul kernel, and how to build it."""
     knobs = knobs if knobs is not None else default_knobs(target)
     atomic = target.kind.name == "cuda"
     dtypes = {"in": dtype, "out": out_dtype, "atomic": atomic}
@@ -30,7 +35,7 @@ def matmul_module(plan: PITPlan, dtype: str, out_dtype: str, target: Target, cac
         func = build_pit_matmul(plan, dtype, out_dtype, atomic=atomic)
         return compile_primfunc(func, target, knobs, what=f"{plan.form} matmul ({plan.signature()})")
 
-    return cache.get(key, build)
+    return key, build
 
 
 def detect_kernel(
@@ -63,4 +68,4 @@ def detect_kernel(
         func = build_detect(order, blocked, permuted, blocked_tile, permuted_tile, dtype, atomic=atomic, pack=pack)
         return compile_primfunc(func, target, knobs, what=f"detection ({signature})", template=template)
 
-    return cache.get(key, build)["main"]
+    return cache.main(key, build)

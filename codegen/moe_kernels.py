@@ -40,4 +40,4 @@ def moe_kernel(form: str, target: Target, cache: KernelCache, knobs=None, **opti
     def build():
         return compile_primfunc(BUILDERS[form](**options), target, knobs, what=f"MoE {form} kernel ({signature})")
 
-    return cache.get(key, build)["main"]
+    return cache.main(key, build)

@@ -133,4 +133,4 @@ def reduce_tile_kernel(K: int, N: int, bm: int, bk: int, out_dtype: str, target:
         func = build_reduce_tile(K, N, bm, bk, knobs.block_k, out_dtype)
         return compile_primfunc(func, target, knobs, what=f"tensor-core reduce {signature}", template=template)
 
-    return cache.get(key, build)["main"]
+    return cache.main(key, build)

@@ -6,6 +6,7 @@ of A, B and C maps onto one kernel template; ``Contraction.order`` tells codegen
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import sympy
@@ -48,10 +49,19 @@ class Contraction:
         letter = tensor_letter.lower() if isinstance(tensor_letter, str) else tensor_letter
         if letter not in accesses:
             raise ValueError(f"order() takes a tensor letter 'a', 'b' or 'c'; got {tensor_letter!r}")
+        return self._orders[letter]
+
+    @functools.cached_property
+    def _orders(self) -> dict[str, tuple[str, ...]]:
         roles = self.roles
-        return tuple(roles[axis] for axis in accesses[letter].axes)
+        return {letter: tuple(roles[axis] for axis in access.axes)
+                for letter, access in (("a", self.a), ("b", self.b), ("c", self.c))}
 
     def __str__(self) -> str:
+        return self._text
+
+    @functools.cached_property
+    def _text(self) -> str:  # printed on every kernel lookup (plan signatures); sympy printing is slow
         return f"{self.c} += {self.a} * {self.b}"
 
 

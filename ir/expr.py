@@ -6,6 +6,8 @@ decide questions such as "is this index a bijection in ``m``?" with algebra inst
 
 from __future__ import annotations
 
+import functools
+
 import keyword
 import re
 from dataclasses import dataclass
@@ -53,9 +55,11 @@ class Access:
                     "or a sympy expression over axis_symbol(...) (or use parse_operator)")
         object.__setattr__(self, "indices", indices)
 
-    @property
+    @functools.cached_property
     def axes(self) -> tuple[str, ...]:
-        """Axis names in order of appearance (sympy's canonical order inside one index)."""
+        """Axis names in order of appearance (sympy's canonical order inside one index).
+
+        Cached: kernels ask for storage orders on every call, and sympy traversal is slow."""
         names: dict[str, None] = {}
         for index in self.indices:
             for node in sympy.preorder_traversal(index):

@@ -79,7 +79,7 @@ class PITPlan:
         if self.form == "scatter" and not self.accumulate:
             blocked_tile = "all"  # one block spans all of k, whatever its size
         return (
-            f"{c.c} += {c.a} * {c.b} | sparse={self.sparse} form={self.form} "
+            f"{c} | sparse={self.sparse} form={self.form} "
             f"permuted={self.permuted}:{self.tile[self.permuted]} "
             f"blocked={self.blocked}:{blocked_tile} accumulate={self.accumulate}"
         )

@@ -116,3 +116,27 @@ def test_torch_compile_sees_one_operator(backend):
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-4)
     assert_grad_close(B.grad, B_ref.grad)
     torch._dynamo.reset()
+
+
+def test_only_calls_that_need_gradients_go_through_the_operator(monkeypatch):
+    """Eager calls without gradients run the kernels directly (no operator dispatch, no grid);
+    calls that need a backward go through ``pit::sparse_matmul``; both compute the same product."""
+    from pit_compiler import api
+
+    calls = []
+    original = api.sparse_matmul_op
+    monkeypatch.setattr(api, "sparse_matmul_op", lambda *a: calls.append(a[3]) or original(*a))
+    A, _ = micro_tile_sparse((45, 70), (32, 1), 0.5, torch.float32, seed=3)
+    B = dense_operand((70, 33), torch.float32, seed=4)
+    direct = pit.sparse_matmul(A, B)
+    assert calls == []
+    torch.testing.assert_close(direct, A @ B, rtol=1e-5, atol=1e-4)
+    A.requires_grad_()
+    with torch.no_grad():
+        pit.sparse_matmul(A, B)
+    assert calls == []
+    through = pit.sparse_matmul(A, B)
+    assert calls == [[32, 1]] and through.grad_fn is not None
+    torch.testing.assert_close(through.detach(), direct, rtol=0, atol=0)
+    through.sum().backward()
+    assert A.grad is not None

@@ -360,6 +360,7 @@ def _write_atomic(path: Path, data: dict) -> None:
 
 _database: TileDatabase | None = None
 _by_path: dict[Path, TileDatabase] = {}
+_by_environment: dict[tuple, TileDatabase] = {}
 
 
 def default_database_path() -> Path:
@@ -373,10 +374,16 @@ def tile_database() -> TileDatabase:
     """The process-wide database: the one set by :func:`set_tile_database`, else the default file."""
     if _database is not None:
         return _database
-    path = default_database_path()
-    if path not in _by_path:
-        _by_path[path] = TileDatabase(path)
-    return _by_path[path]
+    # Looked up on every kernel call: the environment that decides the path is cheaper to read
+    # than the path is to build.
+    from pit_compiler.runtime import ENV_CACHE_DIR
+
+    where = tuple(os.environ.get(name) for name in (ENV_CACHE_DIR, "XDG_CACHE_HOME", "HOME"))
+    if where not in _by_environment:
+        path = default_database_path()
+        _by_path.setdefault(path, TileDatabase(path))
+        _by_environment[where] = _by_path[path]
+    return _by_environment[where]
 
 
 def set_tile_database(database: TileDatabase | None) -> None:

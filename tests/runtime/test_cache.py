@@ -97,6 +97,14 @@ def test_memory_hit_does_not_build(tmp_path):
     assert_adds_one(second)
 
 
+def test_main_is_the_modules_function_looked_up_once(tmp_path):
+    cache, build = KernelCache(tmp_path), CountingBuild()
+    main = cache.main("k", build)
+    assert cache.main("k", build) is main and build.calls == 1
+    assert_adds_one({"main": main})
+    assert cache.get("k", build) is not None and build.calls == 1  # one build serves both
+
+
 def test_memory_only_cache_writes_nothing(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cache, build = KernelCache(None), CountingBuild()
