@@ -205,12 +205,43 @@ def pit_matmul(
     contraction = matmul_contraction(A.dim(), a_transposed, b_transposed)
     plan = plan_pit(contraction, SparsityAttr(sparse, tile), {"m": M, "n": N, "k": K}, form)
     index = index_for(plan, {"A": A, "B": B}.get(sparse), mask, tile, grid_shape)
-    on_tensor_cores = run_row_gather_on_tensor_cores(plan, A, B, out, index) or run_reduce_on_tensor_cores(
-        plan, A, B, out, index
-    )
-    if not on_tensor_cores:
+    if not run_on_tensor_cores(plan, A, B, out, index):
         run_matmul(plan, batched(A), batched(B), batched(out), index)
     return plan, index
+
+
+def tensor_core_path(plan: PITPlan, A, B, out) -> str | None:
+    """The dedicated tensor-core kernel that computes ``plan`` on these (storage-order) operands:
+    ``"row_gather"``, ``"reduce"``, or None where the template-scheduled kernel runs. The tuner
+    asks too, so that it times the kernel run time will use."""
+    if _row_gather_fits(plan, A, B, out):
+        return "row_gather"
+    if _reduce_tile_knobs(plan, A, B, out) is not None:
+        return "reduce"
+    return None
+
+
+def run_on_tensor_cores(plan: PITPlan, A, B, out, index: MicroTileIndex) -> bool:
+    """Run the dedicated tensor-core kernel of :func:`tensor_core_path`; False where none fits."""
+    return run_row_gather_on_tensor_cores(plan, A, B, out, index) or run_reduce_on_tensor_cores(
+        plan, A, B, out, index
+    )
+
+
+_ROW_GATHER_KNOBS = TensorCoreMatmul.Knobs()
+
+
+def _row_gather_fits(plan: PITPlan, A, B, out) -> bool:
+    return (
+        plan.form == "scatter"
+        and not plan.accumulate
+        and plan.sparse == "a"
+        and A.dim() == 2
+        and A.dtype == B.dtype == out.dtype == torch.float16
+        and plan.contraction.order("a") == ("m", "k")
+        and plan.contraction.order("b") == ("k", "n")
+        and fits_tensor_cores(A.shape[-1], B.shape[-1], "float16", target_for(A.device), _ROW_GATHER_KNOBS)
+    )
 
 
 def run_row_gather_on_tensor_cores(plan: PITPlan, A, B, out, index: MicroTileIndex) -> bool:
@@ -219,21 +250,10 @@ def run_row_gather_on_tensor_cores(plan: PITPlan, A, B, out, index: MicroTileInd
     Reads the number of listed rows back to the host (one 4-byte sync) to size the launch, so
     the grid covers only the gathered rows.
     """
-    target = target_for(A.device)
-    knobs = TensorCoreMatmul.Knobs()
-    K, N = A.shape[-1], B.shape[-1]
-    eligible = (
-        plan.form == "scatter"
-        and not plan.accumulate
-        and plan.sparse == "a"
-        and A.dim() == 2
-        and plan.contraction.order("a") == ("m", "k")
-        and plan.contraction.order("b") == ("k", "n")
-        and A.dtype == B.dtype == out.dtype == torch.float16
-        and fits_tensor_cores(K, N, "float16", target, knobs)
-    )
-    if not eligible:
+    if not _row_gather_fits(plan, A, B, out):
         return False
+    target, knobs = target_for(A.device), _ROW_GATHER_KNOBS
+    K, N = A.shape[-1], B.shape[-1]
     chunks = int(index.counts[0, 0])
     if chunks == 0:
         out.zero_()
@@ -261,12 +281,11 @@ def run_reduce_on_tensor_cores(plan: PITPlan, A, B, out, index: MicroTileIndex) 
     No host sync: each thread block reads its own row block's count. The tile writes whole row
     blocks, so an M that is not a multiple of the micro-tile's rows goes through a padded copy.
     """
-    target = target_for(A.device)
-    K, N = A.shape[-1], B.shape[-1]
-    out_dtype = tvm_dtype(out.dtype, "out")
-    knobs = reduce_tile_knobs(plan, A.dim(), K, N, tvm_dtype(A.dtype, "A"), out_dtype, target)
-    if knobs is None or B.dtype != A.dtype:
+    knobs = _reduce_tile_knobs(plan, A, B, out)
+    if knobs is None:
         return False
+    target, out_dtype = target_for(A.device), tvm_dtype(out.dtype, "out")
+    K, N = A.shape[-1], B.shape[-1]
     bm, bk = plan.tile["m"], plan.tile["k"]
     row_blocks = index.counts.shape[-1]
     direct = out.is_contiguous() and row_blocks * bm == out.shape[0]
@@ -276,3 +295,10 @@ def run_reduce_on_tensor_cores(plan: PITPlan, A, B, out, index: MicroTileIndex) 
     if C is not out:
         out.copy_(C[: out.shape[0]])
     return True
+
+
+def _reduce_tile_knobs(plan: PITPlan, A, B, out):
+    if B.dtype != A.dtype:
+        return None
+    dtypes = tvm_dtype(A.dtype, "A"), tvm_dtype(out.dtype, "out")
+    return reduce_tile_knobs(plan, A.dim(), A.shape[-1], B.shape[-1], *dtypes, target_for(A.device))

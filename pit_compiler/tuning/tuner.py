@@ -275,7 +275,7 @@ class _Task:
     workload: dict
     todo: list  # (knobs, sparsity) still to measure
     needs_detect: bool
-    dedicated: bool  # run time uses a dedicated kernel: time that one
+    dedicated: str | None  # the dedicated kernel run time uses (ops.tensor_core_path): time that one
     summary: KernelSummary
 
 
@@ -403,7 +403,7 @@ class _Run:
                 checked.add(text)
                 message, status = None, "measured"
                 if task.dedicated:
-                    point["path"] = "tensor_core_row_gather"
+                    point["path"] = f"tensor_core_{task.dedicated}"
                 name = _point_name(self.shape, knobs, sparsity)
                 self.db.record(task.workload, name, {**point, "tiles": tiles, "ms": ms})
                 task.summary.measured += 1
@@ -421,21 +421,16 @@ def _point_name(shape, knobs, sparsity: float) -> str:
     return f"{shape_text(shape)}/{knobs_text(knobs)}/{sparsity:g}"
 
 
-def dedicated_path(plan, shape, dtype, device, transposed=(False, False)) -> bool:
-    """Whether run time sends ``plan`` to a dedicated kernel (the tensor-core row gather of
-    ``ops``) instead of the template-scheduled one: then that kernel is what gets timed.
-
-    Probed with an empty index, which the dedicated path answers without launching anything.
-    """
-    probe = getattr(ops, "run_row_gather_on_tensor_cores", None)
-    if probe is None or device.type != "cuda" or plan.sparse != "a":
-        return False
+def dedicated_path(plan, shape, dtype, device, transposed=(False, False)) -> str | None:
+    """The dedicated tensor-core kernel run time sends ``plan`` to (``ops.tensor_core_path``:
+    the row gather or the reduce tile) instead of the template-scheduled one, else None: where
+    there is one, it is what gets timed, with its own knobs."""
+    if device.type != "cuda":
+        return None
     M, N, K = shape
-    A, B = torch.zeros(M, K, dtype=dtype, device=device), torch.zeros(K, N, dtype=dtype, device=device)
-    A, B = (A.t().contiguous() if transposed[0] else A), (B.t().contiguous() if transposed[1] else B)
-    none = torch.zeros(1, 1, 1, dtype=torch.int32, device=device)
-    empty = MicroTileIndex(none[0], none)
-    return bool(probe(plan, A, B, torch.empty(M, N, dtype=dtype, device=device), empty))
+    stored = [(K, M) if transposed[0] else (M, K), (N, K) if transposed[1] else (K, N), (M, N)]
+    A, B, out = (torch.empty(extent, dtype=dtype, device=device) for extent in stored)  # as ops.storage passes them
+    return ops.tensor_core_path(plan, A, B, out)
 
 
 def _check_against_torch(out, A, B, dtype: str) -> None:
@@ -448,9 +443,10 @@ def _check_against_torch(out, A, B, dtype: str) -> None:
 
 def _measure_dedicated(plan, A, B, index, device, evaluator, check: bool) -> float:
     out = torch.empty(A.shape[0], B.shape[1], dtype=A.dtype, device=device)
+    a, b = storage(A)[0], storage(B)[0]
 
     def run():
-        ops.run_row_gather_on_tensor_cores(plan, A, B, out, index)
+        assert ops.run_on_tensor_cores(plan, a, b, out, index), "the dedicated kernel declined"
 
     if check:
         run()

@@ -185,3 +185,26 @@ def test_falls_back_to_simt_where_the_tile_does_not_fit(K, N, tile, taken):
     pit.sparse_matmul(A, B, micro_tile=tile, out=out)
     assert taken == [False]
     assert_matches_reference(out, A.double() @ B.double())
+
+
+@pytest.mark.parametrize(
+    "tile, dtype, N, path",
+    [((32, 1), torch.float16, 384, "reduce"), ((64, 64), torch.float16, 384, "reduce"),
+     ((1, None), torch.float16, 384, "row_gather"), ((32, 1), torch.float32, 384, None),
+     ((32, 1), torch.float16, 100, None), ((1, 32), torch.float16, 384, None)],
+    ids=str,
+)
+def test_tensor_core_path_names_the_kernel_that_runs(tile, dtype, N, path, monkeypatch):
+    """What the tuner asks (``ops.tensor_core_path``) agrees with what ``pit_matmul`` runs."""
+    monkeypatch.setattr(ops, "target_for", lambda device: SM90)
+    M, K = 512, 256
+    plan = plan_pit(ops.matmul_contraction(2), SparsityAttr("A", (tile[0], tile[1] or K)), {"m": M, "n": N, "k": K})
+    A, B, out = torch.empty(M, K, dtype=dtype), torch.empty(K, N, dtype=dtype), torch.empty(M, N, dtype=dtype)
+    assert ops.tensor_core_path(plan, A, B, out) == path
+    launched = []
+    monkeypatch.setattr(ops, "reduce_tile_kernel", lambda *a: launched.append("reduce") or (lambda *args: None))
+    blocks, chunks = math.ceil(M / tile[0]), math.ceil(K / (tile[1] or K))
+    empty = ops.MicroTileIndex(torch.zeros(1, blocks, dtype=torch.int32), torch.zeros(1, blocks, chunks, dtype=torch.int32))
+    # An empty index: the row gather answers it without a kernel; the reduce tile is looked up.
+    assert ops.run_on_tensor_cores(plan, A, B, out, empty) == (path is not None)
+    assert launched == (["reduce"] if path == "reduce" else [])
