@@ -43,11 +43,18 @@ def peak_memory_mb(fn, device: torch.device) -> float | None:
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 
-def write_json(records: list[dict], name: str, device: torch.device) -> Path:
+def write_json(records: list[dict], name: str, device: torch.device, *, merge_on: tuple | None = None) -> Path:
+    """Write ``results/<name>-<device>.json``. With ``merge_on`` (field names), records already
+    there are kept unless a new record has the same values of those fields, so one table can
+    be filled by several runs (each under a device call's time limit)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}-{slug(device_name(device))}.json"
+    if merge_on and path.exists():
+        fresh = {tuple(r.get(f) for f in merge_on) for r in records}
+        kept = [r for r in json.loads(path.read_text()) if tuple(r.get(f) for f in merge_on) not in fresh]
+        records = kept + records
     path.write_text(json.dumps(records, indent=1))
-    log.info("wrote %s", path)
+    log.info("wrote %s (%d records)", path, len(records))
     return path
 
 

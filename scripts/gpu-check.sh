@@ -2,7 +2,7 @@
 # After the TVM bundle is staged (../shared/gpu/README.md) and test wheels are in .whl/:
 #   bash scripts/gpu-check.sh tests      # the whole gpu suite, default kernels
 #   bash scripts/gpu-check.sh kernels    # the gpu tests of detection, the tensor-core tiles and sparse_matmul
-#   bash scripts/gpu-check.sh spmm       # benchmarks/spmm.py at 4096^3 fp16
+#   bash scripts/gpu-check.sh spmm       # benchmarks/spmm.py: fp16, every case at 4096^3, some at 8192^3
 #   bash scripts/gpu-check.sh tuning     # benchmarks/tuning.py at 4096^3 fp16
 # Logs and results are copied under $OUT when the device tool provides it.
 set -uo pipefail
@@ -19,7 +19,10 @@ case "$stage" in
   kernels)
     timeout 540 python3 -P -m pytest -q -p no:cacheprovider -m gpu tests/codegen/test_detect_cuda.py \
       tests/codegen/test_reduce_tensor_cores.py tests/test_sparse_matmul.py 2>&1 | tee "$out/gpu-kernels.log" | tail -25 ;;
-  spmm) python3 -P benchmarks/spmm.py --sizes 4096 --dtypes float16 2>&1 | tee "$out/spmm.log" | tail -40 ;;
+  spmm)  # all cases at 4096^3, then the fast micro-tiles at 8192^3 merged into the same table
+    timeout 200 python3 -P benchmarks/spmm.py --sizes 4096 --dtypes float16 2>&1 | tee "$out/spmm.log" | tail -40
+    timeout 200 python3 -P benchmarks/spmm.py --sizes 8192 --dtypes float16 --micro-tiles row,32x1,32x32,64x64 \
+      --sparsities 0,0.9,0.99 --merge 2>&1 | tee -a "$out/spmm.log" | tail -40 ;;
   tuning) python3 -P benchmarks/tuning.py --sizes 4096 2>&1 | tee "$out/tuning.log" | tail -40 ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac
