@@ -22,7 +22,12 @@ CODEGEN_VERSION = 3
 
 def kernel_key(kind: str, signature: str, dtypes: dict, target: Target, knobs) -> str:
     """A stable hash of everything a compiled kernel depends on."""
-    return _hashed_key(kind, signature, tuple(sorted(dtypes.items())), str(target), knobs)
+    return _hashed_key(kind, signature, tuple(sorted(dtypes.items())), _target_text(target), knobs)
+
+
+@functools.lru_cache(maxsize=64)  # Targets compare by identity; run time reuses one per device
+def _target_text(target: Target) -> str:
+    return str(target)
 
 
 @functools.lru_cache(maxsize=4096)  # every kernel call looks its key up: hash once per kernel

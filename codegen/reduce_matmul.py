@@ -91,8 +91,20 @@ def reduce_tile_knobs(plan: PITPlan, ndim: int, K: int, N: int, dtype: str, out_
 
     It serves the reduce form of a 2-D float16 A stored (m, k) with B stored (k, n), row blocks
     of 16 to 128 rows (one per thread block), N a multiple of 64, and K a multiple of 8 (whole
-    16-byte copies); any M and any chunk width.
+    16-byte copies); any M and any chunk width. Asked on every call: answers are kept.
     """
+    key = (plan.signature(), ndim, K, N, dtype, out_dtype, target)  # Targets compare by identity
+    if key not in _knobs_answers:
+        if len(_knobs_answers) > 4096:
+            _knobs_answers.clear()
+        _knobs_answers[key] = _reduce_tile_knobs(plan, ndim, K, N, dtype, out_dtype, target)
+    return _knobs_answers[key]
+
+
+_knobs_answers: dict = {}
+
+
+def _reduce_tile_knobs(plan: PITPlan, ndim, K, N, dtype, out_dtype, target):
     if plan.form != "reduce" or plan.sparse != "a":
         return None
     bm, bk = plan.tile["m"], plan.tile["k"]

@@ -106,10 +106,10 @@ def sparse_matmul(
         return sparse_matmul_op(A, B, sparse, list(tile), list(grid_shape), mask, form)[0]
     if out is None:
         out = torch.empty(out_shape, dtype=A.dtype, device=A.device)
-        pit_matmul(A, B, out, sparse, tile, grid_shape, mask, form)
+        pit_matmul(A, B, out, sparse, tile, grid_shape, mask, form, cover=True)
         return out
     check_out_without_grad(out, A, B)
-    pit_matmul(A, B, check_out(out, out_shape, A.dtype, A.device), sparse, tile, grid_shape, mask, form)
+    pit_matmul(A, B, check_out(out, out_shape, A.dtype, A.device), sparse, tile, grid_shape, mask, form, cover=True)
     return out
 
 

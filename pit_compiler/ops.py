@@ -12,7 +12,7 @@ import torch
 
 from pit_compiler.codegen import detect_kernel, kernel_order, matmul_kernel
 from pit_compiler.codegen.gather_matmul import fits_tensor_cores, row_gather_kernels
-from pit_compiler.codegen.reduce_matmul import reduce_tile_kernel, reduce_tile_knobs
+from pit_compiler.codegen.reduce_matmul import ROW_BLOCKS, reduce_tile_kernel, reduce_tile_knobs
 from pit_compiler.schedules.tensor_core_matmul import TensorCoreMatmul
 from pit_compiler.ir import Contraction, PITPlan, SparsityAttr, as_contraction, plan_pit
 from pit_compiler.runtime import KernelCache, MicroTileIndex, default_cache_dir
@@ -186,10 +186,14 @@ def pit_matmul(
     grid_shape: tuple[int, int],
     mask: torch.Tensor | None,
     form: str | None,
+    *,
+    cover: bool = False,
 ) -> tuple[PITPlan, MicroTileIndex] | None:
     """Write ``A @ B`` (with ``sparse``'s unlisted micro-tiles taken as zero) into ``out``.
 
-    Returns the plan and index it used, or None where there was nothing to compute.
+    Returns the plan and index it used, or None where there was nothing to compute. ``cover``
+    lets a detected micro-tile that has no tensor-core kernel run as a taller one that has
+    (:func:`tensor_core_cover`); the index returned is then the cover's.
     """
     M, K, N = A.shape[-2], A.shape[-1], B.shape[-1]
     if out.numel() == 0:
@@ -204,6 +208,9 @@ def pit_matmul(
         mask = mask.transpose(-1, -2) if mask is not None else None
     contraction = matmul_contraction(A.dim(), a_transposed, b_transposed)
     plan = plan_pit(contraction, SparsityAttr(sparse, tile), {"m": M, "n": N, "k": K}, form)
+    covered = tensor_core_cover(plan, A, B, out) if cover and mask is None and form is None else plan
+    if covered is not plan:
+        plan, tile = covered, (covered.tile["m"], covered.tile["k"])  # A stored (m, k)
     index = index_for(plan, {"A": A, "B": B}.get(sparse), mask, tile, grid_shape)
     if not run_on_tensor_cores(plan, A, B, out, index):
         run_matmul(plan, batched(A), batched(B), batched(out), index)
@@ -219,6 +226,27 @@ def tensor_core_path(plan: PITPlan, A, B, out) -> str | None:
     if _reduce_tile_knobs(plan, A, B, out) is not None:
         return "reduce"
     return None
+
+
+def tensor_core_cover(plan: PITPlan, A, B, out) -> PITPlan:
+    """``plan``, or where its micro-tile of A has no tensor-core kernel here, the plan of the
+    shortest micro-tile the reduce tile serves that stacks whole ones of it (1x32 row pieces
+    run as 16x32 blocks).
+
+    Exact only for an index detected from A itself: a listed block then carries the zeros
+    around A's pieces into the product. It lists more of A than the pieces do (at 90 % of
+    1x32 pieces empty, about 81 % of 16x32 blocks hold one), which still runs far faster than
+    the one-thread-per-output kernel that would serve the pieces themselves.
+    """
+    stored_mk = plan.contraction.order("a") == ("m", "k")  # the reduce tile reads A so, 2-D
+    if plan.sparse != "a" or not stored_mk or tensor_core_path(plan, A, B, out) is not None:
+        return plan
+    rows, cols = plan.tile["m"], plan.tile["k"]
+    sizes = {"m": A.shape[-2], "k": A.shape[-1], "n": B.shape[-1]}
+    for height in (h for h in ROW_BLOCKS if h % rows == 0 and h > rows):
+        cover = plan_pit(plan.contraction, SparsityAttr("A", (height, cols)), sizes, "reduce")
+        return cover if tensor_core_path(cover, A, B, out) == "reduce" else plan
+    return plan
 
 
 def run_on_tensor_cores(plan: PITPlan, A, B, out, index: MicroTileIndex) -> bool:

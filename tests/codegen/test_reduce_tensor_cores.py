@@ -208,3 +208,41 @@ def test_tensor_core_path_names_the_kernel_that_runs(tile, dtype, N, path, monke
     # An empty index: the row gather answers it without a kernel; the reduce tile is looked up.
     assert ops.run_on_tensor_cores(plan, A, B, out, empty) == (path is not None)
     assert launched == (["reduce"] if path == "reduce" else [])
+
+
+@pytest.mark.parametrize(
+    "tile, dtype, cover",
+    [((1, 32), torch.float16, (16, 32)), ((1, 64), torch.float16, (16, 64)), ((8, 8), torch.float16, (16, 8)),
+     ((32, 1), torch.float16, None), ((1, 32), torch.float32, None), ((3, 5), torch.float16, None),
+     ((1, None), torch.float16, None)],
+    ids=str,
+)
+def test_tensor_core_cover_stacks_whole_micro_tiles(tile, dtype, cover, monkeypatch):
+    monkeypatch.setattr(ops, "target_for", lambda device: SM90)
+    M, K, N = 512, 256, 384
+    plan = plan_pit(ops.matmul_contraction(2), SparsityAttr("A", (tile[0], tile[1] or K)), {"m": M, "n": N, "k": K})
+    A, B, out = torch.empty(M, K, dtype=dtype), torch.empty(K, N, dtype=dtype), torch.empty(M, N, dtype=dtype)
+    covered = ops.tensor_core_cover(plan, A, B, out)
+    if cover is None:
+        assert covered is plan
+    else:
+        assert (covered.form, covered.tile["m"], covered.tile["k"]) == ("reduce", *cover)
+        assert ops.tensor_core_path(covered, A, B, out) == "reduce"
+
+
+@pytest.mark.parametrize("tile", [(1, 32), (8, 8)], ids=str)
+@pytest.mark.parametrize("density", [1.0, 0.3, 0.0])
+def test_covered_product_is_exact(tile, density, monkeypatch):
+    """The cover's index is detected from A itself, so its blocks carry A's zeros: the product
+    through the cover (run here by the CPU kernel, as the tensor-core tile needs a GPU) is A @ B."""
+    covers = []
+    original = ops.tensor_core_cover
+    # Pretend this CPU has the tensor-core tile, then let the CPU kernel compute the cover's plan.
+    monkeypatch.setattr(ops, "tensor_core_path", lambda plan, *a: "reduce" if plan.form == "reduce" and plan.tile["m"] % 16 == 0 else None)
+    monkeypatch.setattr(ops, "run_on_tensor_cores", lambda *a: False)
+    monkeypatch.setattr(ops, "tensor_core_cover", lambda *a: covers.append(original(*a)) or covers[-1])
+    A, _ = micro_tile_sparse((70, 96), tile, density, torch.float32, seed=5)
+    B = dense_operand((96, 40), torch.float32, seed=6)
+    result = pit.sparse_matmul(A, B, micro_tile=tile, out=torch.full((70, 40), float("nan")))  # poisoned
+    assert covers and covers[0].tile["m"] == 16
+    assert_matches_reference(result, A.double() @ B.double())
