@@ -178,7 +178,7 @@ def test_sparse_matmul_auto_runs_the_selected_micro_tile(process_database, patte
     assert pit.select_micro_tile(A, B).micro_tile == expected
     tiles = []
     original = api.pit_matmul
-    monkeypatch.setattr(api, "pit_matmul", lambda A, B, out, sparse, tile, *rest: tiles.append(tuple(tile)) or original(A, B, out, sparse, tile, *rest))
+    monkeypatch.setattr(api, "pit_matmul", lambda A, B, out, sparse, tile, *rest, **kw: tiles.append(tuple(tile)) or original(A, B, out, sparse, tile, *rest, **kw))
     torch.testing.assert_close(pit.sparse_matmul(A, B, micro_tile="auto"), A @ B, rtol=1e-5, atol=1e-4)
     assert tiles == [expected]
     out = torch.empty(SHAPE[0], SHAPE[1])
@@ -192,7 +192,7 @@ def test_sparse_matmul_auto_dense_fallback_applies_the_mask_first(process_databa
     mask = torch.rand(A.shape) < 0.3
     calls = []
     monkeypatch.setattr(api, "sparse_matmul_op", lambda *a: calls.append(a))
-    monkeypatch.setattr(api, "pit_matmul", lambda *a: calls.append(a))
+    monkeypatch.setattr(api, "pit_matmul", lambda *a, **kw: calls.append(a))
     expected = (A * mask) @ B
     torch.testing.assert_close(pit.sparse_matmul(A, B, micro_tile="auto", mask=mask), expected, rtol=1e-5, atol=1e-4)
     assert calls == []  # dense: no PIT kernel ran
