@@ -14,6 +14,7 @@ density without reading anything back to the host. The output is dense: no scatt
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 from tvm import te, tirx
@@ -133,6 +134,50 @@ def _reduce_tile_knobs(plan: PITPlan, ndim, K, N, dtype, out_dtype, target):
         fragments_n=2,
         vector_a=math.gcd(bk, VECTOR),  # A's columns come in runs of bk
     )
+
+
+def reduce_tile_space(default: TensorCoreMatmul.Knobs, N: int) -> list[TensorCoreMatmul.Knobs]:
+    """The tile's knob settings the tuner measures for one plan, ``default`` first.
+
+    The micro-tile fixes the rows (``block_m``, ``warps_m``, ``fragments_m``) and A's vector width;
+    the tuner varies the columns per thread block (64, 128 or 256 where they divide ``N``), how
+    many 16-wide accumulators each warp holds along them, and the k step (32 or 64 positions).
+    """
+    space = [default]
+    for block_n in (b for b in (64, 128, 256) if N % b == 0):
+        for fragments_n in (2, 4):
+            warps_n = block_n // (MMA * fragments_n)
+            for block_k in (32, 64):
+                if warps_n < 1 or not 1 <= default.warps_m * warps_n <= 8:
+                    continue
+                if _shared_copy_bytes(default.block_m, block_n, block_k) > STATIC_SHARED_BYTES:
+                    continue
+                knobs = dataclasses.replace(
+                    default, block_n=block_n, fragments_n=fragments_n, warps_n=warps_n, block_k=block_k
+                )
+                if knobs not in space:
+                    space.append(knobs)
+    return space
+
+
+STATIC_SHARED_BYTES = 48 * 1024  # what a kernel may declare statically; the copies are static
+
+
+def _shared_copy_bytes(block_m: int, block_n: int, block_k: int) -> int:
+    """float16 bytes of A's and B's shared-memory copies, rows padded (``storage_align``) by up to 40."""
+    return 2 * (block_m * (block_k + 40) + block_k * (block_n + 40))
+
+
+def fitting_knobs(default: TensorCoreMatmul.Knobs, tuned, N: int) -> TensorCoreMatmul.Knobs:
+    """``tuned`` (from the tile database, whose shape buckets span several N) where it still
+    fits this call's tile and ``N``, else ``default``."""
+    fits = (
+        isinstance(tuned, TensorCoreMatmul.Knobs)
+        and (tuned.block_m, tuned.warps_m, tuned.fragments_m, tuned.vector_a)
+        == (default.block_m, default.warps_m, default.fragments_m, default.vector_a)
+        and N % tuned.block_n == 0
+    )
+    return tuned if fits else default
 
 
 def reduce_tile_kernel(K: int, N: int, bm: int, bk: int, out_dtype: str, target: Target, cache: KernelCache, knobs):

@@ -12,7 +12,7 @@ import torch
 
 from pit_compiler.codegen import detect_kernel, kernel_order, matmul_kernel
 from pit_compiler.codegen.gather_matmul import fits_tensor_cores, row_gather_kernels
-from pit_compiler.codegen.reduce_matmul import ROW_BLOCKS, reduce_tile_kernel, reduce_tile_knobs
+from pit_compiler.codegen.reduce_matmul import ROW_BLOCKS, fitting_knobs, reduce_tile_kernel, reduce_tile_knobs
 from pit_compiler.schedules.tensor_core_matmul import TensorCoreMatmul
 from pit_compiler.ir import Contraction, PITPlan, SparsityAttr, as_contraction, plan_pit
 from pit_compiler.runtime import KernelCache, MicroTileIndex, default_cache_dir
@@ -221,11 +221,23 @@ def tensor_core_path(plan: PITPlan, A, B, out) -> str | None:
     """The dedicated tensor-core kernel that computes ``plan`` on these (storage-order) operands:
     ``"row_gather"``, ``"reduce"``, or None where the template-scheduled kernel runs. The tuner
     asks too, so that it times the kernel run time will use."""
-    if _row_gather_fits(plan, A, B, out):
+    return tensor_core_kernel(plan, *_call_facts(A, B, out))
+
+
+def tensor_core_kernel(plan: PITPlan, ndim: int, K: int, N: int, dtype: str, b_dtype: str, out_dtype: str, target):
+    """:func:`tensor_core_path` from what it depends on: the operands' rank, K and N, their TVM
+    dtypes and the target (the tuner and the cost model ask before any operand exists)."""
+    if _row_gather_fits(plan, ndim, K, N, dtype, b_dtype, out_dtype, target):
         return "row_gather"
-    if _reduce_tile_knobs(plan, A, B, out) is not None:
+    if b_dtype == dtype and reduce_tile_knobs(plan, ndim, K, N, dtype, out_dtype, target) is not None:
         return "reduce"
     return None
+
+
+def _call_facts(A, B, out) -> tuple:
+    """``(ndim, K, N, dtype, b_dtype, out_dtype, target)`` of one call, in :func:`tensor_core_kernel`'s order."""
+    dtypes = tvm_dtype(A.dtype, "A"), tvm_dtype(B.dtype, "B"), tvm_dtype(out.dtype, "out")
+    return (A.dim(), A.shape[-1], B.shape[-1], *dtypes, target_for(A.device))
 
 
 def tensor_core_cover(plan: PITPlan, A, B, out) -> PITPlan:
@@ -249,26 +261,27 @@ def tensor_core_cover(plan: PITPlan, A, B, out) -> PITPlan:
     return plan
 
 
-def run_on_tensor_cores(plan: PITPlan, A, B, out, index: MicroTileIndex) -> bool:
-    """Run the dedicated tensor-core kernel of :func:`tensor_core_path`; False where none fits."""
+def run_on_tensor_cores(plan: PITPlan, A, B, out, index: MicroTileIndex, knobs=None) -> bool:
+    """Run the dedicated tensor-core kernel of :func:`tensor_core_path`; False where none fits.
+    ``knobs`` (the reduce tile's, as the tuner measures them) replace the tuned or default ones."""
     return run_row_gather_on_tensor_cores(plan, A, B, out, index) or run_reduce_on_tensor_cores(
-        plan, A, B, out, index
+        plan, A, B, out, index, knobs
     )
 
 
-_ROW_GATHER_KNOBS = TensorCoreMatmul.Knobs()
+ROW_GATHER_KNOBS = TensorCoreMatmul.Knobs()  # the row-gather tile's only setting
 
 
-def _row_gather_fits(plan: PITPlan, A, B, out) -> bool:
+def _row_gather_fits(plan: PITPlan, ndim, K, N, dtype, b_dtype, out_dtype, target) -> bool:
     return (
         plan.form == "scatter"
         and not plan.accumulate
         and plan.sparse == "a"
-        and A.dim() == 2
-        and A.dtype == B.dtype == out.dtype == torch.float16
+        and ndim == 2
+        and dtype == b_dtype == out_dtype == "float16"
         and plan.contraction.order("a") == ("m", "k")
         and plan.contraction.order("b") == ("k", "n")
-        and fits_tensor_cores(A.shape[-1], B.shape[-1], "float16", target_for(A.device), _ROW_GATHER_KNOBS)
+        and fits_tensor_cores(K, N, "float16", target, ROW_GATHER_KNOBS)
     )
 
 
@@ -278,9 +291,9 @@ def run_row_gather_on_tensor_cores(plan: PITPlan, A, B, out, index: MicroTileInd
     Reads the number of listed rows back to the host (one 4-byte sync) to size the launch, so
     the grid covers only the gathered rows.
     """
-    if not _row_gather_fits(plan, A, B, out):
+    if not _row_gather_fits(plan, *_call_facts(A, B, out)):
         return False
-    target, knobs = target_for(A.device), _ROW_GATHER_KNOBS
+    target, knobs = target_for(A.device), ROW_GATHER_KNOBS
     K, N = A.shape[-1], B.shape[-1]
     chunks = int(index.counts[0, 0])
     if chunks == 0:
@@ -302,18 +315,24 @@ def run_row_gather_on_tensor_cores(plan: PITPlan, A, B, out, index: MicroTileInd
     return True
 
 
-def run_reduce_on_tensor_cores(plan: PITPlan, A, B, out, index: MicroTileIndex) -> bool:
+def run_reduce_on_tensor_cores(plan: PITPlan, A, B, out, index: MicroTileIndex, knobs=None) -> bool:
     """Column pieces and blocks of a 2-D float16 A (reduce form) on a CUDA GPU: the tensor-core
     tile; False where it does not fit (see :func:`~pit_compiler.codegen.reduce_matmul.reduce_tile_knobs`).
 
-    No host sync: each thread block reads its own row block's count. The tile writes whole row
-    blocks, so an M that is not a multiple of the micro-tile's rows goes through a padded copy.
+    Its knobs: ``knobs``, else the tile database's best for this kernel where they fit (``pit-tune``),
+    else the defaults. No host sync: each thread block reads its own row block's count. The tile
+    writes whole row blocks, so an M that is not a multiple of the micro-tile's rows goes through
+    a padded copy.
     """
-    knobs = _reduce_tile_knobs(plan, A, B, out)
-    if knobs is None:
+    ndim, K, N, dtype, b_dtype, out_dtype, target = _call_facts(A, B, out)
+    default = reduce_tile_knobs(plan, ndim, K, N, dtype, out_dtype, target) if b_dtype == dtype else None
+    if default is None:
         return False
-    target, out_dtype = target_for(A.device), tvm_dtype(out.dtype, "out")
-    K, N = A.shape[-1], B.shape[-1]
+    if knobs is None:
+        from pit_compiler.tuning.cost_model import tuned_knobs
+
+        tuned = tuned_knobs(plan, dtype, target, batched(A), batched(B), template=TensorCoreMatmul())
+        knobs = fitting_knobs(default, tuned, N)
     bm, bk = plan.tile["m"], plan.tile["k"]
     row_blocks = index.counts.shape[-1]
     direct = out.is_contiguous() and row_blocks * bm == out.shape[0]
@@ -324,9 +343,3 @@ def run_reduce_on_tensor_cores(plan: PITPlan, A, B, out, index: MicroTileIndex) 
         out.copy_(C[: out.shape[0]])
     return True
 
-
-def _reduce_tile_knobs(plan: PITPlan, A, B, out):
-    if B.dtype != A.dtype:
-        return None
-    dtypes = tvm_dtype(A.dtype, "A"), tvm_dtype(out.dtype, "out")
-    return reduce_tile_knobs(plan, A.dim(), A.shape[-1], B.shape[-1], *dtypes, target_for(A.device))

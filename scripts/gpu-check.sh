@@ -18,7 +18,7 @@ case "$stage" in
   tests) timeout 540 python3 -P -m pytest -q -p no:cacheprovider -m gpu --maxfail=15 --durations=8 2>&1 | tee "$out/gpu-tests.log" | tail -25 ;;
   kernels)
     timeout 540 python3 -P -m pytest -q -p no:cacheprovider -m gpu tests/codegen/test_detect_cuda.py \
-      tests/codegen/test_reduce_tensor_cores.py tests/test_sparse_matmul.py 2>&1 | tee "$out/gpu-kernels.log" | tail -25 ;;
+      tests/codegen/test_reduce_tensor_cores.py tests/test_sparse_matmul.py tests/tuning/test_tuning_gpu.py 2>&1 | tee "$out/gpu-kernels.log" | tail -25 ;;
   spmm)  # all cases at 4096^3, then the fast micro-tiles at 8192^3 merged into the same table
     timeout 200 python3 -P benchmarks/spmm.py --sizes 4096 --dtypes float16 2>&1 | tee "$out/spmm.log" | tail -40
     timeout 200 python3 -P benchmarks/spmm.py --sizes 8192 --dtypes float16 --micro-tiles row,32x1,32x32,64x64 \

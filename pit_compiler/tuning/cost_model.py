@@ -23,8 +23,9 @@ import torch
 
 from pit_compiler.ir import SparsityAttr, plan_pit
 from pit_compiler.codegen import kernel_order
-from pit_compiler.ops import is_transposed_view, matmul_contraction, tvm_dtype
+from pit_compiler.ops import is_transposed_view, matmul_contraction, tensor_core_kernel, tvm_dtype
 from pit_compiler.schedules import template_for
+from pit_compiler.schedules.tensor_core_matmul import TensorCoreMatmul
 from pit_compiler.targets import target_for
 from pit_compiler.validation import check_matmul_operands, normalize_micro_tile
 
@@ -209,6 +210,16 @@ _defaulted: set = set()
 _candidates_cache: dict = {}
 
 
+def kernel_template(plan, shape, dtype: str, target):
+    """The template whose knobs the kernel computing the 2-D ``plan`` takes (``shape`` is
+    ``(M, N, K)``): the tensor-core tile where run time sends ``plan`` to one
+    (``ops.tensor_core_kernel``), else the target's template. Tuner and selection key by it."""
+    M, N, K = shape
+    if tensor_core_kernel(plan, 2, K, N, dtype, dtype, dtype, target) is not None:
+        return TensorCoreMatmul()
+    return template_for(target)
+
+
 def _candidate_models(db: TileDatabase, sparse: str, shape, dtype: str, target, layout, candidates):
     """``{label: (micro_tile as given, concrete tile, KernelModel)}`` of the tuned candidates,
     and the database entry of the dense fallback (or None).
@@ -222,7 +233,6 @@ def _candidate_models(db: TileDatabase, sparse: str, shape, dtype: str, target, 
     if len(_candidates_cache) > 4096:  # answers for old versions are never read again
         _candidates_cache.clear()
     M, N, K = shape
-    template = template_for(target)
     contraction = matmul_contraction(2, *layout)
     transposed = layout[0] if sparse == "A" else layout[1]
     operand_shape = (M, K) if sparse == "A" else (K, N)
@@ -235,6 +245,7 @@ def _candidate_models(db: TileDatabase, sparse: str, shape, dtype: str, target, 
     for candidate in candidates:
         tile = normalize_micro_tile(candidate, operand_shape)
         plan = plan_pit(contraction, SparsityAttr(sparse, tile[::-1] if transposed else tile), {"m": M, "n": N, "k": K})
+        template = kernel_template(plan, shape, dtype, target)
         model = _cached_model(db, workload_key(matmul_workload(plan, shape, dtype, target, template)))
         if model is not None:
             models[tile_label(candidate)] = (tuple(candidate), tile, model)
@@ -336,11 +347,14 @@ _knob_cache: dict = {}
 _knob_warned: set = set()
 
 
-def tuned_knobs(plan, dtype: str, target, A: torch.Tensor, B: torch.Tensor, database: TileDatabase | None = None):
-    """The database's best knobs for the kernel ``run_matmul`` is about to run, else None.
+def tuned_knobs(
+    plan, dtype: str, target, A: torch.Tensor, B: torch.Tensor, database: TileDatabase | None = None, template=None
+):
+    """The database's best knobs for the kernel about to run, else None.
 
-    ``A`` and ``B`` are the kernel's (batched, storage-order) operands. Never raises: a lookup
-    that fails costs the defaults, with one warning.
+    ``A`` and ``B`` are the kernel's (batched, storage-order) operands; ``template`` is the one
+    whose knobs it takes (default: the target's, which ``run_matmul``'s kernel takes). Never
+    raises: a lookup that fails costs the defaults, with one warning.
     """
     if plan.sparse == "c":
         return None
@@ -351,12 +365,12 @@ def tuned_knobs(plan, dtype: str, target, A: torch.Tensor, B: torch.Tensor, data
             return None
         sizes = dict(zip(kernel_order(plan, "a"), A.shape)) | dict(zip(kernel_order(plan, "b"), B.shape))
         shape = (sizes["m"], sizes["n"], sizes["k"])
-        cache_key = (db.serial, token, plan.signature(), shape_bucket(shape), dtype, str(target))
+        template = template if template is not None else template_for(target)
+        cache_key = (db.serial, token, plan.signature(), shape_bucket(shape), dtype, str(target), template.name)
         if cache_key not in _knob_cache:
             if len(_knob_cache) > 4096:  # entries of old tokens are never read again
                 _knob_cache.clear()
             flat = unbatched_plan(plan, {"m": shape[0], "n": shape[1], "k": shape[2]})
-            template = template_for(target)
             entry = db.get(workload_key(matmul_workload(flat, shape, dtype, target, template)))
             knobs = best_knobs(entry) if entry is not None else None
             _knob_cache[cache_key] = template.Knobs(**knobs) if knobs is not None else None

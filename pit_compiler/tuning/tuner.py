@@ -29,15 +29,24 @@ from tvm.s_tir.meta_schedule.runner.config import EvaluatorConfig
 from tvm.target import Target
 
 from pit_compiler.codegen import matmul_module
+from pit_compiler.codegen.reduce_matmul import reduce_tile_knobs, reduce_tile_space
 from pit_compiler.ir import PITError, SparsityAttr, plan_pit
 from pit_compiler import ops
-from pit_compiler.ops import batched, index_for, kernel_cache, matmul_contraction, result_dtype, storage, tvm_dtype
-from pit_compiler.runtime import MicroTileIndex
+from pit_compiler.ops import (
+    batched,
+    index_for,
+    kernel_cache,
+    matmul_contraction,
+    result_dtype,
+    storage,
+    tensor_core_kernel,
+    tvm_dtype,
+)
 from pit_compiler.schedules import template_for
 from pit_compiler.targets import target_for
 from pit_compiler.validation import normalize_micro_tile
 
-from .cost_model import best_knobs, kernel_model, tile_label
+from .cost_model import best_knobs, kernel_model, kernel_template, tile_label
 from .database import (
     TileDatabase,
     dense_workload,
@@ -318,13 +327,14 @@ class _Run:
         tile = normalize_micro_tile(micro_tile, self.operand_shape)
         contraction = matmul_contraction(2, *self.transposed)
         plan = plan_pit(contraction, SparsityAttr(self.sparse, self._storage_tile(tile)), {"m": M, "n": N, "k": K})
-        workload = matmul_workload(plan, self.shape, self.dtype, self.target, self.template)
+        dedicated = tensor_core_kernel(plan, 2, K, N, self.dtype, self.dtype, self.dtype, self.target)
+        template = kernel_template(plan, self.shape, self.dtype, self.target)
+        workload = matmul_workload(plan, self.shape, self.dtype, self.target, template)
         summary = KernelSummary(micro_tile, plan.form, workload_key(workload))
         entry = self.db.get(summary.key) or {"measurements": {}, "detect": {}}
         done = entry["measurements"]
         failed = {name.split("/")[1] for name in done if name.endswith("/failed")}
-        dedicated = dedicated_path(plan, self.shape, self.torch_dtype, self.device, self.transposed)
-        space = self.space[:1] if dedicated else self.space  # its kernel takes no template knobs
+        space = self._space(dedicated, plan)
         points = [(k, s) for k in space if knobs_text(k) not in failed for s in self.sparsities]
         names = [_point_name(self.shape, k, s) for k, s in points]
         budget = max(0, trials - sum(name in done for name in names))
@@ -337,6 +347,15 @@ class _Run:
                 summary.reused += 1
         needs_detect = shape_text(self.shape) not in entry.get("detect", {})
         return _Task(number, tile, plan, workload, todo, needs_detect, dedicated, summary)
+
+    def _space(self, dedicated: str | None, plan) -> list:
+        """The knob settings to measure: the target template's space, or the dedicated kernel's."""
+        M, N, K = self.shape
+        if dedicated == "reduce":
+            return reduce_tile_space(reduce_tile_knobs(plan, 2, K, N, self.dtype, self.dtype, self.target), N)
+        if dedicated == "row_gather":
+            return [ops.ROW_GATHER_KNOBS]
+        return self.space
 
     def time_dense(self) -> float:
         M, N, K = self.shape
@@ -388,7 +407,7 @@ class _Run:
             timing = (A, B, index, self.device, self.evaluator, text not in checked)
             try:
                 if task.dedicated:
-                    ms = _measure_dedicated(task.plan, *timing)
+                    ms = _measure_dedicated(task.plan, knobs, *timing)
                 else:
                     ms = _measure(task.plan, self.dtype, self.target, knobs, *timing)
             except (PITError, AssertionError) as error:  # InvalidKnobs and CompilationError are PITErrors
@@ -421,18 +440,6 @@ def _point_name(shape, knobs, sparsity: float) -> str:
     return f"{shape_text(shape)}/{knobs_text(knobs)}/{sparsity:g}"
 
 
-def dedicated_path(plan, shape, dtype, device, transposed=(False, False)) -> str | None:
-    """The dedicated tensor-core kernel run time sends ``plan`` to (``ops.tensor_core_path``:
-    the row gather or the reduce tile) instead of the template-scheduled one, else None: where
-    there is one, it is what gets timed, with its own knobs."""
-    if device.type != "cuda":
-        return None
-    M, N, K = shape
-    stored = [(K, M) if transposed[0] else (M, K), (N, K) if transposed[1] else (K, N), (M, N)]
-    A, B, out = (torch.empty(extent, dtype=dtype, device=device) for extent in stored)  # as ops.storage passes them
-    return ops.tensor_core_path(plan, A, B, out)
-
-
 def _check_against_torch(out, A, B, dtype: str) -> None:
     reference = A.double() @ B.double()
     scale = max(reference.abs().max().item(), 1.0)
@@ -441,12 +448,13 @@ def _check_against_torch(out, A, B, dtype: str) -> None:
         raise AssertionError(f"result differs from dense torch by {error:.3g} (allowed {TOLERANCE[dtype] * scale:.3g})")
 
 
-def _measure_dedicated(plan, A, B, index, device, evaluator, check: bool) -> float:
+def _measure_dedicated(plan, knobs, A, B, index, device, evaluator, check: bool) -> float:
+    """Check (if asked) and time the dedicated tensor-core kernel with ``knobs`` (ms)."""
     out = torch.empty(A.shape[0], B.shape[1], dtype=A.dtype, device=device)
     a, b = storage(A)[0], storage(B)[0]
 
     def run():
-        assert ops.run_on_tensor_cores(plan, a, b, out, index), "the dedicated kernel declined"
+        assert ops.run_on_tensor_cores(plan, a, b, out, index, knobs), "the dedicated kernel declined"
 
     if check:
         run()

@@ -4,6 +4,7 @@ and (on a GPU) that ``pit.sparse_matmul`` through it matches dense torch."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 import subprocess
@@ -16,7 +17,7 @@ from tvm.target import Target
 import pit_compiler as pit
 from pit_compiler import ops
 from pit_compiler.codegen.build import compile_primfunc
-from pit_compiler.codegen.reduce_matmul import build_reduce_tile, reduce_tile_knobs
+from pit_compiler.codegen.reduce_matmul import build_reduce_tile, fitting_knobs, reduce_tile_knobs, reduce_tile_space
 from pit_compiler.ir import SparsityAttr, plan_pit
 from pit_compiler.schedules.tensor_core_matmul import TensorCoreMatmul
 from sparse_data import assert_matches_reference, dense_operand, expand_mask, micro_tile_sparse
@@ -246,3 +247,66 @@ def test_covered_product_is_exact(tile, density, monkeypatch):
     result = pit.sparse_matmul(A, B, micro_tile=tile, out=torch.full((70, 40), float("nan")))  # poisoned
     assert covers and covers[0].tile["m"] == 16
     assert_matches_reference(result, A.double() @ B.double())
+
+
+# The tuned space of the tile
+
+
+def test_space_keeps_the_micro_tiles_rows_and_starts_at_the_defaults():
+    for tile, N in [((32, 1), 4096), ((128, 16), 4096), ((16, 8), 192), ((64, 64), 320)]:
+        default = knobs_for(tile, K=256, N=N)
+        space = reduce_tile_space(default, N)
+        assert space[0] == default and len(set(space)) == len(space) > 1
+        for knobs in space:
+            rows = (knobs.block_m, knobs.warps_m, knobs.fragments_m, knobs.vector_a)
+            assert rows == (default.block_m, default.warps_m, default.fragments_m, default.vector_a), knobs
+            assert N % knobs.block_n == 0 and knobs.block_k in (32, 64), knobs
+            assert fitting_knobs(default, knobs, N) is knobs
+
+
+def test_every_setting_builds_for_sm90(tmp_path):
+    """Each knob setting the tuner may measure compiles to a cubin (ptxas enforces the shared
+    memory and register limits), so tuning on a GPU spends no time on settings that cannot run."""
+    K, N, tile = 256, 256, (32, 1)
+    space = reduce_tile_space(knobs_for(tile, K, N), N)
+    assert {k.block_n for k in space} == {64, 128, 256}
+    for number, knobs in enumerate(space):
+        executable = compile_primfunc(build_reduce_tile(K, N, *tile, knobs.block_k, "float16"), SM90, knobs,
+                                      template=TensorCoreMatmul())
+        source = executable.mod.imports[0].inspect_source()
+        assert "mma.sync" in source, knobs
+        if shutil.which("nvcc"):
+            path = tmp_path / f"reduce{number}.cu"
+            path.write_text(source)
+            result = subprocess.run(["nvcc", "-arch=sm_90", "-cubin", str(path), "-o", str(path.with_suffix(".cubin"))],
+                                    capture_output=True, text=True)
+            assert result.returncode == 0, f"{knobs}: {result.stderr[-1500:]}"
+
+
+def test_tuned_knobs_are_used_only_where_they_fit():
+    default = knobs_for((32, 1), N=384)
+    wider = dataclasses.replace(default, block_n=64, warps_n=2)
+    assert fitting_knobs(default, wider, 384) is wider
+    assert fitting_knobs(default, dataclasses.replace(default, block_n=256, warps_n=8), 384) is default  # 384 % 256
+    assert fitting_knobs(default, dataclasses.replace(wider, block_m=64, fragments_m=4), 384) is default  # other rows
+    assert fitting_knobs(default, None, 384) is default
+
+
+@pytest.mark.parametrize("fits", [True, False])
+def test_run_time_takes_the_databases_knobs(fits, monkeypatch):
+    """The reduce tile asks the tile database for its knobs (as the tuner stored them)."""
+    from pit_compiler.tuning import cost_model
+
+    monkeypatch.setattr(ops, "target_for", lambda device: SM90)
+    M, K, N = 256, 256, 384
+    plan = reduce_plan((32, 1), K, N)
+    default = knobs_for((32, 1), K, N)
+    tuned = dataclasses.replace(default, block_n=64, warps_n=2) if fits else dataclasses.replace(default, block_n=256)
+    asked, built = [], []
+    monkeypatch.setattr(cost_model, "tuned_knobs", lambda plan, dtype, target, A, B, **kw: asked.append(kw) or tuned)
+    monkeypatch.setattr(ops, "reduce_tile_kernel", lambda *a: built.append(a[-1]) or (lambda *args: None))
+    A, B, out = torch.empty(M, K, dtype=torch.float16), torch.empty(K, N, dtype=torch.float16), torch.empty(M, N, dtype=torch.float16)
+    index = ops.MicroTileIndex(torch.zeros(1, M // 32, dtype=torch.int32), torch.zeros(1, M // 32, K, dtype=torch.int32))
+    assert ops.run_reduce_on_tensor_cores(plan, A, B, out, index)
+    assert asked[0]["template"].name == TensorCoreMatmul.name
+    assert built == [tuned if fits else default]

@@ -178,3 +178,36 @@ def test_bad_arguments_name_the_argument(kwargs, match):
     options = {"shape": SHAPE, "dtype": "float32", "database": TileDatabase(None), "progress": False, **kwargs}
     with pytest.raises(ValueError, match=match):
         tune_matmul(options.pop("shape"), options.pop("dtype"), **options)
+
+
+SM90 = Target({"kind": "cuda", "arch": "sm_90"})
+
+
+@pytest.mark.parametrize(
+    "micro_tile, dtype, kernel, template",
+    [((32, 1), "float16", "reduce", "tensor_core_matmul"), ((1, None), "float16", "row_gather", "tensor_core_matmul"),
+     ((32, 1), "float32", None, "simt_threads"), ((1, 32), "float16", None, "simt_threads")],
+    ids=str,
+)
+def test_cuda_tasks_measure_the_kernel_run_time_takes(micro_tile, dtype, kernel, template, tmp_path):
+    """Planned for an sm_90 target (built here, never run): a micro-tile that run time sends to
+    a tensor-core tile is keyed by that tile's template and measured over its knob space."""
+    from pit_compiler.codegen.reduce_matmul import reduce_tile_knobs, reduce_tile_space
+    from pit_compiler.tuning.cost_model import kernel_template
+
+    db = TileDatabase(tmp_path / "tiles.json")
+    run = tuner._Run((256, 384, 512), dtype, "A", (False, False), (0.9,), torch.device("cpu"), SM90, db,
+                     EvaluatorConfig(), 0)
+    report = tuner.TuneReport(run.shape, dtype, "A", str(SM90), str(db.path))
+    task = run.plan(0, micro_tile, 1000, report)
+    assert task.dedicated == kernel
+    assert task.workload["template"]["name"] == template
+    assert kernel_template(task.plan, run.shape, dtype, SM90).name == template
+    knobs = [k for k, _ in task.todo]
+    if kernel == "reduce":
+        default = reduce_tile_knobs(task.plan, 2, 512, 384, dtype, dtype, SM90)
+        assert knobs == reduce_tile_space(default, 384)
+    elif kernel == "row_gather":
+        assert knobs == [ops.ROW_GATHER_KNOBS]
+    else:
+        assert knobs == run.space
