@@ -122,9 +122,9 @@ with torch.no_grad():
 # report the median with the 20th and 80th percentiles. PIT's time includes building the tile
 # list from the element mask on the device, as a real model would pay it on every call.
 #
-# Expect PIT to lose for now: its kernels are plain loops (no tensor cores, no shared-memory
-# tiles; see the README's status), so the sweep measures how the cost falls with tile density,
-# not yet a speed-up over the eager kernels.
+# Expect PIT to lose for now: batched float32 attention runs on plain-loop kernels (tensor cores
+# serve 2-D float16 products only; see the README's status), so the sweep measures how the cost
+# falls with tile density, not yet a speed-up over the eager kernels.
 
 
 def benchmark(seqs=(256, 512, 1024, 2048), reps=5, heads=4, dim=64):
