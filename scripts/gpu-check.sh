@@ -3,7 +3,7 @@
 #   bash scripts/gpu-check.sh tests      # the whole gpu suite, default kernels
 #   bash scripts/gpu-check.sh kernels    # the gpu tests of detection, the tensor-core tiles and sparse_matmul
 #   bash scripts/gpu-check.sh spmm       # benchmarks/spmm.py: fp16, every case at 4096^3, some at 8192^3
-#   bash scripts/gpu-check.sh tuning     # benchmarks/tuning.py at 4096^3 fp16
+#   bash scripts/gpu-check.sh tuning     # benchmarks/tuning.py --quick at 4096^3 fp16
 # Logs and results are copied under $OUT when the device tool provides it.
 set -uo pipefail
 stage=${1:?usage: scripts/gpu-check.sh tests|kernels|spmm|tuning}
@@ -23,7 +23,9 @@ case "$stage" in
     timeout 200 python3 -P benchmarks/spmm.py --sizes 4096 --dtypes float16 2>&1 | tee "$out/spmm.log" | tail -40
     timeout 200 python3 -P benchmarks/spmm.py --sizes 8192 --dtypes float16 --micro-tiles row,32x1,32x32,64x64 \
       --sparsities 0,0.9,0.99 --merge 2>&1 | tee -a "$out/spmm.log" | tail -40 ;;
-  tuning) python3 -P benchmarks/tuning.py --sizes 4096 2>&1 | tee "$out/tuning.log" | tail -40 ;;
+  tuning)  # 32x1 and 32x32 at 4096^3 (--quick); the tile database comes back under $OUT
+    timeout 540 python3 -P benchmarks/tuning.py --sizes 4096 --quick --db "$out/tiles.json" 2>&1 \
+      | tee "$out/tuning.log" | tail -40 ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac
 cp -r benchmarks/results "$out/" 2>/dev/null || true
