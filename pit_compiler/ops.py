@@ -255,10 +255,11 @@ def tensor_core_cover(plan: PITPlan, A, B, out) -> PITPlan:
         return plan
     rows, cols = plan.tile["m"], plan.tile["k"]
     sizes = {"m": A.shape[-2], "k": A.shape[-1], "n": B.shape[-1]}
-    for height in (h for h in ROW_BLOCKS if h % rows == 0 and h > rows):
-        cover = plan_pit(plan.contraction, SparsityAttr("A", (height, cols)), sizes, "reduce")
-        return cover if tensor_core_path(cover, A, B, out) == "reduce" else plan
-    return plan
+    height = next((h for h in ROW_BLOCKS if h % rows == 0 and h > rows), None)
+    if height is None:
+        return plan
+    cover = plan_pit(plan.contraction, SparsityAttr("A", (height, cols)), sizes, "reduce")
+    return cover if tensor_core_path(cover, A, B, out) == "reduce" else plan
 
 
 def run_on_tensor_cores(plan: PITPlan, A, B, out, index: MicroTileIndex, knobs=None) -> bool:
@@ -342,4 +343,3 @@ def run_reduce_on_tensor_cores(plan: PITPlan, A, B, out, index: MicroTileIndex, 
     if C is not out:
         out.copy_(C[: out.shape[0]])
     return True
-
