@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from tvm.target import Target
 
 from pit_compiler.ir import PITPlan
@@ -58,6 +60,13 @@ def detect_kernel(
     ``one_pass`` (CUDA only) the listing is atomic and :class:`DetectionThreads` schedules it;
     otherwise the target's template runs the ascending two-stage listing.
     """
+    return _detect_kernel(order, blocked, permuted, blocked_tile, permuted_tile, dtype, target, cache, knobs, pack, one_pass)
+
+
+# Every call looks its kernels up: keep the answer per arguments (the cache and the target
+# compare by identity, and the cache keeps what it returned for good).
+@functools.lru_cache(maxsize=1024)
+def _detect_kernel(order, blocked, permuted, blocked_tile, permuted_tile, dtype, target, cache, knobs, pack, one_pass):
     atomic = one_pass and target.kind.name == "cuda"
     template = DetectionThreads() if atomic else template_for(target)
     knobs = knobs if knobs is not None else template.Knobs()

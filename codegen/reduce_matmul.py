@@ -15,6 +15,7 @@ density without reading anything back to the host. The output is dense: no scatt
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 from tvm import te, tirx
@@ -180,6 +181,7 @@ def fitting_knobs(default: TensorCoreMatmul.Knobs, tuned, N: int) -> TensorCoreM
     return tuned if fits else default
 
 
+@functools.lru_cache(maxsize=1024)  # looked up on every call; the cache keeps what it returns for good
 def reduce_tile_kernel(K: int, N: int, bm: int, bk: int, out_dtype: str, target: Target, cache: KernelCache, knobs):
     """The compiled ``main(A, B, cnt, idx, C)`` of :func:`build_reduce_tile`."""
     template = TensorCoreMatmul()
