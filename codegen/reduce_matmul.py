@@ -23,6 +23,7 @@ from tvm.target import Target
 
 from pit_compiler.ir import PITPlan
 from pit_compiler.runtime.cache import KernelCache
+from pit_compiler.schedules.mma_intrinsics import INPUT_DTYPES
 from pit_compiler.schedules.tensor_core_matmul import (
     CAST_BLOCK,
     GATHER_B_BLOCK,
@@ -36,7 +37,6 @@ from pit_compiler.schedules.tensor_core_matmul import (
 from .build import compile_primfunc, kernel_key
 
 ROW_BLOCKS = (16, 32, 64, 128)  # micro-tile heights one thread block's rows cover exactly
-OUT_DTYPES = ("float16", "float32")
 
 
 def build_reduce_tile(K: int, N: int, bm: int, bk: int, block_k: int, out_dtype: str, dtype: str = "float16"):
@@ -91,7 +91,8 @@ def build_reduce_tile(K: int, N: int, bm: int, bk: int, block_k: int, out_dtype:
 def reduce_tile_knobs(plan: PITPlan, ndim: int, K: int, N: int, dtype: str, out_dtype: str, target: Target):
     """The tile's knobs where it computes ``plan``, else None (the SIMT kernel runs).
 
-    It serves the reduce form of a 2-D float16 A stored (m, k) with B stored (k, n), row blocks
+    It serves the reduce form of a 2-D float16 or bfloat16 A stored (m, k) with B stored (k, n),
+    output in A's dtype or float32, row blocks
     of 16 to 128 rows (one per thread block), N a multiple of 64, and K a multiple of 8 (whole
     16-byte copies); any M and any chunk width. Asked on every call: answers are kept.
     """
@@ -115,8 +116,8 @@ def _reduce_tile_knobs(plan: PITPlan, ndim, K, N, dtype, out_dtype, target):
         ndim == 2
         and plan.contraction.order("a") == ("m", "k")
         and plan.contraction.order("b") == ("k", "n")
-        and dtype == "float16"
-        and out_dtype in OUT_DTYPES
+        and dtype in INPUT_DTYPES
+        and out_dtype in (dtype, "float32")
         and bm in ROW_BLOCKS
         and block_n is not None
         and K % VECTOR == 0
@@ -182,14 +183,16 @@ def fitting_knobs(default: TensorCoreMatmul.Knobs, tuned, N: int) -> TensorCoreM
 
 
 @functools.lru_cache(maxsize=1024)  # looked up on every call; the cache keeps what it returns for good
-def reduce_tile_kernel(K: int, N: int, bm: int, bk: int, out_dtype: str, target: Target, cache: KernelCache, knobs):
+def reduce_tile_kernel(
+    K: int, N: int, bm: int, bk: int, out_dtype: str, target: Target, cache: KernelCache, knobs, dtype: str = "float16"
+):
     """The compiled ``main(A, B, cnt, idx, C)`` of :func:`build_reduce_tile`."""
     template = TensorCoreMatmul()
     signature = f"K={K} N={N} bm={bm} bk={bk} v{template.version}"
-    key = kernel_key("reduce_tile", signature, {"in": "float16", "out": out_dtype}, target, knobs)
+    key = kernel_key("reduce_tile", signature, {"in": dtype, "out": out_dtype}, target, knobs)
 
     def build():
-        func = build_reduce_tile(K, N, bm, bk, knobs.block_k, out_dtype)
+        func = build_reduce_tile(K, N, bm, bk, knobs.block_k, out_dtype, dtype)
         return compile_primfunc(func, target, knobs, what=f"tensor-core reduce {signature}", template=template)
 
     return cache.main(key, build)

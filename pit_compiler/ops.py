@@ -16,7 +16,7 @@ from pit_compiler.codegen.reduce_matmul import ROW_BLOCKS, fitting_knobs, reduce
 from pit_compiler.schedules.tensor_core_matmul import TensorCoreMatmul
 from pit_compiler.ir import Contraction, PITPlan, SparsityAttr, as_contraction, plan_pit
 from pit_compiler.runtime import KernelCache, MicroTileIndex, default_cache_dir
-from pit_compiler.targets import target_for
+from pit_compiler.targets import target_for, tensor_core_dtypes
 
 # The logical axes of each operand's rows and columns, whatever its storage order.
 _LOGICAL_ROLES = {"a": ("m", "k"), "b": ("k", "n"), "c": ("m", "n")}
@@ -229,9 +229,16 @@ def tensor_core_kernel(plan: PITPlan, ndim: int, K: int, N: int, dtype: str, b_d
     dtypes and the target (the tuner and the cost model ask before any operand exists)."""
     if _row_gather_fits(plan, ndim, K, N, dtype, b_dtype, out_dtype, target):
         return "row_gather"
-    if b_dtype == dtype and reduce_tile_knobs(plan, ndim, K, N, dtype, out_dtype, target) is not None:
+    if _reduce_tile_default(plan, ndim, K, N, dtype, b_dtype, out_dtype, target) is not None:
         return "reduce"
     return None
+
+
+def _reduce_tile_default(plan: PITPlan, ndim, K, N, dtype, b_dtype, out_dtype, target):
+    """The reduce tile's default knobs for this call, or None where it does not serve it."""
+    if b_dtype != dtype or dtype not in tensor_core_dtypes():
+        return None
+    return reduce_tile_knobs(plan, ndim, K, N, dtype, out_dtype, target)
 
 
 def _call_facts(A, B, out) -> tuple:
@@ -317,7 +324,7 @@ def run_row_gather_on_tensor_cores(plan: PITPlan, A, B, out, index: MicroTileInd
 
 
 def run_reduce_on_tensor_cores(plan: PITPlan, A, B, out, index: MicroTileIndex, knobs=None) -> bool:
-    """Column pieces and blocks of a 2-D float16 A (reduce form) on a CUDA GPU: the tensor-core
+    """Column pieces and blocks of a 2-D float16 (or bfloat16) A, reduce form, on a CUDA GPU: the tensor-core
     tile; False where it does not fit (see :func:`~pit_compiler.codegen.reduce_matmul.reduce_tile_knobs`).
 
     Its knobs: ``knobs``, else the tile database's best for this kernel where they fit (``pit-tune``),
@@ -325,8 +332,8 @@ def run_reduce_on_tensor_cores(plan: PITPlan, A, B, out, index: MicroTileIndex, 
     writes whole row blocks, so an M that is not a multiple of the micro-tile's rows goes through
     a padded copy.
     """
-    ndim, K, N, dtype, b_dtype, out_dtype, target = _call_facts(A, B, out)
-    default = reduce_tile_knobs(plan, ndim, K, N, dtype, out_dtype, target) if b_dtype == dtype else None
+    ndim, K, N, dtype, b_dtype, out_dtype, target = facts = _call_facts(A, B, out)
+    default = _reduce_tile_default(plan, *facts)
     if default is None:
         return False
     if knobs is None:
@@ -338,7 +345,7 @@ def run_reduce_on_tensor_cores(plan: PITPlan, A, B, out, index: MicroTileIndex, 
     row_blocks = index.counts.shape[-1]
     direct = out.is_contiguous() and row_blocks * bm == out.shape[0]
     C = out if direct else torch.empty(row_blocks * bm, N, dtype=out.dtype, device=out.device)
-    kernel = reduce_tile_kernel(K, N, bm, bk, out_dtype, target, kernel_cache(), knobs)
+    kernel = reduce_tile_kernel(K, N, bm, bk, out_dtype, target, kernel_cache(), knobs, dtype)
     kernel(A, B, index.counts[0], index.indices[0], C.view(row_blocks, bm, N))
     if C is not out:
         out.copy_(C[: out.shape[0]])

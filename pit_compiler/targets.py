@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 from tvm.target import Target
@@ -29,3 +30,14 @@ def target_for(device: torch.device) -> Target:
         torch.cuda.current_device() if device.type == "cuda" else None
     )
     return _target(device.type, index)
+
+
+# bfloat16 tensor-core tiles build for sm_90 and pass every CPU check, but have not yet run on a
+# GPU: they stay off unless asked for, so bfloat16 products keep the GPU-checked kernels.
+BF16_TENSOR_CORES_ENV = "PIT_BF16_TENSOR_CORES"
+
+
+def tensor_core_dtypes() -> tuple[str, ...]:
+    """Input dtypes the tensor-core reduce tile takes: float16, and bfloat16 with
+    ``$PIT_BF16_TENSOR_CORES=1`` (its gpu tests set it)."""
+    return ("float16", "bfloat16") if os.environ.get(BF16_TENSOR_CORES_ENV) == "1" else ("float16",)

@@ -2,8 +2,8 @@
 
 The gathers are inlined stages of the global->shared copies, so SRead costs an index load per
 row (or column) and nothing else: the tile itself is the plain dense tensor-core pipeline. Built
-from TVM's own schedule primitives and registered tensor intrinsics (``tvm.s_tir.tensor_intrin.cuda``);
-float16 inputs with float32 accumulation, the pair TVM 0.27 registers ``mma`` intrinsics for.
+from TVM's own schedule primitives and tensor intrinsics (:mod:`.mma_intrinsics`): float16 or
+bfloat16 inputs with float32 accumulation.
 
 The workload this template takes (codegen writes it with ``te``):
 
@@ -25,6 +25,7 @@ from tvm import s_tir, tirx
 from tvm.target import Target
 
 from .common import ScheduleTemplate, check
+from .mma_intrinsics import INPUT_DTYPES, mma_intrinsics
 
 MMA = 16  # the m16n16k16 tile the intrinsics compute
 VECTOR = 8  # float16 elements per 16-byte copy
@@ -140,6 +141,9 @@ class TensorCoreMatmul(ScheduleTemplate):
 
         # Step 1. Tile the loops: 16x16x16 MMA tiles, grouped into warps and thread blocks.
         block = sch.get_sblock("C")
+        input_dtype = str(sch.get(block).reads[0].source.dtype)  # A (or its gather stage)
+        if input_dtype not in INPUT_DTYPES:
+            return None
         *batch, i, j, k = sch.get_loops(block)
         i, i_mma = sch.split(i, [None, MMA])
         j, j_mma = sch.split(j, [None, MMA])
@@ -200,14 +204,13 @@ class TensorCoreMatmul(ScheduleTemplate):
         sch.transform_layout(a_warp, ("write", 0), _fragment_layout)
         sch.transform_layout(b_warp, ("write", 0), _fragment_layout)
         sch.transform_layout(c_warp, ("read", 0), _fragment_layout)
-        cuda = _cuda_intrinsics()
-        sch.tensorize(sch.get_loops(a_warp)[-2], cuda.LDMATRIX_f16_A_INTRIN)
-        sch.tensorize(sch.get_loops(b_warp)[-2], cuda.LDMATRIX_f16_B_INTRIN)
-        sch.tensorize(sch.get_loops(block)[-3], cuda.MMA_f16f16f32_INTRIN)
-        sch.tensorize(sch.get_loops(sch.get_sblock("C_init"))[-2], cuda.MMA_fill_16x16_f32_INTRIN)
+        intrinsics = mma_intrinsics(input_dtype)
+        sch.tensorize(sch.get_loops(a_warp)[-2], intrinsics.ldmatrix_a)
+        sch.tensorize(sch.get_loops(b_warp)[-2], intrinsics.ldmatrix_b)
+        sch.tensorize(sch.get_loops(block)[-3], intrinsics.mma)
+        sch.tensorize(sch.get_loops(sch.get_sblock("C_init"))[-2], intrinsics.fill)
         staged = CAST_BLOCK in names
-        store = cuda.MMA_store_16x16_f32_shared_dyn_INTRIN if staged else cuda.MMA_store_16x16_f32_global_INTRIN
-        sch.tensorize(sch.get_loops(c_warp)[-2], store)
+        sch.tensorize(sch.get_loops(c_warp)[-2], intrinsics.store_shared if staged else intrinsics.store_global)
 
         # Step 6. A data-dependent end of the reduction, per thread block.
         _bound_reduction(sch, k0, block_loop, tile_extents, knobs)

@@ -20,6 +20,7 @@ from pit_compiler.codegen.build import compile_primfunc
 from pit_compiler.codegen.reduce_matmul import build_reduce_tile, fitting_knobs, reduce_tile_knobs, reduce_tile_space
 from pit_compiler.ir import SparsityAttr, plan_pit
 from pit_compiler.schedules.tensor_core_matmul import TensorCoreMatmul
+from pit_compiler.targets import BF16_TENSOR_CORES_ENV
 from sparse_data import assert_matches_reference, dense_operand, expand_mask, micro_tile_sparse
 
 SM90 = Target({"kind": "cuda", "arch": "sm_90"})
@@ -304,9 +305,54 @@ def test_run_time_takes_the_databases_knobs(fits, monkeypatch):
     tuned = dataclasses.replace(default, block_n=64, warps_n=2) if fits else dataclasses.replace(default, block_n=256)
     asked, built = [], []
     monkeypatch.setattr(cost_model, "tuned_knobs", lambda plan, dtype, target, A, B, **kw: asked.append(kw) or tuned)
-    monkeypatch.setattr(ops, "reduce_tile_kernel", lambda *a: built.append(a[-1]) or (lambda *args: None))
+    monkeypatch.setattr(ops, "reduce_tile_kernel", lambda *a: built.append(a[-2]) or (lambda *args: None))  # (..., knobs, dtype)
     A, B, out = torch.empty(M, K, dtype=torch.float16), torch.empty(K, N, dtype=torch.float16), torch.empty(M, N, dtype=torch.float16)
     index = ops.MicroTileIndex(torch.zeros(1, M // 32, dtype=torch.int32), torch.zeros(1, M // 32, K, dtype=torch.int32))
     assert ops.run_reduce_on_tensor_cores(plan, A, B, out, index)
     assert asked[0]["template"].name == TensorCoreMatmul.name
     assert built == [tuned if fits else default]
+
+
+# bfloat16: built and compiled here; opt-in ($PIT_BF16_TENSOR_CORES) until its gpu tests pass
+
+
+def test_bfloat16_tile_builds_bf16_mma_for_sm90(tmp_path):
+    K, N, (bm, bk) = 256, 256, (32, 32)
+    knobs = knobs_for((bm, bk), K, N, dtype="bfloat16", out="bfloat16")
+    assert knobs is not None
+    executable = compile_primfunc(build_reduce_tile(K, N, bm, bk, knobs.block_k, "bfloat16", "bfloat16"), SM90, knobs,
+                                  template=TensorCoreMatmul())
+    source = executable.mod.imports[0].inspect_source()
+    assert "bf16" in source and "mma.sync" in source and "ldmatrix" in source
+    assert "f16.f16" not in source, "a float16 mma was left in the bfloat16 tile"
+    if shutil.which("nvcc"):
+        path = tmp_path / "reduce_bf16.cu"
+        path.write_text(source)
+        result = subprocess.run(["nvcc", "-arch=sm_90", "-cubin", str(path), "-o", str(path.with_suffix(".cubin"))],
+                                capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_bfloat16_takes_the_tile_only_when_asked(monkeypatch):
+    monkeypatch.setattr(ops, "target_for", lambda device: SM90)
+    M, K, N = 256, 256, 384
+    plan = reduce_plan((32, 1), K, N)
+    A, B, out = (torch.empty(shape, dtype=torch.bfloat16) for shape in ((M, K), (K, N), (M, N)))
+    monkeypatch.delenv(BF16_TENSOR_CORES_ENV, raising=False)
+    assert ops.tensor_core_path(plan, A, B, out) is None
+    monkeypatch.setenv(BF16_TENSOR_CORES_ENV, "1")
+    assert ops.tensor_core_path(plan, A, B, out) == "reduce"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tile", [(32, 1), (64, 64), (1, 32)], ids=str)
+@pytest.mark.parametrize("density", [1.0, 0.3, 0.0])
+def test_bfloat16_on_tensor_cores(tile, density, taken, monkeypatch):
+    monkeypatch.setenv(BF16_TENSOR_CORES_ENV, "1")
+    M, K, N = 300, 200, 320
+    A, _ = micro_tile_sparse((M, K), tile, density, torch.bfloat16, "cuda", seed=11)
+    B = dense_operand((K, N), torch.bfloat16, "cuda", seed=12)
+    out = poisoned((M, N), torch.bfloat16)
+    pit.sparse_matmul(A, B, micro_tile=tile, out=out)  # (1, 32) runs as 16x32 blocks
+    assert taken == [True], "the tensor-core reduce path did not run"
+    assert_matches_reference(out, A.double() @ B.double())
