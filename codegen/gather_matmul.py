@@ -14,6 +14,7 @@ from tvm.script import tirx as T
 from tvm.target import Target
 
 from pit_compiler.runtime.cache import KernelCache
+from pit_compiler.schedules.mma_intrinsics import INPUT_DTYPES
 from pit_compiler.schedules.tensor_core_matmul import GATHER_BLOCK, TensorCoreMatmul
 
 from .build import compile_primfunc, default_knobs, kernel_key
@@ -70,7 +71,7 @@ def build_row_scatter(out_dtype: str):
 def fits_tensor_cores(K: int, N: int, dtype: str, target: Target, knobs: TensorCoreMatmul.Knobs) -> bool:
     """Whether the tensor-core tile covers this shape without tails (else the SIMT path runs)."""
     return (
-        dtype == "float16"
+        dtype in INPUT_DTYPES
         and TensorCoreMatmul().is_target_available(target)
         and K % knobs.block_k == 0
         and N % knobs.block_n == 0

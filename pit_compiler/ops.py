@@ -286,23 +286,26 @@ def _row_gather_fits(plan: PITPlan, ndim, K, N, dtype, b_dtype, out_dtype, targe
         and not plan.accumulate
         and plan.sparse == "a"
         and ndim == 2
-        and dtype == b_dtype == out_dtype == "float16"
+        and dtype == b_dtype == out_dtype
+        and dtype in tensor_core_dtypes()
         and plan.contraction.order("a") == ("m", "k")
         and plan.contraction.order("b") == ("k", "n")
-        and fits_tensor_cores(K, N, "float16", target, ROW_GATHER_KNOBS)
+        and fits_tensor_cores(K, N, dtype, target, ROW_GATHER_KNOBS)
     )
 
 
 def run_row_gather_on_tensor_cores(plan: PITPlan, A, B, out, index: MicroTileIndex) -> bool:
-    """Whole rows of a 2-D float16 A on a CUDA GPU: the tensor-core tile; False where it does not fit.
+    """Whole rows of a 2-D float16 (or bfloat16) A on a CUDA GPU: the tensor-core tile; False
+    where it does not fit.
 
     Reads the number of listed rows back to the host (one 4-byte sync) to size the launch, so
     the grid covers only the gathered rows.
     """
-    if not _row_gather_fits(plan, *_call_facts(A, B, out)):
+    facts = _call_facts(A, B, out)
+    if not _row_gather_fits(plan, *facts):
         return False
-    target, knobs = target_for(A.device), ROW_GATHER_KNOBS
-    K, N = A.shape[-1], B.shape[-1]
+    _, K, N, dtype, _, _, target = facts
+    knobs = ROW_GATHER_KNOBS
     chunks = int(index.counts[0, 0])
     if chunks == 0:
         out.zero_()
@@ -316,7 +319,7 @@ def run_row_gather_on_tensor_cores(plan: PITPlan, A, B, out, index: MicroTileInd
     idx = torch.zeros(row_blocks * knobs.block_m, dtype=torch.int32, device=A.device)
     idx[: rows.numel()] = rows
     packed = torch.empty(row_blocks * knobs.block_m, N, dtype=torch.float32, device=A.device)
-    tile, scatter = row_gather_kernels(K, N, "float16", "float16", target, kernel_cache(), knobs)
+    tile, scatter = row_gather_kernels(K, N, dtype, dtype, target, kernel_cache(), knobs)
     tile(A, B, idx, packed, row_blocks)
     count = torch.full((1,), rows.numel(), dtype=torch.int32, device=A.device)
     scatter(packed, out, count, idx)

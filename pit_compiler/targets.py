@@ -38,6 +38,6 @@ BF16_TENSOR_CORES_ENV = "PIT_BF16_TENSOR_CORES"
 
 
 def tensor_core_dtypes() -> tuple[str, ...]:
-    """Input dtypes the tensor-core reduce tile takes: float16, and bfloat16 with
+    """Input dtypes the tensor-core tiles take: float16, and bfloat16 with
     ``$PIT_BF16_TENSOR_CORES=1`` (its gpu tests set it)."""
     return ("float16", "bfloat16") if os.environ.get(BF16_TENSOR_CORES_ENV) == "1" else ("float16",)

@@ -192,17 +192,21 @@ def test_transposed_storage_is_read_in_place(sparse, tile, form, transposed, wit
 @pytest.mark.parametrize("tile", [(1, None), (4, None)], ids=str)
 @pytest.mark.parametrize("density", [1.0, 0.5, 0.1, 0.0])
 @pytest.mark.parametrize("M", [1, 300, 1000])
-def test_whole_rows_run_on_tensor_cores(tile, density, M, monkeypatch):
-    """float16, K and N multiples of the tile: the tensor-core row gather, checked like the rest."""
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_whole_rows_run_on_tensor_cores(tile, density, M, dtype, monkeypatch):
+    """K and N multiples of the tile: the tensor-core row gather, checked like the rest (bfloat16
+    switched on as its users would, until this test has passed on a GPU)."""
     from pit_compiler import ops
+    from pit_compiler.targets import BF16_TENSOR_CORES_ENV
 
+    monkeypatch.setenv(BF16_TENSOR_CORES_ENV, "1")
     taken = []
     original = ops.run_row_gather_on_tensor_cores
     monkeypatch.setattr(ops, "run_row_gather_on_tensor_cores", lambda *a: taken.append(original(*a)) or taken[-1])
     K, N = 256, 384
-    A, _ = micro_tile_sparse((M, K), tile, density, torch.float16, "cuda", seed=M)
-    B = dense_operand((K, N), torch.float16, "cuda", seed=M + 1)
-    out = poisoned((M, N), torch.float16, "cuda")
+    A, _ = micro_tile_sparse((M, K), tile, density, dtype, "cuda", seed=M)
+    B = dense_operand((K, N), dtype, "cuda", seed=M + 1)
+    out = poisoned((M, N), dtype, "cuda")
     pit.sparse_matmul(A, B, micro_tile=tile, out=out)
     assert taken == [True], "the tensor-core path did not run"
     assert_matches_reference(out, A.double() @ B.double())

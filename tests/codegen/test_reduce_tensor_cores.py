@@ -337,11 +337,15 @@ def test_bfloat16_takes_the_tile_only_when_asked(monkeypatch):
     monkeypatch.setattr(ops, "target_for", lambda device: SM90)
     M, K, N = 256, 256, 384
     plan = reduce_plan((32, 1), K, N)
+    rows = plan_pit(ops.matmul_contraction(2), SparsityAttr("A", (1, K)), {"m": M, "n": N, "k": K})
     A, B, out = (torch.empty(shape, dtype=torch.bfloat16) for shape in ((M, K), (K, N), (M, N)))
     monkeypatch.delenv(BF16_TENSOR_CORES_ENV, raising=False)
-    assert ops.tensor_core_path(plan, A, B, out) is None
+    assert ops.tensor_core_path(plan, A, B, out) is None and ops.tensor_core_path(rows, A, B, out) is None
+    assert ops.tensor_core_cover(plan_pit(plan.contraction, SparsityAttr("A", (1, 32)), {"m": M, "n": N, "k": K}),
+                                 A, B, out).tile["m"] == 1  # no cover either
     monkeypatch.setenv(BF16_TENSOR_CORES_ENV, "1")
     assert ops.tensor_core_path(plan, A, B, out) == "reduce"
+    assert ops.tensor_core_path(rows, A, B, out) == "row_gather"
 
 
 @pytest.mark.gpu

@@ -32,7 +32,8 @@ def test_gated_to_cuda_sm80_and_the_gather_workload():
     assert TEMPLATE.apply(func, Target({"kind": "cuda", "arch": "sm_75"}), TEMPLATE.Knobs()) is None
     assert fits_tensor_cores(64, 128, "float16", SM90, TEMPLATE.Knobs())
     assert not fits_tensor_cores(64, 130, "float16", SM90, TEMPLATE.Knobs())
-    assert not fits_tensor_cores(64, 128, "bfloat16", SM90, TEMPLATE.Knobs())
+    assert fits_tensor_cores(64, 128, "bfloat16", SM90, TEMPLATE.Knobs())
+    assert not fits_tensor_cores(64, 128, "float32", SM90, TEMPLATE.Knobs())
 
 
 @pytest.mark.parametrize("knobs", list(TEMPLATE.space(SM90)), ids=lambda k: f"{k.block_m}x{k.block_n}x{k.block_k}")
@@ -44,5 +45,17 @@ def test_builds_mma_with_the_gather_inlined(knobs):
     if shutil.which("nvcc"):
         (path := __import__("pathlib").Path(__import__("tempfile").mkdtemp()) / "k.cu").write_text(source)
         result = subprocess.run(["nvcc", "-arch=sm_90", "-ptx", str(path), "-o", str(path.with_suffix(".ptx"))],
+                                capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_bfloat16_row_gather_builds_bf16_mma(tmp_path):
+    executable = compile_primfunc(build_row_gather_tile(256, 512, 128, "bfloat16"), SM90, TEMPLATE.Knobs(), template=TEMPLATE)
+    source = executable.mod.imports[0].inspect_source()
+    assert "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" in source and "f16.f16" not in source
+    if shutil.which("nvcc"):
+        path = tmp_path / "row_gather_bf16.cu"
+        path.write_text(source)
+        result = subprocess.run(["nvcc", "-arch=sm_90", "-cubin", str(path), "-o", str(path.with_suffix(".cubin"))],
                                 capture_output=True, text=True)
         assert result.returncode == 0, result.stderr[-2000:]
