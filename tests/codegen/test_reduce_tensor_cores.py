@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import shutil
-import subprocess
 
 import pytest
 import torch
@@ -21,6 +19,7 @@ from pit_compiler.codegen.reduce_matmul import build_reduce_tile, fitting_knobs,
 from pit_compiler.ir import SparsityAttr, plan_pit
 from pit_compiler.schedules.tensor_core_matmul import TensorCoreMatmul
 from pit_compiler.targets import BF16_TENSOR_CORES_ENV
+from cuda_build import assert_compiles_for_sm90
 from sparse_data import assert_matches_reference, dense_operand, expand_mask, micro_tile_sparse
 
 SM90 = Target({"kind": "cuda", "arch": "sm_90"})
@@ -114,15 +113,7 @@ def test_builds_mma_with_both_gathers_in_the_shared_copies(K, N, tile, out, tmp_
     assert any("A_ptr" in line for line in gathers) and any("B_ptr" in line for line in gathers)
     assert "p_0_0 < min(" in source and "cnt_ptr[" in source, "the k loop does not stop at the row block's count"
     assert ("C_shared_dyn" in source) == (out == "float16"), "float16 output is cast from shared memory"
-    if shutil.which("nvcc"):
-        path = tmp_path / "reduce.cu"
-        path.write_text(source)
-        result = subprocess.run(
-            ["nvcc", "-arch=sm_90", "-cubin", str(path), "-o", str(path.with_suffix(".cubin"))],
-            capture_output=True,
-            text=True,
-        )
-        assert result.returncode == 0, result.stderr[-2000:]
+    assert_compiles_for_sm90(source, tmp_path, "reduce")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,12 +267,7 @@ def test_every_setting_builds_for_sm90(tmp_path):
                                       template=TensorCoreMatmul())
         source = executable.mod.imports[0].inspect_source()
         assert "mma.sync" in source, knobs
-        if shutil.which("nvcc"):
-            path = tmp_path / f"reduce{number}.cu"
-            path.write_text(source)
-            result = subprocess.run(["nvcc", "-arch=sm_90", "-cubin", str(path), "-o", str(path.with_suffix(".cubin"))],
-                                    capture_output=True, text=True)
-            assert result.returncode == 0, f"{knobs}: {result.stderr[-1500:]}"
+        assert_compiles_for_sm90(source, tmp_path, f"reduce{number}", str(knobs))
 
 
 def test_tuned_knobs_are_used_only_where_they_fit():
@@ -325,12 +311,7 @@ def test_bfloat16_tile_builds_bf16_mma_for_sm90(tmp_path):
     source = executable.mod.imports[0].inspect_source()
     assert "bf16" in source and "mma.sync" in source and "ldmatrix" in source
     assert "f16.f16" not in source, "a float16 mma was left in the bfloat16 tile"
-    if shutil.which("nvcc"):
-        path = tmp_path / "reduce_bf16.cu"
-        path.write_text(source)
-        result = subprocess.run(["nvcc", "-arch=sm_90", "-cubin", str(path), "-o", str(path.with_suffix(".cubin"))],
-                                capture_output=True, text=True)
-        assert result.returncode == 0, result.stderr[-2000:]
+    assert_compiles_for_sm90(source, tmp_path, "reduce_bf16")
 
 
 def test_bfloat16_takes_the_tile_only_when_asked(monkeypatch):

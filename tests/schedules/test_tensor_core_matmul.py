@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-
 import pytest
 from tvm.target import Target
 
+from cuda_build import assert_compiles_for_sm90
 from pit_compiler.codegen.build import compile_primfunc
 from pit_compiler.codegen.gather_matmul import build_row_gather_tile, fits_tensor_cores
 from pit_compiler.ir import InvalidKnobs
@@ -37,25 +35,16 @@ def test_gated_to_cuda_sm80_and_the_gather_workload():
 
 
 @pytest.mark.parametrize("knobs", list(TEMPLATE.space(SM90)), ids=lambda k: f"{k.block_m}x{k.block_n}x{k.block_k}")
-def test_builds_mma_with_the_gather_inlined(knobs):
+def test_builds_mma_with_the_gather_inlined(knobs, tmp_path):
     executable = compile_primfunc(build_row_gather_tile(256, 512, knobs.block_m), SM90, knobs, template=TEMPLATE)
     source = executable.mod.imports[0].inspect_source()
     assert "mma.sync" in source and "ldmatrix" in source
     assert "A_ptr + (((idx_ptr[" in source, "the row gather was not folded into the shared-memory copy"
-    if shutil.which("nvcc"):
-        (path := __import__("pathlib").Path(__import__("tempfile").mkdtemp()) / "k.cu").write_text(source)
-        result = subprocess.run(["nvcc", "-arch=sm_90", "-ptx", str(path), "-o", str(path.with_suffix(".ptx"))],
-                                capture_output=True, text=True)
-        assert result.returncode == 0, result.stderr[-2000:]
+    assert_compiles_for_sm90(source, tmp_path, "row_gather")
 
 
 def test_bfloat16_row_gather_builds_bf16_mma(tmp_path):
     executable = compile_primfunc(build_row_gather_tile(256, 512, 128, "bfloat16"), SM90, TEMPLATE.Knobs(), template=TEMPLATE)
     source = executable.mod.imports[0].inspect_source()
     assert "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" in source and "f16.f16" not in source
-    if shutil.which("nvcc"):
-        path = tmp_path / "row_gather_bf16.cu"
-        path.write_text(source)
-        result = subprocess.run(["nvcc", "-arch=sm_90", "-cubin", str(path), "-o", str(path.with_suffix(".cubin"))],
-                                capture_output=True, text=True)
-        assert result.returncode == 0, result.stderr[-2000:]
+    assert_compiles_for_sm90(source, tmp_path, "row_gather_bf16")

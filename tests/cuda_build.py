@@ -1,0 +1,21 @@
+"""Compile generated CUDA source with nvcc for sm_90, as the GPU machine's driver would load it.
+
+A cubin (not just PTX) makes ptxas check shared memory and register limits. Without nvcc on
+the machine the check is skipped: the TVM build before it still ran.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+
+def assert_compiles_for_sm90(source: str, directory: Path, name: str, what: str = "") -> None:
+    if shutil.which("nvcc") is None:
+        return
+    path = Path(directory) / f"{name}.cu"
+    path.write_text(source)
+    result = subprocess.run(["nvcc", "-arch=sm_90", "-cubin", str(path), "-o", str(path.with_suffix(".cubin"))],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, f"{what}: {result.stderr[-2000:]}"
