@@ -92,9 +92,9 @@ def reduce_tile_knobs(plan: PITPlan, ndim: int, K: int, N: int, dtype: str, out_
     """The tile's knobs where it computes ``plan``, else None (the SIMT kernel runs).
 
     It serves the reduce form of a 2-D float16 or bfloat16 A stored (m, k) with B stored (k, n),
-    output in A's dtype or float32, row blocks
-    of 16 to 128 rows (one per thread block), N a multiple of 64, and K a multiple of 8 (whole
-    16-byte copies); any M and any chunk width. Asked on every call: answers are kept.
+    output in A's dtype or float32, row blocks of 16 to 128 rows (one per thread block), N a
+    multiple of 64, and K a multiple of 8 (whole 16-byte copies); any M and any chunk width.
+    Asked on every call: answers are kept.
     """
     key = (plan.signature(), ndim, K, N, dtype, out_dtype, target)  # Targets compare by identity
     if key not in _knobs_answers:
@@ -166,7 +166,7 @@ STATIC_SHARED_BYTES = 48 * 1024  # what a kernel may declare statically; the cop
 
 
 def _shared_copy_bytes(block_m: int, block_n: int, block_k: int) -> int:
-    """float16 bytes of A's and B's shared-memory copies, rows padded (``storage_align``) by up to 40."""
+    """Bytes of A's and B's 16-bit shared-memory copies, rows padded (``storage_align``) by up to 40."""
     return 2 * (block_m * (block_k + 40) + block_k * (block_n + 40))
 
 

@@ -45,9 +45,8 @@ class Contraction:
 
     def order(self, tensor_letter: str) -> tuple[str, ...]:
         """Storage order of tensor ``"a"``, ``"b"`` or ``"c"`` in roles, e.g. ``("batch", "n", "k")``."""
-        accesses = {"a": self.a, "b": self.b, "c": self.c}
         letter = tensor_letter.lower() if isinstance(tensor_letter, str) else tensor_letter
-        if letter not in accesses:
+        if letter not in self._orders:
             raise ValueError(f"order() takes a tensor letter 'a', 'b' or 'c'; got {tensor_letter!r}")
         return self._orders[letter]
 

@@ -14,6 +14,7 @@ from pit_compiler.validation import (
     check_out,
     check_out_without_grad,
     check_sparse,
+    needs_grad,
     normalize_micro_tile,
     require_tensor,
 )
@@ -102,14 +103,14 @@ def sparse_matmul(
     elif sparse == "C":
         raise ValueError("sparse='C' needs mask=: the output's non-empty micro-tiles are not known before it exists")
 
-    if out is None and _needs_operator(A, B):
-        return sparse_matmul_op(A, B, sparse, list(tile), list(grid_shape), mask, form)[0]
     if out is None:
+        if _needs_operator(A, B):
+            return sparse_matmul_op(A, B, sparse, list(tile), list(grid_shape), mask, form)[0]
         out = torch.empty(out_shape, dtype=A.dtype, device=A.device)
-        pit_matmul(A, B, out, sparse, tile, grid_shape, mask, form, cover=True)
-        return out
-    check_out_without_grad(out, A, B)
-    pit_matmul(A, B, check_out(out, out_shape, A.dtype, A.device), sparse, tile, grid_shape, mask, form, cover=True)
+    else:
+        check_out_without_grad(out, A, B)
+        out = check_out(out, out_shape, A.dtype, A.device)
+    pit_matmul(A, B, out, sparse, tile, grid_shape, mask, form, cover=True)
     return out
 
 
@@ -117,9 +118,8 @@ def _needs_operator(A: torch.Tensor, B: torch.Tensor) -> bool:
     """Whether the call must go through ``torch.ops.pit.sparse_matmul``: for autograd (it keeps
     the micro-tile grid for the backward) and for tracing (``torch.compile``, fake tensors).
     Other eager calls run the kernels directly, without the operator's dispatch and grid."""
-    wants_grad = torch.is_grad_enabled() and (A.requires_grad or B.requires_grad)
     traced = torch.compiler.is_compiling() or type(A) is not torch.Tensor or type(B) is not torch.Tensor
-    return wants_grad or traced
+    return needs_grad(A, B) or traced
 
 
 def select_micro_tile(

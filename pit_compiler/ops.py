@@ -257,8 +257,9 @@ def tensor_core_cover(plan: PITPlan, A, B, out) -> PITPlan:
     1x32 pieces empty, about 81 % of 16x32 blocks hold one), which still runs far faster than
     the one-thread-per-output kernel that would serve the pieces themselves.
     """
+    facts = _call_facts(A, B, out)
     stored_mk = plan.contraction.order("a") == ("m", "k")  # the reduce tile reads A so, 2-D
-    if plan.sparse != "a" or not stored_mk or tensor_core_path(plan, A, B, out) is not None:
+    if plan.sparse != "a" or not stored_mk or tensor_core_kernel(plan, *facts) is not None:
         return plan
     rows, cols = plan.tile["m"], plan.tile["k"]
     sizes = {"m": A.shape[-2], "k": A.shape[-1], "n": B.shape[-1]}
@@ -266,7 +267,7 @@ def tensor_core_cover(plan: PITPlan, A, B, out) -> PITPlan:
     if height is None:
         return plan
     cover = plan_pit(plan.contraction, SparsityAttr("A", (height, cols)), sizes, "reduce")
-    return cover if tensor_core_path(cover, A, B, out) == "reduce" else plan
+    return cover if tensor_core_kernel(cover, *facts) == "reduce" else plan
 
 
 def run_on_tensor_cores(plan: PITPlan, A, B, out, index: MicroTileIndex, knobs=None) -> bool:

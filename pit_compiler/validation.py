@@ -61,9 +61,14 @@ def input_micro_tile_option(micro_tile, in_features: int):
     return tuple(micro_tile)
 
 
+def needs_grad(A, B) -> bool:
+    """Whether autograd would record a product of ``A`` and ``B``."""
+    return torch.is_grad_enabled() and (A.requires_grad or B.requires_grad)
+
+
 def check_out_without_grad(out, A, B) -> None:
     """``out=`` writes in place, which autograd cannot record."""
-    if out is not None and torch.is_grad_enabled() and (A.requires_grad or B.requires_grad):
+    if out is not None and needs_grad(A, B):
         raise ValueError("out= does not support automatic differentiation; pass out=None when A or B requires grad")
 
 

@@ -27,15 +27,23 @@ class MmaIntrinsics:
     store_shared: str
 
 
+def cuda_intrinsics():
+    """TVM's CUDA tensor intrinsics module, imported on first use: the import parses and
+    registers several hundred intrinsics (tens of seconds on a slow CPU), which
+    ``import pit_compiler`` must not pay."""
+    from tvm.s_tir.tensor_intrin import cuda
+
+    return cuda
+
+
 @functools.lru_cache(maxsize=None)
 def mma_intrinsics(dtype: str) -> MmaIntrinsics:
     """The intrinsics for ``dtype`` inputs (one of :data:`INPUT_DTYPES`), registered once."""
     if dtype not in INPUT_DTYPES:
         raise ValueError(f"tensor-core tiles take {INPUT_DTYPES} inputs, got {dtype!r}")
-    # Imported on first use: the import parses and registers several hundred intrinsics
-    # (tens of seconds on a slow CPU), which ``import pit_compiler`` must not pay.
     from tvm.s_tir import TensorIntrin
-    from tvm.s_tir.tensor_intrin import cuda
+
+    cuda = cuda_intrinsics()
 
     float16 = MmaIntrinsics(
         ldmatrix_a=cuda.LDMATRIX_f16_A_INTRIN,

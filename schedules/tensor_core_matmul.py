@@ -25,29 +25,20 @@ from tvm import s_tir, tirx
 from tvm.target import Target
 
 from .common import ScheduleTemplate, check
-from .mma_intrinsics import INPUT_DTYPES, mma_intrinsics
+from .mma_intrinsics import INPUT_DTYPES, cuda_intrinsics, mma_intrinsics
 
 MMA = 16  # the m16n16k16 tile the intrinsics compute
-VECTOR = 8  # float16 elements per 16-byte copy
+VECTOR = 8  # 16-bit elements per 16-byte copy
 GATHER_BLOCK = "Ag"  # the gather stage of A codegen names; inlined into the shared-memory copy
 GATHER_B_BLOCK = "Bg"  # the same for B
 CAST_BLOCK = "C_cast"  # the output cast, read from the accumulators staged in shared memory
 REDUCTION_EXTENT = "pit.reduction_extent"  # function attribute, see the module docstring
 
 
-def _cuda_intrinsics():
-    """TVM's CUDA tensor intrinsics, imported on first use: the import parses and registers
-    several hundred of them (tens of seconds on a slow CPU), which ``import pit_compiler``
-    must not pay."""
-    from tvm.s_tir.tensor_intrin import cuda
-
-    return cuda
-
-
 def _fragment_layout(*indices):
     """Leading (batch) indices kept; the last two tiled into ldmatrix's per-thread fragments."""
     *batch, i, j = indices
-    to_ldmatrix = _cuda_intrinsics().shared_16x16_to_ldmatrix_32x8_layout
+    to_ldmatrix = cuda_intrinsics().shared_16x16_to_ldmatrix_32x8_layout
     return (*batch, i // MMA, j // MMA, *to_ldmatrix(i % MMA, j % MMA))
 
 

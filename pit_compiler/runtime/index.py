@@ -12,8 +12,8 @@ class MicroTileIndex:
     """Per block of the blocked axis, the list of non-empty chunks of the permuted axis.
 
     ``counts[b, q]`` is how many chunks block ``q`` of batch ``b`` lists, and
-    ``indices[b, q, :counts[b, q]]`` are their chunk numbers (ascending, except from the opt-in
-    one-pass CUDA detection; PIT needs no order).
+    ``indices[b, q, :counts[b, q]]`` are their chunk numbers (ascending on the CPU, in any order
+    from the one-pass CUDA detection; PIT needs no order).
     Both live on the device of the tensor they describe.
     """
 

@@ -227,7 +227,7 @@ def _candidate_models(db: TileDatabase, sparse: str, shape, dtype: str, target, 
     Reading keys and fitting lines costs far more than a small matmul, so the answer is kept
     per version of the database file and per shape, layout and candidate list.
     """
-    cache_key = (db.serial, db.token(), sparse, tuple(shape), dtype, str(target), layout, candidates)
+    cache_key = (db.serial, db.token(), sparse, tuple(shape), dtype, target, layout, candidates)  # Targets: by identity
     if cache_key in _candidates_cache:
         return _candidates_cache[cache_key]
     if len(_candidates_cache) > 4096:  # answers for old versions are never read again
@@ -366,7 +366,8 @@ def tuned_knobs(
         sizes = dict(zip(kernel_order(plan, "a"), A.shape)) | dict(zip(kernel_order(plan, "b"), B.shape))
         shape = (sizes["m"], sizes["n"], sizes["k"])
         template = template if template is not None else template_for(target)
-        cache_key = (db.serial, token, plan.signature(), shape_bucket(shape), dtype, str(target), template.name)
+        # Targets compare by identity (run time reuses one per device): no printing per call.
+        cache_key = (db.serial, token, plan.signature(), shape_bucket(shape), dtype, target, template.name)
         if cache_key not in _knob_cache:
             if len(_knob_cache) > 4096:  # entries of old tokens are never read again
                 _knob_cache.clear()
