@@ -51,6 +51,11 @@ def dense_operand(shape, dtype, device="cpu", seed: int = 1) -> torch.Tensor:
     return torch.randn(shape, generator=generator).to(dtype=dtype, device=device)
 
 
+def poisoned(shape, dtype, device="cpu") -> torch.Tensor:
+    """An output buffer full of NaN: an element a kernel forgets to write shows in the check."""
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
 def assert_matches_reference(result: torch.Tensor, reference: torch.Tensor) -> None:
     """``result`` equals the float64 ``reference`` up to the dtype's rounding; no NaN left."""
     assert not torch.isnan(result).any(), "output has NaN: some element was never written"

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import pit_compiler as pit
-from sparse_data import assert_matches_reference, dense_operand, expand_mask, micro_tile_sparse
+from sparse_data import assert_matches_reference, dense_operand, expand_mask, micro_tile_sparse, poisoned
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -25,10 +25,6 @@ A_CASES = [
     ((1, 16), "reduce"),
 ]
 B_CASES = [((16, 1), None), ((1, 32), None), ((None, 1), None), ((8, 8), "scatter")]
-
-
-def poisoned(shape, dtype, device):
-    return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
 
 def run_case(sparse, tile, form, dtype, device, density, M=67, K=45, N=33, batch=(), seed=0):

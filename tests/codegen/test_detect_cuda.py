@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 import re
 import shutil
-import subprocess
 from unittest import mock
 
 import pytest
@@ -21,6 +20,7 @@ from pit_compiler.codegen.detect import value_mask, word_dtype
 from pit_compiler.ir import InvalidKnobs
 from pit_compiler.runtime import KernelCache
 from pit_compiler.schedules.detection import DetectionThreads, contiguous_lanes, plan_launch
+from cuda_build import assert_compiles_for_sm90
 from sparse_data import micro_tile_sparse
 
 CUDA = Target({"kind": "cuda", "arch": "sm_90"})
@@ -256,16 +256,10 @@ def test_launch_layout(case):
 def test_cuda_detection_compiles_with_nvcc(cuda_sources, case, tmp_path):
     """nvcc for sm_90 accepts the source; ptxas neither spills nor exceeds 64 registers a thread
     (full occupancy needs 32 at 2048 threads an SM; 64 still leaves half)."""
-    source = tmp_path / "detect.cu"
-    source.write_text(cuda_sources[(case, 4096)])
-    result = subprocess.run(
-        ["nvcc", "-arch=sm_90", "-cubin", "-Xptxas", "-v", "-o", str(tmp_path / "detect.cubin"), str(source)],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    registers = [int(n) for n in re.findall(r"Used (\d+) registers", result.stderr)]
-    assert registers and max(registers) <= 64, result.stderr
-    assert set(re.findall(r"(\d+) bytes spill stores", result.stderr)) == {"0"}, result.stderr
+    report = assert_compiles_for_sm90(cuda_sources[(case, 4096)], tmp_path, "detect", flags=("-Xptxas", "-v"))
+    registers = [int(n) for n in re.findall(r"Used (\d+) registers", report)]
+    assert registers and max(registers) <= 64, report
+    assert set(re.findall(r"(\d+) bytes spill stores", report)) == {"0"}, report
 
 
 @pytest.mark.parametrize("case", CUDA_CASES, ids=case_id)

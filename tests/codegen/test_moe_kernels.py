@@ -19,7 +19,7 @@ from pit_compiler.codegen.moe import (
 )
 from pit_compiler.codegen.moe_kernels import moe_kernel
 from pit_compiler.nn.moe_ops import ExpertIndex, expert_index, gather_matmul, scatter_matmul, weight_grad
-from sparse_data import assert_matches_reference, dense_operand
+from sparse_data import assert_matches_reference, dense_operand, poisoned
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 CUDA = Target({"kind": "cuda", "arch": "sm_90"})
@@ -130,10 +130,6 @@ def gathered(x, index, slots):
     rows[:, :width] = index.indices.cpu()[:, :width]
     valid = valid_slots(index, slots)
     return x.double().cpu()[torch.where(valid, rows, 0)] * valid[..., None]
-
-
-def poisoned(shape, dtype, device):
-    return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
 
 @pytest.mark.parametrize("device", DEVICES)

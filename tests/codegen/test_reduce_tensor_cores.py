@@ -20,7 +20,7 @@ from pit_compiler.ir import SparsityAttr, plan_pit
 from pit_compiler.schedules.tensor_core_matmul import TensorCoreMatmul
 from pit_compiler.targets import BF16_TENSOR_CORES_ENV
 from cuda_build import assert_compiles_for_sm90
-from sparse_data import assert_matches_reference, dense_operand, expand_mask, micro_tile_sparse
+from sparse_data import assert_matches_reference, dense_operand, expand_mask, micro_tile_sparse, poisoned
 
 SM90 = Target({"kind": "cuda", "arch": "sm_90"})
 
@@ -129,10 +129,6 @@ def taken(monkeypatch):
     return calls
 
 
-def poisoned(shape, dtype):
-    return torch.full(shape, float("nan"), dtype=dtype, device="cuda")
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("tile", [(32, 1), (32, 32), (64, 64), (16, 8), (128, 16)], ids=str)
 @pytest.mark.parametrize("density", [1.0, 0.5, 0.1, 0.0])
@@ -141,7 +137,7 @@ def test_sparse_A_on_tensor_cores(tile, density, M, K, N, taken):
     """Tails in M (padded copy) and K (partial last chunk), N a multiple of 64 not of 128."""
     A, _ = micro_tile_sparse((M, K), tile, density, torch.float16, "cuda", seed=M + tile[1])
     B = dense_operand((K, N), torch.float16, "cuda", seed=K)
-    out = poisoned((M, N), torch.float16)
+    out = poisoned((M, N), torch.float16, "cuda")
     pit.sparse_matmul(A, B, micro_tile=tile, out=out)
     assert taken == [True], "the tensor-core reduce path did not run"
     assert_matches_reference(out, A.double() @ B.double())
@@ -154,7 +150,7 @@ def test_float32_output_and_grid_mask(tile, taken):
     M, K, N = 320, 256, 256
     A, grid = micro_tile_sparse((M, K), tile, 0.3, torch.float16, "cuda", seed=7)
     B = dense_operand((K, N), torch.float16, "cuda", seed=8)
-    out = poisoned((M, N), torch.float32)
+    out = poisoned((M, N), torch.float32, "cuda")
     grid_shape = tuple(math.ceil(size / t) for size, t in zip((M, K), tile))
     ops.pit_matmul(A, B, out, "A", tile, grid_shape, grid, None)
     assert taken == [True]
@@ -162,7 +158,7 @@ def test_float32_output_and_grid_mask(tile, taken):
     # The mask, not A, decides what is listed: unlisted micro-tiles read as zero.
     half = grid.clone()
     half[:, : grid.shape[1] // 2] = False
-    out = poisoned((M, N), torch.float32)
+    out = poisoned((M, N), torch.float32, "cuda")
     ops.pit_matmul(A, B, out, "A", tile, grid_shape, half, None)
     kept = A * expand_mask(half, tile, (M, K))
     assert_matches_reference(out, kept.double() @ B.double())
@@ -174,7 +170,7 @@ def test_falls_back_to_simt_where_the_tile_does_not_fit(K, N, tile, taken):
     M = 96
     A, _ = micro_tile_sparse((M, K), tile, 0.5, torch.float16, "cuda", seed=3)
     B = dense_operand((K, N), torch.float16, "cuda", seed=4)
-    out = poisoned((M, N), torch.float16)
+    out = poisoned((M, N), torch.float16, "cuda")
     pit.sparse_matmul(A, B, micro_tile=tile, out=out)
     assert taken == [False]
     assert_matches_reference(out, A.double() @ B.double())
@@ -231,7 +227,7 @@ def test_covered_product_is_exact(tile, density, monkeypatch):
     covers = []
     original = ops.tensor_core_cover
     # Pretend this CPU has the tensor-core tile, then let the CPU kernel compute the cover's plan.
-    monkeypatch.setattr(ops, "tensor_core_path", lambda plan, *a: "reduce" if plan.form == "reduce" and plan.tile["m"] % 16 == 0 else None)
+    monkeypatch.setattr(ops, "tensor_core_kernel", lambda plan, *a: "reduce" if plan.form == "reduce" and plan.tile["m"] % 16 == 0 else None)
     monkeypatch.setattr(ops, "run_on_tensor_cores", lambda *a: False)
     monkeypatch.setattr(ops, "tensor_core_cover", lambda *a: covers.append(original(*a)) or covers[-1])
     A, _ = micro_tile_sparse((70, 96), tile, density, torch.float32, seed=5)
@@ -337,7 +333,7 @@ def test_bfloat16_on_tensor_cores(tile, density, taken, monkeypatch):
     M, K, N = 300, 200, 320
     A, _ = micro_tile_sparse((M, K), tile, density, torch.bfloat16, "cuda", seed=11)
     B = dense_operand((K, N), torch.bfloat16, "cuda", seed=12)
-    out = poisoned((M, N), torch.bfloat16)
+    out = poisoned((M, N), torch.bfloat16, "cuda")
     pit.sparse_matmul(A, B, micro_tile=tile, out=out)  # (1, 32) runs as 16x32 blocks
     assert taken == [True], "the tensor-core reduce path did not run"
     assert_matches_reference(out, A.double() @ B.double())
