@@ -17,7 +17,7 @@ from pit_compiler.schedules import template_for
 log = logging.getLogger(__name__)
 
 # Bump whenever generated TIR or schedules change meaning, so stale cached kernels never match.
-CODEGEN_VERSION = 3
+CODEGEN_VERSION = 4
 
 
 def kernel_key(kind: str, signature: str, dtypes: dict, target: Target, knobs) -> str:
@@ -45,6 +45,11 @@ def _hashed_key(kind: str, signature: str, dtypes: tuple, target: str, knobs) ->
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
+# Copies a schedule marks asynchronous (software-pipelined shared-memory stages) become
+# cp.async on CUDA; nothing else changes.
+BUILD_CONFIG = {"tirx.use_async_copy": True}
+
+
 def default_knobs(target: Target):
     return template_for(target).Knobs()
 
@@ -56,7 +61,8 @@ def compile_primfunc(func, target: Target, knobs=None, *, what: str = "kernel", 
     try:
         sch = template.apply(func, target, knobs)
         assert sch is not None, f"{template.name} accepted {target} but returned no schedule"
-        executable = tvm.compile(sch.mod, target=target)
+        with tvm.transform.PassContext(config=BUILD_CONFIG):
+            executable = tvm.compile(sch.mod, target=target)
     except Exception as error:  # TVM raises many types; the user gets one, with the cause
         raise CompilationError(
             f"TVM could not build the PIT {what} for target {str(target)!r} "

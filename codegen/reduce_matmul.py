@@ -30,8 +30,10 @@ from pit_compiler.schedules.tensor_core_matmul import (
     GATHER_BLOCK,
     MMA,
     REDUCTION_EXTENT,
+    STATIC_SHARED_BYTES,
     VECTOR,
     TensorCoreMatmul,
+    shared_copy_bytes,
 )
 
 from .build import compile_primfunc, kernel_key
@@ -135,7 +137,8 @@ def _reduce_tile_knobs(plan: PITPlan, ndim, K, N, dtype, out_dtype, target):
         fragments_m=bm // (MMA * warps_m),
         fragments_n=2,
         vector_a=math.gcd(bk, VECTOR),  # A's columns come in runs of bk
-    )
+        stages=1,
+    ).pipelined()
 
 
 def reduce_tile_space(default: TensorCoreMatmul.Knobs, N: int) -> list[TensorCoreMatmul.Knobs]:
@@ -143,31 +146,25 @@ def reduce_tile_space(default: TensorCoreMatmul.Knobs, N: int) -> list[TensorCor
 
     The micro-tile fixes the rows (``block_m``, ``warps_m``, ``fragments_m``) and A's vector width;
     the tuner varies the columns per thread block (64, 128 or 256 where they divide ``N``), how
-    many 16-wide accumulators each warp holds along them, and the k step (32 or 64 positions).
+    many 16-wide accumulators each warp holds along them, the k step (32 or 64 positions) and
+    the pipeline depth (2 or 3 shared-memory stages; the default's columns also unpipelined).
     """
-    space = [default]
+    space = [default] + ([dataclasses.replace(default, stages=1)] if default.stages > 1 else [])
     for block_n in (b for b in (64, 128, 256) if N % b == 0):
         for fragments_n in (2, 4):
             warps_n = block_n // (MMA * fragments_n)
             for block_k in (32, 64):
-                if warps_n < 1 or not 1 <= default.warps_m * warps_n <= 8:
-                    continue
-                if _shared_copy_bytes(default.block_m, block_n, block_k) > STATIC_SHARED_BYTES:
-                    continue
-                knobs = dataclasses.replace(
-                    default, block_n=block_n, fragments_n=fragments_n, warps_n=warps_n, block_k=block_k
-                )
-                if knobs not in space:
-                    space.append(knobs)
+                for stages in (2, 3):
+                    if warps_n < 1 or not 1 <= default.warps_m * warps_n <= 8:
+                        continue
+                    if stages * shared_copy_bytes(default.block_m, block_n, block_k) > STATIC_SHARED_BYTES:
+                        continue  # the Knobs would refuse it
+                    knobs = dataclasses.replace(
+                        default, block_n=block_n, fragments_n=fragments_n, warps_n=warps_n, block_k=block_k, stages=stages
+                    )
+                    if knobs not in space:
+                        space.append(knobs)
     return space
-
-
-STATIC_SHARED_BYTES = 48 * 1024  # what a kernel may declare statically; the copies are static
-
-
-def _shared_copy_bytes(block_m: int, block_n: int, block_k: int) -> int:
-    """Bytes of A's and B's 16-bit shared-memory copies, rows padded (``storage_align``) by up to 40."""
-    return 2 * (block_m * (block_k + 40) + block_k * (block_n + 40))
 
 
 def fitting_knobs(default: TensorCoreMatmul.Knobs, tuned, N: int) -> TensorCoreMatmul.Knobs:

@@ -9,8 +9,11 @@ first use. Accumulators are float32 for both: the fill and store intrinsics are 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import inspect
+import sys
 
 INPUT_DTYPES = ("float16", "bfloat16")
 
@@ -29,11 +32,40 @@ class MmaIntrinsics:
 
 def cuda_intrinsics():
     """TVM's CUDA tensor intrinsics module, imported on first use: the import parses and
-    registers several hundred intrinsics (tens of seconds on a slow CPU), which
-    ``import pit_compiler`` must not pay."""
-    from tvm.s_tir.tensor_intrin import cuda
+    registers several hundred TVMScript functions, which ``import pit_compiler`` must not pay."""
+    with _cheap_frame_stack():
+        from tvm.s_tir.tensor_intrin import cuda
 
     return cuda
+
+
+@contextlib.contextmanager
+def _cheap_frame_stack():
+    """Make ``inspect.stack()`` cheap while TVM's intrinsics are parsed.
+
+    TVMScript's ``prim_func`` calls ``inspect.stack()`` once per function, and the standard one
+    looks up every frame's source file, scanning all of ``sys.modules`` for each frame of the
+    import machinery (which has no file): after ``import torch``, 80 to 200 s on a 2-core VM
+    for this one import. The parser reads frames, and source lines of its caller's caller only
+    (``utils.is_defined_in_class``), so those are all this one computes: the import takes ~5 s.
+    """
+    original = inspect.stack
+
+    def stack(context: int = 1) -> list:
+        frames, frame = [], sys._getframe(1)
+        while frame is not None:
+            code = frame.f_code
+            frames.append(inspect.FrameInfo(frame, code.co_filename, frame.f_lineno, code.co_name, None, None))
+            frame = frame.f_back
+        if len(frames) > 2 and context:
+            frames[2] = inspect.FrameInfo(frames[2].frame, *inspect.getframeinfo(frames[2].frame, context))
+        return frames
+
+    inspect.stack = stack
+    try:
+        yield
+    finally:
+        inspect.stack = original
 
 
 @functools.lru_cache(maxsize=None)

@@ -18,6 +18,7 @@ The workload this template takes (codegen writes it with ``te``):
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -33,6 +34,17 @@ GATHER_BLOCK = "Ag"  # the gather stage of A codegen names; inlined into the sha
 GATHER_B_BLOCK = "Bg"  # the same for B
 CAST_BLOCK = "C_cast"  # the output cast, read from the accumulators staged in shared memory
 REDUCTION_EXTENT = "pit.reduction_extent"  # function attribute, see the module docstring
+STATIC_SHARED_BYTES = 48 * 1024  # what a kernel may declare statically; the copies are static
+
+
+def shared_copy_bytes(block_m: int, block_n: int, block_k: int) -> int:
+    """Bytes of one pipeline stage of A's and B's 16-bit shared-memory copies, rows padded as
+    ``storage_align`` pads them (to 8 past a multiple of 32 elements, against bank conflicts)."""
+
+    def row(elements: int) -> int:
+        return elements + (8 - elements) % 32
+
+    return 2 * (block_m * row(block_k) + block_k * row(block_n))
 
 
 def _fragment_layout(*indices):
@@ -68,11 +80,20 @@ def _bound_reduction(sch: s_tir.Schedule, k0, block_loop, extents: list, knobs) 
     indices.insert(0, rest)
     (positions,) = extent_map.map_indices(indices)
     loop = sch.get(k0)
-    steps = tirx.floordiv(positions + knobs.block_k - 1, knobs.block_k)
-    bounded = tirx.For(
-        loop.loop_var, loop.min, tirx.min(loop.extent, steps), loop.kind, loop.body, loop.thread_binding, loop.annotations
-    )
-    sch.state.replace(sch.get_sref(k0), bounded, {})
+    steps = tirx.Var("steps", "int32")  # a variable, not the load: TVM's analyzer bounds loops by variables only
+    bounded = tirx.For(loop.loop_var, loop.min, steps, loop.kind, loop.body, loop.thread_binding, loop.annotations)
+    parent_sref = sch.get_sref(k0).parent
+    parent = parent_sref.stmt
+    assert isinstance(parent, tirx.For) and isinstance(parent.body, tirx.SeqStmt), "k0 sits in the warp loop's sequence"
+    body = []
+    for stmt in parent.body.seq:
+        if stmt.same_as(loop):
+            body += [tirx.Bind(steps, tirx.floordiv(positions + knobs.block_k - 1, knobs.block_k)), bounded]
+        else:
+            body.append(stmt)
+    sch.state.replace(parent_sref, tirx.For(
+        parent.loop_var, parent.min, parent.extent, parent.kind, tirx.SeqStmt(body), parent.thread_binding, parent.annotations
+    ), {})
 
 
 class TensorCoreMatmul(ScheduleTemplate):
@@ -94,6 +115,9 @@ class TensorCoreMatmul(ScheduleTemplate):
         # in runs of 8 or more; fewer (a warp then covers more of one row) where the gather
         # picks single columns, which no vector load can fetch.
         vector_a: int = VECTOR
+        # Shared-memory buffers of the k loop: 1 copies, waits, then computes each step; 2 or 3
+        # fetch the next steps with cp.async while tensor cores work on this one.
+        stages: int = 2
 
         def __post_init__(self):
             for name in ("block_m", "block_n", "block_k"):
@@ -108,6 +132,18 @@ class TensorCoreMatmul(ScheduleTemplate):
             )
             check(1 <= self.warps_m * self.warps_n <= 8, f"1 to 8 warps per block, got {self.warps_m * self.warps_n}")
             check(self.vector_a in (1, 2, 4, 8), f"vector_a must be 1, 2, 4 or 8, got {self.vector_a!r}")
+            check(self.stages in (1, 2, 3, 4), f"stages must be 1 to 4, got {self.stages!r}")
+            shared = self.stages * shared_copy_bytes(self.block_m, self.block_n, self.block_k)
+            check(
+                shared <= STATIC_SHARED_BYTES,
+                f"stages={self.stages} of {self.block_m}x{self.block_k} and {self.block_k}x{self.block_n} copies "
+                f"need {shared} bytes of shared memory, over the {STATIC_SHARED_BYTES} a kernel declares statically",
+            )
+
+        def pipelined(self, stages: int = 2) -> "TensorCoreMatmul.Knobs":
+            """These knobs with ``stages`` pipeline stages where their copies fit, else unpipelined."""
+            fits = stages * shared_copy_bytes(self.block_m, self.block_n, self.block_k) <= STATIC_SHARED_BYTES
+            return dataclasses.replace(self, stages=stages if fits else 1)
 
     def is_target_available(self, target: Target) -> bool:
         if target.kind.name != "cuda":
@@ -118,8 +154,8 @@ class TensorCoreMatmul(ScheduleTemplate):
     def space(self, target: Target) -> Iterator[Knobs]:
         yield self.Knobs()
         for block_m, block_n, warps_m, warps_n in ((64, 128, 1, 2), (128, 64, 2, 1), (128, 256, 2, 4), (256, 128, 4, 2)):
-            yield self.Knobs(block_m=block_m, block_n=block_n, warps_m=warps_m, warps_n=warps_n)
-        yield self.Knobs(block_k=64)
+            yield self.Knobs(block_m=block_m, block_n=block_n, warps_m=warps_m, warps_n=warps_n, stages=1).pipelined()
+        yield self.Knobs(block_k=64, stages=1).pipelined()
 
     def apply(self, func, target: Target, knobs: Knobs) -> s_tir.Schedule | None:
         if not self.is_target_available(target):
@@ -203,6 +239,13 @@ class TensorCoreMatmul(ScheduleTemplate):
         staged = CAST_BLOCK in names
         sch.tensorize(sch.get_loops(c_warp)[-2], intrinsics.store_shared if staged else intrinsics.store_global)
 
-        # Step 6. A data-dependent end of the reduction, per thread block.
+        # Step 6. Software pipelining: the copies of step k0 + stages - 1 are in flight
+        # (cp.async) while step k0 computes.
+        if knobs.stages > 1:
+            sch.annotate(k0, "software_pipeline_stage", [0, 0, knobs.stages - 1])
+            sch.annotate(k0, "software_pipeline_order", [0, 1, 2])
+            sch.annotate(k0, "software_pipeline_async_stages", [0])
+
+        # Step 7. A data-dependent end of the reduction, per thread block.
         _bound_reduction(sch, k0, block_loop, tile_extents, knobs)
         return sch

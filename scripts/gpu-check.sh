@@ -4,9 +4,10 @@
 #   bash scripts/gpu-check.sh kernels    # the gpu tests of detection, the tensor-core tiles and sparse_matmul
 #   bash scripts/gpu-check.sh spmm       # benchmarks/spmm.py: fp16, every case at 4096^3, some at 8192^3
 #   bash scripts/gpu-check.sh tuning     # benchmarks/tuning.py --quick at 4096^3 fp16
+#   bash scripts/gpu-check.sh sweep      # scripts/gpu_tile_sweep.py: the reduce tile's knobs at 8192^3
 # Logs and results are copied under $OUT when the device tool provides it.
 set -uo pipefail
-stage=${1:?usage: scripts/gpu-check.sh tests|kernels|spmm|tuning}
+stage=${1:?usage: scripts/gpu-check.sh tests|kernels|spmm|tuning|sweep}
 if ls .whl/*.whl > /dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
@@ -26,6 +27,8 @@ case "$stage" in
   tuning)  # 32x1 and 32x32 at 4096^3 (--quick); the tile database comes back under $OUT
     timeout 540 python3 -P benchmarks/tuning.py --sizes 4096 --quick --db "$out/tiles.json" 2>&1 \
       | tee "$out/tuning.log" | tail -40 ;;
+  sweep)
+    timeout 540 python3 -P scripts/gpu_tile_sweep.py --json "$out/sweep.json" 2>&1 | tee "$out/sweep.log" | tail -80 ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac
 cp -r benchmarks/results "$out/" 2>/dev/null || true

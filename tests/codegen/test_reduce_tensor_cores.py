@@ -111,7 +111,10 @@ def test_builds_mma_with_both_gathers_in_the_shared_copies(K, N, tile, out, tmp_
     assert "Ag_ptr" not in source and "Bg_ptr" not in source, "a gather stage was left in global memory"
     gathers = [line for line in source.splitlines() if "idx_ptr[" in line]
     assert any("A_ptr" in line for line in gathers) and any("B_ptr" in line for line in gathers)
-    assert "p_0_0 < min(" in source and "cnt_ptr[" in source, "the k loop does not stop at the row block's count"
+    assert "int steps = " in source and "p_0_0 < (steps - 1)" in source, "the k loop does not stop at the row block's count"
+    # Pipelined: B's rows (and A's pieces where they are 16-byte runs) arrive by cp.async,
+    # the copy of the next k step in flight while this one computes.
+    assert "cp.async.cg.shared.global" in source and "cp.async.wait_group 1" in source
     assert ("C_shared_dyn" in source) == (out == "float16"), "float16 output is cast from shared memory"
     assert_compiles_for_sm90(source, tmp_path, "reduce")
 
@@ -257,7 +260,7 @@ def test_every_setting_builds_for_sm90(tmp_path):
     memory and register limits), so tuning on a GPU spends no time on settings that cannot run."""
     K, N, tile = 256, 256, (32, 1)
     space = reduce_tile_space(knobs_for(tile, K, N), N)
-    assert {k.block_n for k in space} == {64, 128, 256}
+    assert {k.block_n for k in space} == {64, 128, 256} and {k.stages for k in space} == {1, 2, 3}
     for number, knobs in enumerate(space):
         executable = compile_primfunc(build_reduce_tile(K, N, *tile, knobs.block_k, "float16"), SM90, knobs,
                                       template=TensorCoreMatmul())

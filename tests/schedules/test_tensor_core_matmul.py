@@ -17,7 +17,8 @@ TEMPLATE = TensorCoreMatmul()
 
 @pytest.mark.parametrize(
     "knobs",
-    [dict(block_m=100), dict(block_k=24), dict(block_m=64, warps_m=4), dict(warps_m=4, warps_n=4), dict(block_n=64, warps_n=4), dict(vector_a=3)],
+    [dict(block_m=100), dict(block_k=24), dict(block_m=64, warps_m=4), dict(warps_m=4, warps_n=4), dict(block_n=64, warps_n=4), dict(vector_a=3),
+     dict(stages=0), dict(block_n=256, warps_n=4, stages=2)],
 )
 def test_invalid_knobs_are_pruned(knobs):
     with pytest.raises(InvalidKnobs):
@@ -39,7 +40,10 @@ def test_builds_mma_with_the_gather_inlined(knobs, tmp_path):
     executable = compile_primfunc(build_row_gather_tile(256, 512, knobs.block_m), SM90, knobs, template=TEMPLATE)
     source = executable.mod.imports[0].inspect_source()
     assert "mma.sync" in source and "ldmatrix" in source
-    assert "A_ptr + (((idx_ptr[" in source, "the row gather was not folded into the shared-memory copy"
+    gathers = [line for line in source.splitlines() if "A_ptr" in line and "idx_ptr[" in line]
+    assert gathers, "the row gather was not folded into the shared-memory copy"
+    if knobs.stages > 1:
+        assert all("cp_async" in line for line in gathers), "the gathered rows are not fetched by cp.async"
     assert_compiles_for_sm90(source, tmp_path, "row_gather")
 
 
