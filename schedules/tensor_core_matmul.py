@@ -34,17 +34,33 @@ GATHER_BLOCK = "Ag"  # the gather stage of A codegen names; inlined into the sha
 GATHER_B_BLOCK = "Bg"  # the same for B
 CAST_BLOCK = "C_cast"  # the output cast, read from the accumulators staged in shared memory
 REDUCTION_EXTENT = "pit.reduction_extent"  # function attribute, see the module docstring
-STATIC_SHARED_BYTES = 48 * 1024  # what a kernel may declare statically; the copies are static
+STATIC_SHARED_BYTES = 48 * 1024  # what a kernel may use without opting in to more
 
 
-def shared_copy_bytes(block_m: int, block_n: int, block_k: int) -> int:
-    """Bytes of one pipeline stage of A's and B's 16-bit shared-memory copies, rows padded as
-    ``storage_align`` pads them (to 8 past a multiple of 32 elements, against bank conflicts)."""
+def shared_memory_problem(block_m: int, block_n: int, block_k: int, stages: int) -> str | None:
+    """Why a tile's shared memory would not launch, or None where it does.
+
+    A and B are copied to static shared memory, ``stages`` copies of each (rows padded as
+    ``storage_align`` pads them: to 8 past a multiple of 32 elements, against bank conflicts).
+    A float16 output is staged as float32 in dynamic shared memory first. TVM's CUDA runtime
+    opts a kernel in to more than 48 KiB only where its dynamic part alone reaches 48 KiB, so
+    below that static and dynamic together must fit in 48 KiB. (Counted for every output
+    dtype: knobs do not know it.)
+    """
 
     def row(elements: int) -> int:
         return elements + (8 - elements) % 32
 
-    return 2 * (block_m * row(block_k) + block_k * row(block_n))
+    copies = stages * 2 * (block_m * row(block_k) + block_k * row(block_n))
+    staged = block_m * block_n * 4
+    if copies > STATIC_SHARED_BYTES:
+        return f"{stages} stages of copies need {copies} bytes of static shared memory, over {STATIC_SHARED_BYTES}"
+    if staged < STATIC_SHARED_BYTES and copies + staged > STATIC_SHARED_BYTES:
+        return (
+            f"{stages} stages of copies ({copies} bytes) and the {staged}-byte output staging exceed "
+            f"the {STATIC_SHARED_BYTES} bytes a kernel launches with"
+        )
+    return None
 
 
 def _fragment_layout(*indices):
@@ -133,16 +149,12 @@ class TensorCoreMatmul(ScheduleTemplate):
             check(1 <= self.warps_m * self.warps_n <= 8, f"1 to 8 warps per block, got {self.warps_m * self.warps_n}")
             check(self.vector_a in (1, 2, 4, 8), f"vector_a must be 1, 2, 4 or 8, got {self.vector_a!r}")
             check(self.stages in (1, 2, 3, 4), f"stages must be 1 to 4, got {self.stages!r}")
-            shared = self.stages * shared_copy_bytes(self.block_m, self.block_n, self.block_k)
-            check(
-                shared <= STATIC_SHARED_BYTES,
-                f"stages={self.stages} of {self.block_m}x{self.block_k} and {self.block_k}x{self.block_n} copies "
-                f"need {shared} bytes of shared memory, over the {STATIC_SHARED_BYTES} a kernel declares statically",
-            )
+            problem = shared_memory_problem(self.block_m, self.block_n, self.block_k, self.stages)
+            check(problem is None, f"{self.block_m}x{self.block_n}x{self.block_k} tile: {problem}")
 
         def pipelined(self, stages: int = 2) -> "TensorCoreMatmul.Knobs":
-            """These knobs with ``stages`` pipeline stages where their copies fit, else unpipelined."""
-            fits = stages * shared_copy_bytes(self.block_m, self.block_n, self.block_k) <= STATIC_SHARED_BYTES
+            """These knobs with ``stages`` pipeline stages where their shared memory fits, else unpipelined."""
+            fits = shared_memory_problem(self.block_m, self.block_n, self.block_k, stages) is None
             return dataclasses.replace(self, stages=stages if fits else 1)
 
     def is_target_available(self, target: Target) -> bool:
