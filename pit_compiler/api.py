@@ -61,6 +61,7 @@ def sparse_matmul(
     mask: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     form: str | None = None,
+    dense_fallback: bool = True,
 ) -> torch.Tensor:
     """``A @ B`` computed by PIT, skipping the empty micro-tiles of one operand.
 
@@ -83,6 +84,11 @@ def sparse_matmul(
             require grad, and not inside ``torch.compile``).
         form: force the kernel form (``"reduce"``, ``"scatter"``, ``"output"``); chosen from the
             micro-tile otherwise.
+        dense_fallback: on a GPU, where detection finds more of the operand's micro-tiles
+            non-empty than PIT wins at (``ops.DENSE_CROSSOVER``), compute ``torch.matmul``
+            instead (exact: the rest are zero). Costs one host sync to read the count; pass
+            False to avoid it (e.g. under CUDA graph capture). Direct calls only: not with
+            ``mask``, nor where a gradient is needed or inside ``torch.compile``.
 
     Differentiable in A and B: the sparse operand's gradient keeps its micro-tiles, and each
     gradient is itself a PIT matmul. Inside ``torch.compile`` it is one opaque operator,
@@ -90,8 +96,10 @@ def sparse_matmul(
     """
     check_matmul_operands(A, B)
     sparse = check_sparse(sparse)
+    if not isinstance(dense_fallback, bool):
+        raise TypeError(f"dense_fallback must be True or False, got {dense_fallback!r}")
     if check_auto(micro_tile):
-        return _sparse_matmul_auto(A, B, sparse, mask, out, form)
+        return _sparse_matmul_auto(A, B, sparse, mask, out, form, dense_fallback)
     M, K, N = A.shape[-2], A.shape[-1], B.shape[-1]
     out_shape = (*A.shape[:-2], M, N)
     operand_shape = {"A": (M, K), "B": (K, N), "C": (M, N)}[sparse]
@@ -110,7 +118,7 @@ def sparse_matmul(
     else:
         check_out_without_grad(out, A, B)
         out = check_out(out, out_shape, A.dtype, A.device)
-    pit_matmul(A, B, out, sparse, tile, grid_shape, mask, form, cover=True)
+    pit_matmul(A, B, out, sparse, tile, grid_shape, mask, form, cover=True, dense_fallback=dense_fallback)
     return out
 
 
@@ -139,7 +147,7 @@ def select_micro_tile(
     return select(A, B, check_sparse(sparse), candidates, dense=dense, prune=prune)
 
 
-def _sparse_matmul_auto(A, B, sparse, mask, out, form):
+def _sparse_matmul_auto(A, B, sparse, mask, out, form, dense_fallback):
     """``micro_tile="auto"``: ask the selector, then run its micro-tile or dense torch."""
     from pit_compiler.tuning import select_micro_tile as select
 
@@ -164,4 +172,6 @@ def _sparse_matmul_auto(A, B, sparse, mask, out, form):
         if out is None:
             return torch.matmul(A, B)
         return torch.matmul(A, B, out=check_out(out, (*A.shape[:-1], B.shape[-1]), A.dtype, A.device))
-    return sparse_matmul(A, B, sparse=sparse, micro_tile=choice.micro_tile, mask=choice.grid, out=out)
+    return sparse_matmul(
+        A, B, sparse=sparse, micro_tile=choice.micro_tile, mask=choice.grid, out=out, dense_fallback=dense_fallback
+    )

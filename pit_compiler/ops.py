@@ -188,13 +188,16 @@ def pit_matmul(
     form: str | None,
     *,
     cover: bool = False,
+    dense_fallback: bool = False,
 ) -> tuple[PITPlan, MicroTileIndex] | None:
     """Write ``A @ B`` (with ``sparse``'s unlisted micro-tiles taken as zero) into ``out``.
 
     Returns the plan and index it used, or None where there was nothing to compute. ``cover``
     lets a detected micro-tile that has no tensor-core kernel run as a taller one that has
-    (:func:`tensor_core_cover`); the index returned is then the cover's.
+    (:func:`tensor_core_cover`); the index returned is then the cover's. ``dense_fallback``
+    lets a detected operand too dense for PIT to win run as ``torch.matmul`` (:func:`dense_wins`).
     """
+    logical_a, logical_b = A, B
     M, K, N = A.shape[-2], A.shape[-1], B.shape[-1]
     if out.numel() == 0:
         return None
@@ -212,9 +215,30 @@ def pit_matmul(
     if covered is not plan:
         plan, tile = covered, (covered.tile["m"], covered.tile["k"])  # A stored (m, k)
     index = index_for(plan, {"A": A, "B": B}.get(sparse), mask, tile, grid_shape)
+    if dense_fallback and mask is None and dense_wins(index, A.device):
+        torch.matmul(logical_a, logical_b, out=out)  # exact: the unlisted micro-tiles are zero
+        return plan, index
     if not run_on_tensor_cores(plan, A, B, out, index):
         run_matmul(plan, batched(A), batched(B), batched(out), index)
     return plan, index
+
+
+# Above this fraction of micro-tiles listed, dense cuBLAS finishes first. Measured on an H200
+# (benchmarks/results/spmm-nvidia-h200.*, scripts/gpu_tile_sweep.py): at full density PIT's
+# tensor-core tiles reach 0.11 (32x1) to 0.35 (64x64) of cuBLAS's throughput. None: never.
+DENSE_CROSSOVER: float | None = 0.15
+
+
+def dense_wins(index: MicroTileIndex, device: torch.device) -> bool:
+    """Whether dense ``torch.matmul`` should run instead of the PIT kernels for this index.
+
+    CUDA only (the crossover was measured there). Reads the listed count back to the host:
+    one sync, which ``sparse_matmul(..., dense_fallback=False)`` avoids (e.g. for CUDA graphs).
+    """
+    if DENSE_CROSSOVER is None or device.type != "cuda" or index.indices.numel() == 0:
+        return False
+    slots = index.indices.shape[-1] * index.counts.numel()
+    return int(index.counts.sum()) > DENSE_CROSSOVER * slots
 
 
 def tensor_core_path(plan: PITPlan, A, B, out) -> str | None:

@@ -27,6 +27,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def pit_kernels_at_every_density(monkeypatch):
+    """Kernel tests check PIT's kernels at 0 % sparsity too, where a GPU call would run dense
+    cuBLAS instead; the tests of that fallback turn it back on."""
+    from pit_compiler import ops
+
+    monkeypatch.setattr(ops, "DENSE_CROSSOVER", None)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def memory_kernel_cache():
     """Tests build into memory; tests of the disk cache install their own."""

@@ -188,14 +188,11 @@ def test_transposed_storage_is_read_in_place(sparse, tile, form, transposed, wit
 @pytest.mark.parametrize("tile", [(1, None), (4, None)], ids=str)
 @pytest.mark.parametrize("density", [1.0, 0.5, 0.1, 0.0])
 @pytest.mark.parametrize("M", [1, 300, 1000])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_whole_rows_run_on_tensor_cores(tile, density, M, dtype, monkeypatch):
-    """K and N multiples of the tile: the tensor-core row gather, checked like the rest (bfloat16
-    switched on as its users would, until this test has passed on a GPU)."""
+def test_whole_rows_run_on_tensor_cores(tile, density, M, monkeypatch):
+    """K and N multiples of the tile: the tensor-core row gather, checked like the rest."""
     from pit_compiler import ops
-    from pit_compiler.targets import BF16_TENSOR_CORES_ENV
 
-    monkeypatch.setenv(BF16_TENSOR_CORES_ENV, "1")
+    dtype = torch.float16
     taken = []
     original = ops.run_row_gather_on_tensor_cores
     monkeypatch.setattr(ops, "run_row_gather_on_tensor_cores", lambda *a: taken.append(original(*a)) or taken[-1])
@@ -206,3 +203,70 @@ def test_whole_rows_run_on_tensor_cores(tile, density, M, dtype, monkeypatch):
     pit.sparse_matmul(A, B, micro_tile=tile, out=out)
     assert taken == [True], "the tensor-core path did not run"
     assert_matches_reference(out, A.double() @ B.double())
+
+
+# ---------------------------------------------------------------------------------------------
+# The dense fallback: a detected operand too dense for PIT runs as torch.matmul (GPU only).
+
+
+def _index(counts, chunks):
+    from pit_compiler.runtime import MicroTileIndex
+
+    counts = torch.tensor([counts], dtype=torch.int32)
+    return MicroTileIndex(counts, torch.zeros(1, counts.shape[1], chunks, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("counts,wins", [([0, 0], False), ([1, 0], False), ([2, 1], True), ([4, 4], True)])
+def test_dense_wins_above_the_crossover(counts, wins, monkeypatch):
+    from pit_compiler import ops
+
+    monkeypatch.setattr(ops, "DENSE_CROSSOVER", 0.15)
+    index = _index(counts, chunks=4)  # 8 slots: the crossover lies at 1.2 listed
+    assert ops.dense_wins(index, torch.device("cuda")) is wins
+    assert not ops.dense_wins(index, torch.device("cpu")), "measured on GPUs only"
+    monkeypatch.setattr(ops, "DENSE_CROSSOVER", None)
+    assert not ops.dense_wins(index, torch.device("cuda"))
+
+
+@pytest.mark.parametrize("fallback", [True, False])
+@pytest.mark.parametrize("sparse,tile", [("A", (32, 1)), ("A", (1, None)), ("B", (1, 32))], ids=str)
+def test_dense_fallback_runs_torch_matmul_exactly(sparse, tile, fallback, monkeypatch):
+    """Where dense wins the call is torch.matmul of the operands as given (exact: detection
+    found the rest zero); dense_fallback=False keeps the PIT kernels."""
+    from pit_compiler import ops
+
+    monkeypatch.setattr(ops, "dense_wins", lambda index, device: True)
+    ran_pit = []
+    original = ops.run_matmul
+    monkeypatch.setattr(ops, "run_matmul", lambda *a: ran_pit.append(True) or original(*a))
+    shapes = {"A": (70, 48), "B": (48, 40)}
+    S, _ = micro_tile_sparse(shapes[sparse], tile, 0.5, torch.float32, "cpu", seed=5)
+    other = dense_operand(shapes["B" if sparse == "A" else "A"], torch.float32, "cpu", seed=6)
+    A, B = (S, other) if sparse == "A" else (other, S)
+    out = poisoned((70, 40), torch.float32, "cpu")
+    pit.sparse_matmul(A, B, sparse=sparse, micro_tile=tile, out=out, dense_fallback=fallback)
+    assert_matches_reference(out, A.double() @ B.double())
+    assert ran_pit == ([] if fallback else [True])
+
+
+def test_dense_fallback_must_be_a_bool():
+    A, B = torch.randn(4, 4), torch.randn(4, 4)
+    with pytest.raises(TypeError, match="dense_fallback"):
+        pit.sparse_matmul(A, B, dense_fallback="yes")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("density,dense", [(1.0, True), (0.5, True), (0.05, False)])
+def test_dense_fallback_on_the_gpu(density, dense, monkeypatch):
+    from pit_compiler import ops
+
+    monkeypatch.setattr(ops, "DENSE_CROSSOVER", 0.15)
+    ran_pit = []
+    original = ops.run_reduce_on_tensor_cores
+    monkeypatch.setattr(ops, "run_reduce_on_tensor_cores", lambda *a: ran_pit.append(True) or original(*a))
+    A, _ = micro_tile_sparse((512, 256), (32, 1), density, torch.float16, "cuda", seed=7)
+    B = dense_operand((256, 384), torch.float16, "cuda", seed=8)
+    out = poisoned((512, 384), torch.float16, "cuda")
+    pit.sparse_matmul(A, B, micro_tile=(32, 1), out=out)
+    assert_matches_reference(out, A.double() @ B.double())
+    assert ran_pit == ([] if dense else [True])

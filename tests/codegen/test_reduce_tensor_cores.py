@@ -18,7 +18,6 @@ from pit_compiler.codegen.build import compile_primfunc
 from pit_compiler.codegen.reduce_matmul import build_reduce_tile, fitting_knobs, reduce_tile_knobs, reduce_tile_space
 from pit_compiler.ir import SparsityAttr, plan_pit
 from pit_compiler.schedules.tensor_core_matmul import TensorCoreMatmul
-from pit_compiler.targets import BF16_TENSOR_CORES_ENV
 from cuda_build import assert_compiles_for_sm90
 from sparse_data import assert_matches_reference, dense_operand, expand_mask, micro_tile_sparse, poisoned
 
@@ -168,7 +167,7 @@ def test_float32_output_and_grid_mask(tile, taken):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("K,N,tile", [(200, 200, (32, 1)), (100, 256, (32, 1)), (256, 256, (8, 8))], ids=str)
+@pytest.mark.parametrize("K,N,tile", [(200, 200, (32, 1)), (100, 256, (32, 1)), (256, 200, (8, 8))], ids=str)
 def test_falls_back_to_simt_where_the_tile_does_not_fit(K, N, tile, taken):
     M = 96
     A, _ = micro_tile_sparse((M, K), tile, 0.5, torch.float16, "cuda", seed=3)
@@ -300,7 +299,8 @@ def test_run_time_takes_the_databases_knobs(fits, monkeypatch):
     assert built == [tuned if fits else default]
 
 
-# bfloat16: built and compiled here; opt-in ($PIT_BF16_TENSOR_CORES) until its gpu tests pass
+# bfloat16: the tile builds, but TVM 0.27 writes B's ldmatrix.trans of bf16 as a faulty
+# element-wise copy (illegal address on an H200), so run time keeps bfloat16 off tensor cores.
 
 
 def test_bfloat16_tile_builds_bf16_mma_for_sm90(tmp_path):
@@ -315,30 +315,22 @@ def test_bfloat16_tile_builds_bf16_mma_for_sm90(tmp_path):
     assert_compiles_for_sm90(source, tmp_path, "reduce_bf16")
 
 
-def test_bfloat16_takes_the_tile_only_when_asked(monkeypatch):
+def test_bfloat16_stays_off_tensor_cores(monkeypatch):
     monkeypatch.setattr(ops, "target_for", lambda device: SM90)
     M, K, N = 256, 256, 384
     plan = reduce_plan((32, 1), K, N)
     rows = plan_pit(ops.matmul_contraction(2), SparsityAttr("A", (1, K)), {"m": M, "n": N, "k": K})
     A, B, out = (torch.empty(shape, dtype=torch.bfloat16) for shape in ((M, K), (K, N), (M, N)))
-    monkeypatch.delenv(BF16_TENSOR_CORES_ENV, raising=False)
     assert ops.tensor_core_path(plan, A, B, out) is None and ops.tensor_core_path(rows, A, B, out) is None
     assert ops.tensor_core_cover(plan_pit(plan.contraction, SparsityAttr("A", (1, 32)), {"m": M, "n": N, "k": K}),
                                  A, B, out).tile["m"] == 1  # no cover either
-    monkeypatch.setenv(BF16_TENSOR_CORES_ENV, "1")
-    assert ops.tensor_core_path(plan, A, B, out) == "reduce"
-    assert ops.tensor_core_path(rows, A, B, out) == "row_gather"
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("tile", [(32, 1), (64, 64), (1, 32)], ids=str)
-@pytest.mark.parametrize("density", [1.0, 0.3, 0.0])
-def test_bfloat16_on_tensor_cores(tile, density, taken, monkeypatch):
-    monkeypatch.setenv(BF16_TENSOR_CORES_ENV, "1")
-    M, K, N = 300, 200, 320
-    A, _ = micro_tile_sparse((M, K), tile, density, torch.bfloat16, "cuda", seed=11)
-    B = dense_operand((K, N), torch.bfloat16, "cuda", seed=12)
-    out = poisoned((M, N), torch.bfloat16, "cuda")
-    pit.sparse_matmul(A, B, micro_tile=tile, out=out)  # (1, 32) runs as 16x32 blocks
-    assert taken == [True], "the tensor-core reduce path did not run"
-    assert_matches_reference(out, A.double() @ B.double())
+def test_bfloat16_ldmatrix_trans_is_still_miscompiled():
+    """Fails once TVM emits the real ldmatrix.trans for bfloat16: then switch bfloat16 on."""
+    K, N, (bm, bk) = 256, 256, (32, 32)
+    knobs = knobs_for((bm, bk), K, N, dtype="bfloat16", out="bfloat16")
+    executable = compile_primfunc(build_reduce_tile(K, N, bm, bk, knobs.block_k, "bfloat16", "bfloat16"), SM90, knobs,
+                                  template=TensorCoreMatmul())
+    source = executable.mod.imports[0].inspect_source()
+    assert "ldmatrix.sync.aligned.m8n8.x4.trans" not in source
