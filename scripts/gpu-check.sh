@@ -15,6 +15,7 @@ fi
 source scripts/gpu-env.sh
 out=${OUT:-/tmp/pit-gpu-out}
 mkdir -p "$out"
+touch /tmp/pit-gpu-stage-start
 case "$stage" in
   tests) timeout 540 python3 -P -m pytest -q -p no:cacheprovider -m gpu --maxfail=15 --durations=8 2>&1 | tee "$out/gpu-tests.log" | tail -25 ;;
   kernels)
@@ -25,10 +26,11 @@ case "$stage" in
     timeout 200 python3 -P benchmarks/spmm.py --sizes 8192 --dtypes float16 --micro-tiles row,32x1,32x32,64x64 \
       --sparsities 0,0.9,0.99 --merge 2>&1 | tee -a "$out/spmm.log" | tail -40 ;;
   tuning)  # 32x1 and 32x32 at 4096^3 (--quick); the tile database comes back under $OUT
-    timeout 540 python3 -P benchmarks/tuning.py --sizes 4096 --quick --db "$out/tiles.json" 2>&1 \
+    timeout "${TUNING_TIMEOUT:-540}" python3 -P benchmarks/tuning.py --sizes 4096 --quick --db "$out/tiles.json" 2>&1 \
       | tee "$out/tuning.log" | tail -40 ;;
   sweep)
     timeout 540 python3 -P scripts/gpu_tile_sweep.py --json "$out/sweep.json" 2>&1 | tee "$out/sweep.log" | tail -80 ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac
-cp -r benchmarks/results "$out/" 2>/dev/null || true
+# The results this stage wrote (the device tool brings back a limited number of files).
+find benchmarks/results -type f -newer /tmp/pit-gpu-stage-start -exec cp {} "$out/" \;
