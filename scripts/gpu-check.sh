@@ -26,7 +26,7 @@ case "$stage" in
     timeout 200 python3 -P benchmarks/spmm.py --sizes 8192 --dtypes float16 --micro-tiles row,32x1,32x32,64x64 \
       --sparsities 0,0.9,0.99 --merge 2>&1 | tee -a "$out/spmm.log" | tail -40 ;;
   tuning)  # 32x1 and 32x32 at 4096^3 (--quick); the tile database comes back under $OUT
-    timeout "${TUNING_TIMEOUT:-540}" python3 -P benchmarks/tuning.py --sizes 4096 --quick --db "$out/tiles.json" 2>&1 \
+    timeout "${TUNING_TIMEOUT:-540}" python3 -P benchmarks/tuning.py --sizes "${TUNING_SIZES:-4096}" --quick --db "$out/tiles.json" 2>&1 \
       | tee "$out/tuning.log" | tail -40 ;;
   sweep)
     timeout 540 python3 -P scripts/gpu_tile_sweep.py --json "$out/sweep.json" 2>&1 | tee "$out/sweep.log" | tail -80 ;;
