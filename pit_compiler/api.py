@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from pit_compiler.autograd import grid_shape_of, sparse_matmul_op
-from pit_compiler.ops import as_kernel_input, batched, detect, pit_matmul
+from pit_compiler.ops import detect_grid_pieces, pit_matmul
 from pit_compiler.runtime import MicroTileIndex
 from pit_compiler.validation import (
     check_auto,
@@ -38,9 +38,7 @@ def detect_micro_tiles(x: torch.Tensor, micro_tile=(32, 1), *, blocked: str = "r
 @torch.library.custom_op("pit::detect_micro_tiles", mutates_args=())
 def detect_op(x: torch.Tensor, tile: list[int], blocked: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``(counts, indices)`` of :class:`MicroTileIndex`; an opaque operator to torch.compile."""
-    order = ("batch", "rows", "cols")
-    permuted = "cols" if blocked == "rows" else "rows"
-    index = detect(as_kernel_input(batched(x)), order, blocked, permuted, dict(zip(("rows", "cols"), tile)), False, "x")
+    index = detect_grid_pieces(x, tuple(tile), blocked)
     return index.counts, index.indices
 
 

@@ -124,6 +124,15 @@ def detect(
 _WORDS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
+def detect_grid_pieces(x: torch.Tensor, tile: tuple[int, int], blocked: str = "rows") -> MicroTileIndex:
+    """The non-empty ``tile = (rows, cols)`` pieces of a 2-D or batched 3-D ``x`` (a concrete
+    tile: see ``validation.normalize_micro_tile``), per block of rows (``blocked="rows"``) or
+    of columns. One pass of the detection kernel on ``x``'s device."""
+    permuted = "cols" if blocked == "rows" else "rows"
+    tiles = dict(zip(("rows", "cols"), tile))
+    return detect(as_kernel_input(batched(x)), ("batch", "rows", "cols"), blocked, permuted, tiles, False, "x")
+
+
 def as_words(s: torch.Tensor, run: int) -> tuple[torch.Tensor, int]:
     """``s`` (compact) viewed as integer words of ``pack`` elements along its last axis, and ``pack``.
 
