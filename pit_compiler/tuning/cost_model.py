@@ -168,20 +168,34 @@ def _cached_model(db: TileDatabase, key: str) -> KernelModel | None:
     return _models[cache_key]
 
 
-def candidate_grid(operand: torch.Tensor, tile) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(grid, listed)``: which ``tile = (rows, cols)`` pieces of ``operand`` hold a non-zero
-    (NaN counts), as a boolean ``(..., R, C)`` grid, and how many (a 0-d tensor, on the device).
+@dataclass(frozen=True)
+class CandidateCount:
+    """One candidate's detected micro-tiles: ``listed`` (a 0-d tensor on the operand's device)
+    now, the boolean grid only when asked (only the chosen candidate's is)."""
+
+    index: object  # MicroTileIndex of the operand as stored
+    transposed: bool
+    batched: bool
+
+    @property
+    def listed(self) -> torch.Tensor:
+        return self.index.counts.sum()
+
+    def grid(self) -> torch.Tensor:
+        grid = self.index.to_mask()
+        grid = grid.transpose(-1, -2) if self.transposed else grid
+        return grid if self.batched else grid[0]
+
+
+def count_candidate(operand: torch.Tensor, tile) -> CandidateCount:
+    """Which ``tile = (rows, cols)`` pieces of ``operand`` hold a non-zero (NaN counts).
 
     PIT's own detection kernel, one pass over the operand as stored (a transposed view is
-    read in place, its tile transposed): several times faster on a GPU than pooling a
-    ``!= 0`` mask with torch, which auto paid once per candidate.
+    read in place, its tile transposed): far cheaper on a GPU than pooling a ``!= 0`` mask.
     """
     transposed = is_transposed_view(operand)
     stored, stored_tile = (operand.transpose(-1, -2), tuple(tile[::-1])) if transposed else (operand, tuple(tile))
-    index = detect_grid_pieces(stored, stored_tile)
-    grid = index.to_mask()
-    grid = grid.transpose(-1, -2) if transposed else grid
-    return (grid if operand.dim() == 3 else grid[0]), index.counts.sum()
+    return CandidateCount(detect_grid_pieces(stored, stored_tile), transposed, operand.dim() == 3)
 
 
 def tile_label(micro_tile) -> str:
@@ -309,7 +323,7 @@ def select_micro_tile(
         return Selection(DEFAULT_MICRO_TILE, {}, {}, "default")
 
     # Step 1. The dense fallback's measured time, and each candidate's lower bound (nothing listed).
-    predicted, listed, grids = {}, {}, {}
+    predicted, listed, found = {}, {}, {}
     if dense:
         dense_time = dense_ms(dense_entry, shape, batch)
         if dense_time is not None:
@@ -318,21 +332,20 @@ def select_micro_tile(
     # Step 2. Count each candidate's listed micro-tiles (detection, NaN != 0 counts), most
     # promising first, and predict its time.
     if not prune:  # one host read for all candidates
-        found = {label: candidate_grid(operand, tile) for label, (_, tile, _) in models.items()}
-        grids = {label: grid for label, (grid, _) in found.items()}
-        counts = torch.stack([count for _, count in found.values()]).tolist()
+        found = {label: count_candidate(operand, tile) for label, (_, tile, _) in models.items()}
+        counts = torch.stack([count.listed for count in found.values()]).tolist()
         listed = dict(zip(found, (int(c) for c in counts)))
     for label in sorted(models, key=bounds.get):
         if prune:
             if predicted and bounds[label] >= min(predicted.values()):
                 break  # the rest are bounded higher still
-            grids[label], count = candidate_grid(operand, models[label][1])
-            listed[label] = int(count)
+            found[label] = count_candidate(operand, models[label][1])
+            listed[label] = int(found[label].listed)
         predicted[label] = models[label][2].predict(listed[label], shape, batch)
     choice = min(predicted, key=predicted.get)
     if choice == "dense":
         return Selection(None, predicted, listed, "database")
-    return Selection(models[choice][0], predicted, listed, "database", grids[choice])  # as given: (1, None) stays
+    return Selection(models[choice][0], predicted, listed, "database", found[choice].grid())  # as given: (1, None) stays
 
 
 def unbatched_plan(plan, sizes: dict):

@@ -13,7 +13,7 @@ from pit_compiler.ops import matmul_contraction
 from pit_compiler.schedules import template_for
 from pit_compiler.tuning import DEFAULT_MICRO_TILE, TileDatabase, fit_line, select_micro_tile, set_tile_database
 from pit_compiler.tuning import cost_model
-from pit_compiler.tuning.cost_model import best_knobs, candidate_grid
+from pit_compiler.tuning.cost_model import best_knobs, count_candidate
 from pit_compiler.tuning.database import dense_workload, matmul_workload
 
 from sparse_data import micro_tile_sparse
@@ -110,7 +110,7 @@ def test_dense_wins_when_it_is_predicted_fastest(db):
 
 @pytest.mark.parametrize("shape, tile", [((64, 96), (32, 1)), ((2, 70, 45), (32, 32)), ((33, 65), (1, 65)), ((5, 7), (4, 3))])
 @pytest.mark.parametrize("transposed", [False, True])
-def test_candidate_grid_is_the_pooled_non_zero_mask(shape, tile, transposed):
+def test_candidate_count_is_the_pooled_non_zero_mask(shape, tile, transposed):
     x, _ = micro_tile_sparse(shape, tile, 0.4, torch.float32)
     x[..., 0, 0] = float("nan")  # NaN counts as non-zero, as in detection
     if transposed:  # a transposed view (nn.Linear's W.t()), read in place
@@ -119,8 +119,8 @@ def test_candidate_grid_is_the_pooled_non_zero_mask(shape, tile, transposed):
     padded = torch.zeros(*x.shape[:-2], -(-R // rows) * rows, -(-C // cols) * cols, dtype=torch.bool)
     padded[..., :R, :C] = x != 0
     expected = padded.unflatten(-1, (-1, cols)).unflatten(-3, (-1, rows)).any(-1).any(-2)
-    grid, listed = candidate_grid(x, tile)
-    assert torch.equal(grid, expected) and int(listed) == int(expected.sum())
+    count = count_candidate(x, tile)
+    assert torch.equal(count.grid(), expected) and int(count.listed) == int(expected.sum())
 
 
 def test_pruning_detects_only_candidates_that_can_still_win(monkeypatch):
@@ -132,13 +132,13 @@ def test_pruning_detects_only_candidates_that_can_still_win(monkeypatch):
     A[32:64, 96:128] = torch.rand(32, 32) + 0.5  # one 32x32 block: 0.011 + 0.02 ms predicted
     full = select_micro_tile(A, B, database=db)
     detected = []
-    original = cost_model.candidate_grid
+    original = cost_model.count_candidate
 
     def spy(operand, tile):
         detected.append(tuple(tile))
         return original(operand, tile)
 
-    monkeypatch.setattr(cost_model, "candidate_grid", spy)
+    monkeypatch.setattr(cost_model, "count_candidate", spy)
     pruned = select_micro_tile(A, B, prune=True, database=db)
     assert pruned.micro_tile == full.micro_tile == (32, 32)
     assert pruned.predicted_ms.items() <= full.predicted_ms.items() and "32x1" not in pruned.predicted_ms
