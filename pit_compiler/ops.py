@@ -232,9 +232,10 @@ def pit_matmul(
     return plan, index
 
 
-# Above this fraction of micro-tiles listed, dense cuBLAS finishes first. Measured on an H200
-# (benchmarks/results/spmm-nvidia-h200.*, scripts/gpu_tile_sweep.py): at full density PIT's
-# tensor-core tiles reach 0.11 (32x1) to 0.35 (64x64) of cuBLAS's throughput. None: never.
+# Above this fraction of micro-tiles listed, dense cuBLAS finishes first, or nearly. Measured on
+# an H200 (benchmarks/results/spmm-nvidia-h200.json, "pit_kernel" at 0 % sparsity, 8192^3): at
+# full density PIT's tensor-core tiles reach 0.13 (32x1), 0.17 (32x32), 0.32 (whole rows) and
+# 0.37 (64x64) of cuBLAS's throughput. None: never.
 DENSE_CROSSOVER: float | None = 0.15
 
 
