@@ -83,8 +83,8 @@ def sparse_matmul(
         form: force the kernel form (``"reduce"``, ``"scatter"``, ``"output"``); chosen from the
             micro-tile otherwise.
         dense_fallback: on a GPU, where detection finds more of the operand's micro-tiles
-            non-empty than PIT wins at (``ops.DENSE_CROSSOVER``), compute ``torch.matmul``
-            instead (exact: the rest are zero). Costs one host sync to read the count; pass
+            non-empty than the kernel that would run wins at (``ops.dense_crossover``), compute
+            ``torch.matmul`` instead (exact: the rest are zero). Costs one host sync to read the count; pass
             False to avoid it (e.g. under CUDA graph capture). Direct calls only: not with
             ``mask``, nor where a gradient is needed or inside ``torch.compile``.
 

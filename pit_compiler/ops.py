@@ -224,7 +224,7 @@ def pit_matmul(
     if covered is not plan:
         plan, tile = covered, (covered.tile["m"], covered.tile["k"])  # A stored (m, k)
     index = index_for(plan, {"A": A, "B": B}.get(sparse), mask, tile, grid_shape)
-    if dense_fallback and mask is None and dense_wins(index, A.device):
+    if dense_fallback and mask is None and falls_back_on(A.device) and dense_wins(index, dense_crossover(plan, A, B, out)):
         torch.matmul(logical_a, logical_b, out=out)  # exact: the unlisted micro-tiles are zero
         return plan, index
     if not run_on_tensor_cores(plan, A, B, out, index):
@@ -232,23 +232,46 @@ def pit_matmul(
     return plan, index
 
 
-# Above this fraction of micro-tiles listed, dense cuBLAS finishes first, or nearly. Measured on
-# an H200 (benchmarks/results/spmm-nvidia-h200.json, "pit_kernel" at 0 % sparsity, 8192^3): at
-# full density PIT's tensor-core tiles reach 0.13 (32x1), 0.17 (32x32), 0.32 (whole rows) and
-# 0.37 (64x64) of cuBLAS's throughput. None: never.
-DENSE_CROSSOVER: float | None = 0.15
+DENSE_FALLBACK = True  # the kernels' own tests turn it off, to check them at every density
 
 
-def dense_wins(index: MicroTileIndex, device: torch.device) -> bool:
-    """Whether dense ``torch.matmul`` should run instead of the PIT kernels for this index.
+def falls_back_on(device: torch.device) -> bool:
+    """Whether calls on ``device`` weigh dense cuBLAS: GPUs, where the crossovers were measured."""
+    return DENSE_FALLBACK and device.type == "cuda"
 
-    CUDA only (the crossover was measured there). Reads the listed count back to the host:
-    one sync, which ``sparse_matmul(..., dense_fallback=False)`` avoids (e.g. for CUDA graphs).
+
+def dense_crossover(plan: PITPlan, A, B, out) -> float:
+    """The fraction of listed micro-tiles above which dense cuBLAS finishes before the kernel
+    that would compute ``plan`` on these (storage-order) operands.
+
+    About that kernel's throughput on dense input relative to cuBLAS, less the ~5 % detection
+    costs, as measured on an H200 (8192^3 float16, ``benchmarks/results/spmm-nvidia-h200.json``,
+    "pit_kernel" at 0 % sparsity: whole rows 0.32, 64x64 blocks 0.37, 32x32 0.17, 32x1 0.13;
+    4096^3: 1x32 pieces as 16x32 blocks 0.11; the one-thread-per-output kernel 0.0013).
     """
-    if DENSE_CROSSOVER is None or device.type != "cuda" or index.indices.numel() == 0:
+    path = tensor_core_path(plan, A, B, out)
+    if path == "row_gather":
+        return 0.30
+    if path == "reduce":
+        rows, cols = plan.tile["m"], plan.tile["k"]
+        if rows >= 64:
+            return 0.35
+        if rows <= 16:
+            return 0.10
+        return 0.12 if cols < 8 else 0.16  # column pieces copy A element by element
+    return 0.001
+
+
+def dense_wins(index: MicroTileIndex, crossover: float) -> bool:
+    """Whether more than ``crossover`` of the index's micro-tile slots are listed.
+
+    Reads the listed count back to the host: one sync, which ``sparse_matmul(...,
+    dense_fallback=False)`` avoids (e.g. for CUDA graphs).
+    """
+    if index.indices.numel() == 0:
         return False
     slots = index.indices.shape[-1] * index.counts.numel()
-    return int(index.counts.sum()) > DENSE_CROSSOVER * slots
+    return int(index.counts.sum()) > crossover * slots
 
 
 def tensor_core_path(plan: PITPlan, A, B, out) -> str | None:

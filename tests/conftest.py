@@ -33,7 +33,7 @@ def pit_kernels_at_every_density(monkeypatch):
     cuBLAS instead; the tests of that fallback turn it back on."""
     from pit_compiler import ops
 
-    monkeypatch.setattr(ops, "DENSE_CROSSOVER", None)
+    monkeypatch.setattr(ops, "DENSE_FALLBACK", False)
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -220,12 +220,31 @@ def _index(counts, chunks):
 def test_dense_wins_above_the_crossover(counts, wins, monkeypatch):
     from pit_compiler import ops
 
-    monkeypatch.setattr(ops, "DENSE_CROSSOVER", 0.15)
-    index = _index(counts, chunks=4)  # 8 slots: the crossover lies at 1.2 listed
-    assert ops.dense_wins(index, torch.device("cuda")) is wins
-    assert not ops.dense_wins(index, torch.device("cpu")), "measured on GPUs only"
-    monkeypatch.setattr(ops, "DENSE_CROSSOVER", None)
-    assert not ops.dense_wins(index, torch.device("cuda"))
+    assert ops.dense_wins(_index(counts, chunks=4), 0.15) is wins  # 8 slots: the crossover lies at 1.2 listed
+    monkeypatch.setattr(ops, "DENSE_FALLBACK", True)
+    assert ops.falls_back_on(torch.device("cuda")) and not ops.falls_back_on(torch.device("cpu"))
+
+
+@pytest.mark.parametrize(
+    "tile,dtype,crossover",
+    [((1, None), torch.float16, 0.30), ((64, 64), torch.float16, 0.35), ((32, 32), torch.float16, 0.16),
+     ((32, 1), torch.float16, 0.12), ((16, 32), torch.float16, 0.10), ((32, 1), torch.bfloat16, 0.001)],
+    ids=str,
+)
+def test_each_kernel_has_its_measured_crossover(tile, dtype, crossover, monkeypatch):
+    """The crossover follows the kernel that would run: tensor-core tiles by their measured
+    throughput, the one-thread-per-output kernel (here bfloat16) almost never."""
+    from pit_compiler import ops
+    from pit_compiler.ir import SparsityAttr, plan_pit
+    from tvm.target import Target
+
+    sm90 = Target({"kind": "cuda", "arch": "sm_90"})
+    monkeypatch.setattr(ops, "target_for", lambda device: sm90)
+    M, K, N = 256, 256, 384
+    A, B, out = (torch.empty(shape, dtype=dtype) for shape in ((M, K), (K, N), (M, N)))
+    concrete = (tile[0], tile[1] or K)
+    plan = plan_pit(ops.matmul_contraction(2), SparsityAttr("A", concrete), {"m": M, "n": N, "k": K})
+    assert ops.dense_crossover(plan, A, B, out) == crossover
 
 
 @pytest.mark.parametrize("fallback", [True, False])
@@ -235,7 +254,8 @@ def test_dense_fallback_runs_torch_matmul_exactly(sparse, tile, fallback, monkey
     found the rest zero); dense_fallback=False keeps the PIT kernels."""
     from pit_compiler import ops
 
-    monkeypatch.setattr(ops, "dense_wins", lambda index, device: True)
+    monkeypatch.setattr(ops, "falls_back_on", lambda device: True)  # as on a GPU
+    monkeypatch.setattr(ops, "dense_wins", lambda index, crossover: True)
     ran_pit = []
     original = ops.run_matmul
     monkeypatch.setattr(ops, "run_matmul", lambda *a: ran_pit.append(True) or original(*a))
@@ -260,7 +280,7 @@ def test_dense_fallback_must_be_a_bool():
 def test_dense_fallback_on_the_gpu(density, dense, monkeypatch):
     from pit_compiler import ops
 
-    monkeypatch.setattr(ops, "DENSE_CROSSOVER", 0.15)
+    monkeypatch.setattr(ops, "DENSE_FALLBACK", True)
     ran_pit = []
     original = ops.run_reduce_on_tensor_cores
     monkeypatch.setattr(ops, "run_reduce_on_tensor_cores", lambda *a: ran_pit.append(True) or original(*a))
