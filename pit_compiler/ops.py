@@ -247,7 +247,7 @@ def dense_crossover(plan: PITPlan, A, B, out) -> float:
     About that kernel's throughput on dense input relative to cuBLAS, less the ~5 % detection
     costs, as measured on an H200 (8192^3 float16, ``benchmarks/results/spmm-nvidia-h200.json``,
     "pit_kernel" at 0 % sparsity: whole rows 0.32, 64x64 blocks 0.37, 32x32 0.17, 32x1 0.13;
-    4096^3: 1x32 pieces as 16x32 blocks 0.11; the one-thread-per-output kernel 0.0013).
+    4096^3: 1x32 pieces as 16x32 blocks 0.11; the one-thread-per-output kernel 0.0013 in float16).
     """
     path = tensor_core_path(plan, A, B, out)
     if path == "row_gather":
@@ -259,7 +259,9 @@ def dense_crossover(plan: PITPlan, A, B, out) -> float:
         if rows <= 16:
             return 0.10
         return 0.12 if cols < 8 else 0.16  # column pieces copy A element by element
-    return 0.001
+    # The one-thread-per-output kernel: measured with float16 against tensor-core cuBLAS;
+    # float32 cuBLAS runs about ten times slower, so PIT keeps ten times the density (derived).
+    return 0.01 if A.dtype == torch.float32 else 0.001
 
 
 def dense_wins(index: MicroTileIndex, crossover: float) -> bool:

@@ -228,7 +228,8 @@ def test_dense_wins_above_the_crossover(counts, wins, monkeypatch):
 @pytest.mark.parametrize(
     "tile,dtype,crossover",
     [((1, None), torch.float16, 0.30), ((64, 64), torch.float16, 0.35), ((32, 32), torch.float16, 0.16),
-     ((32, 1), torch.float16, 0.12), ((16, 32), torch.float16, 0.10), ((32, 1), torch.bfloat16, 0.001)],
+     ((32, 1), torch.float16, 0.12), ((16, 32), torch.float16, 0.10), ((32, 1), torch.bfloat16, 0.001),
+     ((32, 1), torch.float32, 0.01)],
     ids=str,
 )
 def test_each_kernel_has_its_measured_crossover(tile, dtype, crossover, monkeypatch):
