@@ -84,9 +84,9 @@ def sparse_matmul(
             micro-tile otherwise.
         dense_fallback: on a GPU, where detection finds more of the operand's micro-tiles
             non-empty than the kernel that would run wins at (``ops.dense_crossover``), compute
-            ``torch.matmul`` instead (exact: the rest are zero). Costs one host sync to read the count; pass
-            False to avoid it (e.g. under CUDA graph capture). Direct calls only: not with
-            ``mask``, nor where a gradient is needed or inside ``torch.compile``.
+            ``torch.matmul`` instead (exact: the rest are zero). Costs one host read of the
+            count (skipped while a CUDA graph is captured); False avoids it. Not with ``mask``.
+            Calls that need a gradient or run inside ``torch.compile`` always weigh it.
 
     Differentiable in A and B: the sparse operand's gradient keeps its micro-tiles, and each
     gradient is itself a PIT matmul. Inside ``torch.compile`` it is one opaque operator,

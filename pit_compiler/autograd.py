@@ -50,7 +50,7 @@ def sparse_matmul_op(
     """``(A @ B with sparse's unlisted micro-tiles as zero, the listed micro-tiles' grid)``."""
     out_shape, grid_full = _shapes(A, B, grid_shape)
     out = torch.empty(out_shape, dtype=A.dtype, device=A.device)
-    used = pit_matmul(A, B, out, sparse, tuple(tile), tuple(grid_shape), mask, form)
+    used = pit_matmul(A, B, out, sparse, tuple(tile), tuple(grid_shape), mask, form, dense_fallback=True)
     grid = operand_grid(*used) if used is not None else torch.zeros(grid_full, dtype=torch.bool, device=A.device)
     return out, grid
 

@@ -236,8 +236,11 @@ DENSE_FALLBACK = True  # the kernels' own tests turn it off, to check them at ev
 
 
 def falls_back_on(device: torch.device) -> bool:
-    """Whether calls on ``device`` weigh dense cuBLAS: GPUs, where the crossovers were measured."""
-    return DENSE_FALLBACK and device.type == "cuda"
+    """Whether calls on ``device`` weigh dense cuBLAS: GPUs, where the crossovers were measured,
+    except while a CUDA graph is being captured (the host read would break the capture)."""
+    if not DENSE_FALLBACK or device.type != "cuda":
+        return False
+    return not torch.cuda.is_current_stream_capturing()
 
 
 def dense_crossover(plan: PITPlan, A, B, out) -> float:

@@ -222,7 +222,11 @@ def test_dense_wins_above_the_crossover(counts, wins, monkeypatch):
 
     assert ops.dense_wins(_index(counts, chunks=4), 0.15) is wins  # 8 slots: the crossover lies at 1.2 listed
     monkeypatch.setattr(ops, "DENSE_FALLBACK", True)
+    capturing = [False]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
     assert ops.falls_back_on(torch.device("cuda")) and not ops.falls_back_on(torch.device("cpu"))
+    capturing[0] = True  # a CUDA graph capture: no host read
+    assert not ops.falls_back_on(torch.device("cuda"))
 
 
 @pytest.mark.parametrize(
@@ -291,3 +295,29 @@ def test_dense_fallback_on_the_gpu(density, dense, monkeypatch):
     pit.sparse_matmul(A, B, micro_tile=(32, 1), out=out)
     assert_matches_reference(out, A.double() @ B.double())
     assert ran_pit == ([] if dense else [True])
+
+
+def test_dense_fallback_keeps_the_gradient_sparse(monkeypatch):
+    """Through the autograd operator too: the forward runs dense, the gradient of the sparse
+    operand keeps the detected micro-tiles."""
+    from pit_compiler import ops
+
+    monkeypatch.setattr(ops, "falls_back_on", lambda device: True)  # as on a GPU
+    monkeypatch.setattr(ops, "dense_wins", lambda index, crossover: True)
+    ran_pit = []
+    original = ops.run_matmul
+    monkeypatch.setattr(ops, "run_matmul", lambda *a: ran_pit.append(a[0].form) or original(*a))
+    S, _ = micro_tile_sparse((70, 48), (32, 1), 0.5, torch.float32, "cpu", seed=9)
+    A = S.clone().requires_grad_(True)
+    B = dense_operand((48, 40), torch.float32, "cpu", seed=10).requires_grad_(True)
+    C = pit.sparse_matmul(A, B, micro_tile=(32, 1))
+    assert_matches_reference(C.detach(), S.double() @ B.detach().double())
+    assert ran_pit == [], "the forward ran PIT's kernel"
+    dC = dense_operand((70, 40), torch.float32, "cpu", seed=11)
+    C.backward(dC)
+    kept = (S != 0).view(70, 48)
+    pieces = kept.new_zeros(96, 48)
+    pieces[:70] = kept
+    pieces = pieces.view(3, 32, 48).any(1).repeat_interleave(32, 0)[:70]
+    assert_matches_reference(A.grad, (dC.double() @ B.detach().double().T) * pieces)
+    assert_matches_reference(B.grad, S.double().T @ dC.double())
