@@ -100,13 +100,21 @@ def plan_pit(
     """Choose the permuted axis and kernel form for ``attr`` on ``contraction``.
 
     ``sizes`` maps roles ("m", "n", "k") to extents; a micro-tile that spans a whole axis
-    (e.g. whole rows of A: ``(1, K)``) needs no accumulation in the scatter form.
+    (e.g. whole rows of A: ``(1, K)``) needs no accumulation in the scatter form. Only k's
+    extent matters, so plans are kept per (contraction, micro-tile, k, form): every kernel
+    call plans, and planning costs more than the lookup.
     """
+    if form is not None and form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS} or None, got {form!r}")
+    return _plan(contraction, attr, sizes["k"] if attr.operand.lower() != "c" else None, form)
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan(contraction: Contraction, attr: SparsityAttr, k_size: int | None, form: str | None) -> PITPlan:
+    sizes = {"k": k_size}
     operand = attr.operand.lower()
     roles = _roles_of(contraction, operand)
     tile = dict(zip(roles, attr.micro_tile))
-    if form is not None and form not in FORMS:
-        raise ValueError(f"form must be one of {FORMS} or None, got {form!r}")
 
     if operand == "c":
         if form not in (None, "output"):

@@ -224,7 +224,8 @@ def pit_matmul(
     if covered is not plan:
         plan, tile = covered, (covered.tile["m"], covered.tile["k"])  # A stored (m, k)
     index = index_for(plan, {"A": A, "B": B}.get(sparse), mask, tile, grid_shape)
-    if dense_fallback and mask is None and falls_back_on(A.device) and dense_wins(index, dense_crossover(plan, A, B, out)):
+    weigh_dense = dense_fallback and mask is None and falls_back_on(A.device)
+    if weigh_dense and dense_wins(index, dense_crossover(plan, A, B, out)):
         torch.matmul(logical_a, logical_b, out=out)  # exact: the unlisted micro-tiles are zero
         return plan, index
     if not run_on_tensor_cores(plan, A, B, out, index):
@@ -405,7 +406,7 @@ def run_reduce_on_tensor_cores(plan: PITPlan, A, B, out, index: MicroTileIndex, 
     if knobs is None:
         from pit_compiler.tuning.cost_model import tuned_knobs
 
-        tuned = tuned_knobs(plan, dtype, target, batched(A), batched(B), template=TensorCoreMatmul())
+        tuned = tuned_knobs(plan, dtype, target, A, B, template=TensorCoreMatmul())
         knobs = fitting_knobs(default, tuned, N)
     bm, bk = plan.tile["m"], plan.tile["k"]
     row_blocks = index.counts.shape[-1]

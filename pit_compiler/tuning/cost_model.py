@@ -365,12 +365,17 @@ _knob_cache: dict = {}
 _knob_warned: set = set()
 
 
+def _batched_shape(t: torch.Tensor) -> tuple:
+    """``t``'s shape with a leading batch of 1 where it has none (no view: cheaper per call)."""
+    return tuple(t.shape) if t.dim() == 3 else (1, *t.shape)
+
+
 def tuned_knobs(
     plan, dtype: str, target, A: torch.Tensor, B: torch.Tensor, database: TileDatabase | None = None, template=None
 ):
     """The database's best knobs for the kernel about to run, else None.
 
-    ``A`` and ``B`` are the kernel's (batched, storage-order) operands; ``template`` is the one
+    ``A`` and ``B`` are the kernel's storage-order operands (2-D or batched); ``template`` is the one
     whose knobs it takes (default: the target's, which ``run_matmul``'s kernel takes). Never
     raises: a lookup that fails costs the defaults, with one warning.
     """
@@ -381,7 +386,8 @@ def tuned_knobs(
         token = db.token()
         if token is None:
             return None
-        sizes = dict(zip(kernel_order(plan, "a"), A.shape)) | dict(zip(kernel_order(plan, "b"), B.shape))
+        sizes = dict(zip(kernel_order(plan, "a"), _batched_shape(A)))
+        sizes |= dict(zip(kernel_order(plan, "b"), _batched_shape(B)))
         shape = (sizes["m"], sizes["n"], sizes["k"])
         template = template if template is not None else template_for(target)
         # Targets compare by identity (run time reuses one per device): no printing per call.
