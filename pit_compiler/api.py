@@ -98,6 +98,12 @@ def sparse_matmul(
         raise TypeError(f"dense_fallback must be True or False, got {dense_fallback!r}")
     if check_auto(micro_tile):
         return _sparse_matmul_auto(A, B, sparse, mask, out, form, dense_fallback)
+    return _sparse_matmul(A, B, sparse, micro_tile, mask, out, form, dense_fallback)
+
+
+def _sparse_matmul(A, B, sparse, micro_tile, mask, out, form, dense_fallback, detected=None):
+    """:func:`sparse_matmul` after its first checks. ``detected``: ``micro_tile="auto"``'s
+    detection of the micro-tile it chose, run on directly where the kernel reads it."""
     M, K, N = A.shape[-2], A.shape[-1], B.shape[-1]
     out_shape = (*A.shape[:-2], M, N)
     operand_shape = {"A": (M, K), "B": (K, N), "C": (M, N)}[sparse]
@@ -116,7 +122,10 @@ def sparse_matmul(
     else:
         check_out_without_grad(out, A, B)
         out = check_out(out, out_shape, A.dtype, A.device)
-    pit_matmul(A, B, out, sparse, tile, grid_shape, mask, form, cover=True, dense_fallback=dense_fallback)
+    pit_matmul(
+        A, B, out, sparse, tile, grid_shape, mask, form,
+        cover=detected is None, dense_fallback=dense_fallback, detected=detected,
+    )  # fmt: skip
     return out
 
 
@@ -170,6 +179,9 @@ def _sparse_matmul_auto(A, B, sparse, mask, out, form, dense_fallback):
         if out is None:
             return torch.matmul(A, B)
         return torch.matmul(A, B, out=check_out(out, (*A.shape[:-1], B.shape[-1]), A.dtype, A.device))
-    return sparse_matmul(
-        A, B, sparse=sparse, micro_tile=choice.micro_tile, mask=choice.grid, out=out, dense_fallback=dense_fallback
-    )
+    if choice.count is None:  # nothing tuned: the default micro-tile, detected as usual
+        return _sparse_matmul(A, B, sparse, choice.micro_tile, None, out, None, dense_fallback)
+    if _needs_operator(A, B):  # the operator takes the choice as a mask (and keeps it for the backward)
+        return _sparse_matmul(A, B, sparse, choice.micro_tile, choice.grid, out, None, dense_fallback)
+    # Dense was weighed already, against measured times.
+    return _sparse_matmul(A, B, sparse, choice.micro_tile, None, out, None, False, detected=choice.count.index)

@@ -147,6 +147,14 @@ def as_words(s: torch.Tensor, run: int) -> tuple[torch.Tensor, int]:
     return s.view(_WORDS[size * pack]), pack
 
 
+def reads_row_blocks(plan: PITPlan) -> bool:
+    """Whether ``plan``'s kernel reads the index :func:`detect_grid_pieces` makes of the sparse
+    operand's storage: lists per block of stored rows, over chunks of stored columns."""
+    roles = tuple(r for r in kernel_order(plan, plan.sparse) if r != "batch")
+    whole_blocked = plan.form == "scatter" and not plan.accumulate
+    return roles == (plan.blocked, plan.permuted) and not whole_blocked
+
+
 def index_for(plan: PITPlan, operand, mask, tile, grid) -> MicroTileIndex:
     """Detect the listed micro-tiles from the mask (if given) or from the operand itself."""
     order = kernel_order(plan, plan.sparse)
@@ -198,6 +206,7 @@ def pit_matmul(
     *,
     cover: bool = False,
     dense_fallback: bool = False,
+    detected: MicroTileIndex | None = None,
 ) -> tuple[PITPlan, MicroTileIndex] | None:
     """Write ``A @ B`` (with ``sparse``'s unlisted micro-tiles taken as zero) into ``out``.
 
@@ -205,6 +214,9 @@ def pit_matmul(
     lets a detected micro-tile that has no tensor-core kernel run as a taller one that has
     (:func:`tensor_core_cover`); the index returned is then the cover's. ``dense_fallback``
     lets a detected operand too dense for PIT to win run as ``torch.matmul`` (:func:`dense_wins`).
+    ``detected``: the sparse operand's pieces as :func:`detect_grid_pieces` lists them on its
+    storage (``micro_tile="auto"`` has them), used instead of detecting again where the plan's
+    kernel reads that very index.
     """
     logical_a, logical_b = A, B
     M, K, N = A.shape[-2], A.shape[-1], B.shape[-1]
@@ -223,7 +235,10 @@ def pit_matmul(
     covered = tensor_core_cover(plan, A, B, out) if cover and mask is None and form is None else plan
     if covered is not plan:
         plan, tile = covered, (covered.tile["m"], covered.tile["k"])  # A stored (m, k)
-    index = index_for(plan, {"A": A, "B": B}.get(sparse), mask, tile, grid_shape)
+    if detected is not None and mask is None and reads_row_blocks(plan):
+        index = detected
+    else:
+        index = index_for(plan, {"A": A, "B": B}.get(sparse), mask, tile, grid_shape)
     weigh_dense = dense_fallback and mask is None and falls_back_on(A.device)
     if weigh_dense and dense_wins(index, dense_crossover(plan, A, B, out)):
         torch.matmul(logical_a, logical_b, out=out)  # exact: the unlisted micro-tiles are zero

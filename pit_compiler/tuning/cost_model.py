@@ -207,14 +207,20 @@ class Selection:
     """What ``micro_tile="auto"`` runs: a micro-tile, or ``None`` for dense ``torch.matmul``.
 
     ``predicted_ms`` and ``listed`` are keyed by candidate label (``"32x1"``, ``"dense"``);
-    ``source`` is ``"database"``, or ``"default"`` when nothing was tuned for this shape.
+    ``source`` is ``"database"``, or ``"default"`` when nothing was tuned for this shape;
+    ``count`` holds the chosen candidate's detection.
     """
 
     micro_tile: tuple | None
     predicted_ms: dict
     listed: dict
     source: str
-    grid: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    count: CandidateCount | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def grid(self) -> torch.Tensor | None:
+        """The chosen micro-tile's boolean grid of listed pieces (None for dense or default)."""
+        return self.count.grid() if self.count is not None else None
 
     @property
     def dense(self) -> bool:
@@ -345,7 +351,7 @@ def select_micro_tile(
     choice = min(predicted, key=predicted.get)
     if choice == "dense":
         return Selection(None, predicted, listed, "database")
-    return Selection(models[choice][0], predicted, listed, "database", found[choice].grid())  # as given: (1, None) stays
+    return Selection(models[choice][0], predicted, listed, "database", found[choice])  # as given: (1, None) stays
 
 
 def unbatched_plan(plan, sizes: dict):

@@ -223,3 +223,52 @@ def test_auto_argument_errors_name_the_argument():
         pit.sparse_matmul(A, B, micro_tile="auto", mask=torch.ones(2, 64, dtype=torch.bool))
     with pytest.raises(ValueError, match="sparse must be"):
         pit.select_micro_tile(A, B, sparse="C")
+
+
+@pytest.mark.parametrize(
+    "tile,layout,reused",
+    [((32, 1), "plain", True), ((32, 32), "batched", True), ((1, 32), "plain", False)],
+    ids=str,
+)
+def test_auto_runs_on_its_own_detection_where_the_kernel_reads_it(tile, layout, reused, monkeypatch):
+    """The chosen candidate's detection is not repeated where the kernel reads the same lists
+    (blocks of stored rows: the reduce form of A stored (m, k)); elsewhere it detects again.
+    Either way the product is exact."""
+    from pit_compiler import ops
+
+    database = TileDatabase(None)
+    record_kernel(database, tile, 0.01, 0.001)
+    record_dense(database, 100.0)
+    A = micro_tile_sparse((SHAPE[0], SHAPE[2]), tile, 0.3, torch.float32, seed=4)[0]
+    B = torch.randn(SHAPE[2], SHAPE[1])
+    if layout == "batched":
+        A, B = torch.stack([A, A.roll(32, 0)]), torch.stack([B, B])
+    detections = []
+    original = ops.index_for
+    monkeypatch.setattr(ops, "index_for", lambda *a: detections.append(a[0].form) or original(*a))
+    set_tile_database(database)
+    try:
+        assert pit.select_micro_tile(A, B).micro_tile == tile
+        out = pit.sparse_matmul(A, B, micro_tile="auto")
+    finally:
+        set_tile_database(None)
+    assert len(detections) == (0 if reused else 1), detections
+    torch.testing.assert_close(out, A @ B, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "tile,transposed,batched,reads",
+    [((32, 1), False, False, True), ((64, 64), False, True, True), ((32, 1), True, False, False),
+     ((1, 32), False, False, False), ((1, None), False, False, False)],
+    ids=str,
+)
+def test_which_kernels_read_the_row_block_lists(tile, transposed, batched, reads):
+    """Only a kernel that lists blocks of the stored rows can take auto's detection as is."""
+    from pit_compiler import ops
+
+    M, N, K = SHAPE
+    stored = tile[::-1] if transposed else tile
+    stored = tuple(K if t is None else t for t in stored)
+    contraction = matmul_contraction(3 if batched else 2, transposed, False)
+    plan = plan_pit(contraction, SparsityAttr("A", stored), {"m": M, "n": N, "k": K})
+    assert ops.reads_row_blocks(plan) is reads
