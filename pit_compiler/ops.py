@@ -254,9 +254,13 @@ DENSE_FALLBACK = True  # the kernels' own tests turn it off, to check them at ev
 def falls_back_on(device: torch.device) -> bool:
     """Whether calls on ``device`` weigh dense cuBLAS: GPUs, where the crossovers were measured,
     except while a CUDA graph is being captured (the host read would break the capture)."""
-    if not DENSE_FALLBACK or device.type != "cuda":
-        return False
-    return not torch.cuda.is_current_stream_capturing()
+    return DENSE_FALLBACK and device.type == "cuda" and not capturing_graph(device)
+
+
+def capturing_graph(device: torch.device) -> bool:
+    """Whether ``device``'s current stream is capturing a CUDA graph (``torch.compile`` with
+    ``mode="reduce-overhead"``, ``torch.cuda.graph``): no host reads then."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def dense_crossover(plan: PITPlan, A, B, out) -> float:
@@ -378,10 +382,11 @@ def run_row_gather_on_tensor_cores(plan: PITPlan, A, B, out, index: MicroTileInd
     where it does not fit.
 
     Reads the number of listed rows back to the host (one 4-byte sync) to size the launch, so
-    the grid covers only the gathered rows.
+    the grid covers only the gathered rows; not while a CUDA graph is captured, where that read
+    is not allowed (the plain kernel runs then).
     """
     facts = _call_facts(A, B, out)
-    if not _row_gather_fits(plan, *facts):
+    if not _row_gather_fits(plan, *facts) or capturing_graph(A.device):
         return False
     _, K, N, dtype, _, _, target = facts
     knobs = ROW_GATHER_KNOBS

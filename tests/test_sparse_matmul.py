@@ -321,3 +321,25 @@ def test_dense_fallback_keeps_the_gradient_sparse(monkeypatch):
     pieces = pieces.view(3, 32, 48).any(1).repeat_interleave(32, 0)[:70]
     assert_matches_reference(A.grad, (dC.double() @ B.detach().double().T) * pieces)
     assert_matches_reference(B.grad, S.double().T @ dC.double())
+
+
+def test_no_host_reads_while_a_cuda_graph_is_captured(monkeypatch):
+    """Under capture neither the fallback's count nor the row gather's launch size is read back:
+    the whole-row tile declines (the plain kernel runs) before reading anything."""
+    from pit_compiler import ops
+    from pit_compiler.ir import SparsityAttr, plan_pit
+    from tvm.target import Target
+
+    monkeypatch.setattr(ops, "DENSE_FALLBACK", True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert ops.capturing_graph(torch.device("cuda")) and not ops.falls_back_on(torch.device("cuda"))
+    assert not ops.capturing_graph(torch.device("cpu"))
+    sm90 = Target({"kind": "cuda", "arch": "sm_90"})
+    monkeypatch.setattr(ops, "target_for", lambda device: sm90)
+    monkeypatch.setattr(ops, "capturing_graph", lambda device: True)  # these tensors live on the CPU
+    M, K, N = 256, 256, 384
+    A, B, out = (torch.empty(shape, dtype=torch.float16) for shape in ((M, K), (K, N), (M, N)))
+    rows = plan_pit(ops.matmul_contraction(2), SparsityAttr("A", (1, K)), {"m": M, "n": N, "k": K})
+    assert ops.tensor_core_path(rows, A, B, out) == "row_gather"
+    index = ops.MicroTileIndex(torch.zeros(1, 1, dtype=torch.int32), torch.zeros(1, 1, M, dtype=torch.int32))
+    assert ops.run_row_gather_on_tensor_cores(rows, A, B, out, index) is False
