@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 
 from tvm import te, tirx
@@ -155,17 +156,16 @@ def reduce_tile_space(default: TensorCoreMatmul.Knobs, N: int) -> list[TensorCor
     for block_n in (b for b in (64, 128, 256) if N % b == 0):
         for fragments_n in (2, 4):
             warps_n = block_n // (MMA * fragments_n)
-            for block_k in (32, 64):
-                for stages in (2, 3):
-                    if warps_n < 1 or not 1 <= default.warps_m * warps_n <= 8:
-                        continue
-                    if shared_memory_problem(default.block_m, block_n, block_k, stages) is not None:
-                        continue
-                    knobs = dataclasses.replace(
-                        default, block_n=block_n, fragments_n=fragments_n, warps_n=warps_n, block_k=block_k, stages=stages
-                    )
-                    if knobs not in space:
-                        space.append(knobs)
+            if warps_n < 1 or not 1 <= default.warps_m * warps_n <= 8:
+                continue
+            for block_k, stages in itertools.product((32, 64), (2, 3)):
+                if shared_memory_problem(default.block_m, block_n, block_k, stages) is not None:
+                    continue
+                knobs = dataclasses.replace(
+                    default, block_n=block_n, fragments_n=fragments_n, warps_n=warps_n, block_k=block_k, stages=stages
+                )
+                if knobs not in space:
+                    space.append(knobs)
     return space
 
 

@@ -355,8 +355,9 @@ def tensor_core_cover(plan: PITPlan, A, B, out) -> PITPlan:
 def run_on_tensor_cores(plan: PITPlan, A, B, out, index: MicroTileIndex, knobs=None) -> bool:
     """Run the dedicated tensor-core kernel of :func:`tensor_core_path`; False where none fits.
     ``knobs`` (the reduce tile's, as the tuner measures them) replace the tuned or default ones."""
-    return run_row_gather_on_tensor_cores(plan, A, B, out, index) or run_reduce_on_tensor_cores(
-        plan, A, B, out, index, knobs
+    facts = _call_facts(A, B, out)
+    return run_row_gather_on_tensor_cores(plan, A, B, out, index, facts) or run_reduce_on_tensor_cores(
+        plan, A, B, out, index, knobs, facts
     )
 
 
@@ -377,15 +378,15 @@ def _row_gather_fits(plan: PITPlan, ndim, K, N, dtype, b_dtype, out_dtype, targe
     )
 
 
-def run_row_gather_on_tensor_cores(plan: PITPlan, A, B, out, index: MicroTileIndex) -> bool:
-    """Whole rows of a 2-D float16 (or bfloat16) A on a CUDA GPU: the tensor-core tile; False
-    where it does not fit.
+def run_row_gather_on_tensor_cores(plan: PITPlan, A, B, out, index: MicroTileIndex, facts=None) -> bool:
+    """Whole rows of a 2-D A of a tensor-core dtype on a CUDA GPU: the tensor-core tile; False
+    where it does not fit. ``facts``: :func:`_call_facts` of the call, where known.
 
     Reads the number of listed rows back to the host (one 4-byte sync) to size the launch, so
     the grid covers only the gathered rows; not while a CUDA graph is captured, where that read
     is not allowed (the plain kernel runs then).
     """
-    facts = _call_facts(A, B, out)
+    facts = facts or _call_facts(A, B, out)
     if not _row_gather_fits(plan, *facts) or capturing_graph(A.device):
         return False
     _, K, N, dtype, _, _, target = facts
@@ -410,16 +411,17 @@ def run_row_gather_on_tensor_cores(plan: PITPlan, A, B, out, index: MicroTileInd
     return True
 
 
-def run_reduce_on_tensor_cores(plan: PITPlan, A, B, out, index: MicroTileIndex, knobs=None) -> bool:
-    """Column pieces and blocks of a 2-D float16 (or bfloat16) A, reduce form, on a CUDA GPU: the tensor-core
-    tile; False where it does not fit (see :func:`~pit_compiler.codegen.reduce_matmul.reduce_tile_knobs`).
+def run_reduce_on_tensor_cores(plan: PITPlan, A, B, out, index: MicroTileIndex, knobs=None, facts=None) -> bool:
+    """Column pieces and blocks of a 2-D A of a tensor-core dtype, reduce form, on a CUDA GPU: the
+    tensor-core tile; False where it does not fit (see
+    :func:`~pit_compiler.codegen.reduce_matmul.reduce_tile_knobs`). ``facts``: as for the row gather.
 
     Its knobs: ``knobs``, else the tile database's best for this kernel where they fit (``pit-tune``),
     else the defaults. No host sync: each thread block reads its own row block's count. The tile
     writes whole row blocks, so an M that is not a multiple of the micro-tile's rows goes through
     a padded copy.
     """
-    ndim, K, N, dtype, b_dtype, out_dtype, target = facts = _call_facts(A, B, out)
+    ndim, K, N, dtype, b_dtype, out_dtype, target = facts = facts or _call_facts(A, B, out)
     default = _reduce_tile_default(plan, *facts)
     if default is None:
         return False

@@ -31,8 +31,6 @@ def target_for(device: torch.device) -> Target:
     return _target(device.type, index)
 
 
-# bfloat16 tensor-core tiles build for sm_90 and pass every CPU check, but have not yet run on a
-# GPU: they stay off unless asked for, so bfloat16 products keep the GPU-checked kernels.
 def tensor_core_dtypes() -> tuple[str, ...]:
     """Input dtypes the tensor-core tiles take at run time: float16.
 
