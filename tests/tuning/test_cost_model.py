@@ -16,7 +16,7 @@ from pit_compiler.tuning import cost_model
 from pit_compiler.tuning.cost_model import best_knobs, count_candidate
 from pit_compiler.tuning.database import dense_workload, matmul_workload
 
-from sparse_data import micro_tile_sparse
+from sparse_data import assert_matches_reference, micro_tile_sparse, poisoned
 
 LLVM = Target("llvm")
 SHAPE = (256, 256, 256)  # M, N, K
@@ -239,21 +239,22 @@ def test_auto_runs_on_its_own_detection_where_the_kernel_reads_it(tile, layout, 
     database = TileDatabase(None)
     record_kernel(database, tile, 0.01, 0.001)
     record_dense(database, 100.0)
-    A = micro_tile_sparse((SHAPE[0], SHAPE[2]), tile, 0.3, torch.float32, seed=4)[0]
+    A = micro_tile_sparse((SHAPE[0] - 6, SHAPE[2]), tile, 0.3, torch.float32, seed=4)[0]  # a tail of rows
     B = torch.randn(SHAPE[2], SHAPE[1])
     if layout == "batched":
         A, B = torch.stack([A, A.roll(32, 0)]), torch.stack([B, B])
+    out = poisoned((*A.shape[:-1], SHAPE[1]), torch.float32, "cpu")
     detections = []
     original = ops.index_for
     monkeypatch.setattr(ops, "index_for", lambda *a: detections.append(a[0].form) or original(*a))
     set_tile_database(database)
     try:
         assert pit.select_micro_tile(A, B).micro_tile == tile
-        out = pit.sparse_matmul(A, B, micro_tile="auto")
+        assert pit.sparse_matmul(A, B, micro_tile="auto", out=out) is out
     finally:
         set_tile_database(None)
     assert len(detections) == (0 if reused else 1), detections
-    torch.testing.assert_close(out, A @ B, rtol=1e-5, atol=1e-4)
+    assert_matches_reference(out, A.double() @ B.double())
 
 
 @pytest.mark.parametrize(
