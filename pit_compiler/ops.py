@@ -13,7 +13,9 @@ import torch
 from pit_compiler.codegen import detect_kernel, kernel_order, matmul_kernel
 from pit_compiler.codegen.gather_matmul import fits_tensor_cores, row_gather_kernels
 from pit_compiler.codegen.reduce_matmul import ROW_BLOCKS, fitting_knobs, reduce_tile_kernel, reduce_tile_knobs
+from pit_compiler.codegen.warpgroup import fitting_warpgroup_knobs, warpgroup_kernel, warpgroup_knobs
 from pit_compiler.schedules.tensor_core_matmul import TensorCoreMatmul
+from pit_compiler.schedules.warpgroup_matmul import WarpgroupMatmul
 from pit_compiler.ir import Contraction, PITPlan, SparsityAttr, as_contraction, plan_pit
 from pit_compiler.runtime import KernelCache, MicroTileIndex, default_cache_dir
 from pit_compiler.targets import target_for, tensor_core_dtypes
@@ -271,8 +273,13 @@ def dense_crossover(plan: PITPlan, A, B, out) -> float:
     costs, as measured on an H200 (8192^3 float16, ``benchmarks/results/spmm-nvidia-h200.json``,
     "pit_kernel" at 0 % sparsity: whole rows 0.32, 64x64 blocks 0.37, 32x32 0.17, 32x1 0.13;
     4096^3: 1x32 pieces as 16x32 blocks 0.11; the one-thread-per-output kernel 0.0013 in float16).
+    Hopper's warpgroup tile (same size, kernel alone on dense input): whole rows 0.79, blocks of
+    128 rows 0.67, of 64 rows 0.44, less detection and, for rows, zeroing the output.
     """
-    path = tensor_core_path(plan, A, B, out)
+    facts = _call_facts(A, B, out)
+    if warpgroup_knobs(plan, *facts) is not None:
+        return {"scatter": 0.70, "reduce": 0.60 if plan.tile["m"] == 128 else 0.40}[plan.form]
+    path = tensor_core_kernel(plan, *facts)
     if path == "row_gather":
         return 0.30
     if path == "reduce":
@@ -309,6 +316,8 @@ def tensor_core_path(plan: PITPlan, A, B, out) -> str | None:
 def tensor_core_kernel(plan: PITPlan, ndim: int, K: int, N: int, dtype: str, b_dtype: str, out_dtype: str, target):
     """:func:`tensor_core_path` from what it depends on: the operands' rank, K and N, their TVM
     dtypes and the target (the tuner and the cost model ask before any operand exists)."""
+    if warpgroup_knobs(plan, ndim, K, N, dtype, b_dtype, out_dtype, target) is not None:
+        return "reduce" if plan.form == "reduce" else "row_gather"
     if _row_gather_fits(plan, ndim, K, N, dtype, b_dtype, out_dtype, target):
         return "row_gather"
     if _reduce_tile_default(plan, ndim, K, N, dtype, b_dtype, out_dtype, target) is not None:
@@ -356,9 +365,48 @@ def run_on_tensor_cores(plan: PITPlan, A, B, out, index: MicroTileIndex, knobs=N
     """Run the dedicated tensor-core kernel of :func:`tensor_core_path`; False where none fits.
     ``knobs`` (the reduce tile's, as the tuner measures them) replace the tuned or default ones."""
     facts = _call_facts(A, B, out)
-    return run_row_gather_on_tensor_cores(plan, A, B, out, index, facts) or run_reduce_on_tensor_cores(
-        plan, A, B, out, index, knobs, facts
+    return (
+        run_on_warpgroups(plan, A, B, out, index, knobs, facts)
+        or run_row_gather_on_tensor_cores(plan, A, B, out, index, facts)
+        or run_reduce_on_tensor_cores(plan, A, B, out, index, knobs, facts)
     )
+
+
+def run_on_warpgroups(plan: PITPlan, A, B, out, index: MicroTileIndex, knobs=None, facts=None) -> bool:
+    """Blocks of 64 or 128 rows (reduce form) and whole rows of A on Hopper's warpgroup MMA
+    (:mod:`~pit_compiler.codegen.warpgroup`); False where it does not serve the call.
+
+    Its knobs: ``knobs`` (the tuner's), else the tile database's best where they fit
+    (``pit-tune``), else the defaults. No host sync: each thread block reads its own count
+    from the index, so it also runs under CUDA graph capture.
+    """
+    ndim, K, N, dtype, b_dtype, out_dtype, target = facts = facts or _call_facts(A, B, out)
+    default = warpgroup_knobs(plan, *facts)
+    if default is None:
+        return False
+    if knobs is None:
+        from pit_compiler.tuning.cost_model import tuned_knobs
+
+        knobs = tuned_knobs(plan, dtype, target, A, B, template=WarpgroupMatmul())
+    knobs = fitting_warpgroup_knobs(default, knobs)
+    A, B = (_aligned(t) for t in (A, B))
+    C = out if out.is_contiguous() and out.data_ptr() % 16 == 0 else torch.empty_like(out, memory_format=torch.contiguous_format)
+    if plan.form == "reduce":
+        kernel = warpgroup_kernel("reduce", (plan.tile["m"], plan.tile["k"]), K, N, dtype, out_dtype, target, kernel_cache(), knobs)
+    else:
+        C.zero_()  # the kernel writes the listed rows only
+        kernel = warpgroup_kernel("row_gather", (plan.tile["m"],), K, N, dtype, out_dtype, target, kernel_cache(), knobs)
+    kernel(A, B, index.counts[0], index.indices[0], C)
+    if C is not out:
+        out.copy_(C)
+    return True
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as the warpgroup tile reads it: contiguous, from a 16-byte aligned address."""
+    if t.is_contiguous() and t.data_ptr() % 16 == 0:
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 ROW_GATHER_KNOBS = TensorCoreMatmul.Knobs()  # the row-gather tile's only setting

@@ -5,9 +5,11 @@
 #   bash scripts/gpu-check.sh spmm       # benchmarks/spmm.py: fp16, every case at 4096^3, some at 8192^3
 #   bash scripts/gpu-check.sh tuning     # benchmarks/tuning.py --quick at 4096^3 fp16
 #   bash scripts/gpu-check.sh sweep      # scripts/gpu_tile_sweep.py: the reduce tile's knobs at 8192^3
+#   bash scripts/gpu-check.sh warpgroup  # the gpu tests of the Hopper warpgroup tile and of the paths beside it
+#   bash scripts/gpu-check.sh hopper     # the warpgroup tile's gpu tests, then spmm at 8192^3 for the cases it changed
 # Logs and results are copied under $OUT when the device tool provides it.
 set -uo pipefail
-stage=${1:?usage: scripts/gpu-check.sh tests|kernels|spmm|tuning|sweep}
+stage=${1:?usage: scripts/gpu-check.sh tests|kernels|spmm|tuning|sweep|warpgroup|hopper}
 if ls .whl/*.whl > /dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
@@ -28,6 +30,13 @@ case "$stage" in
   tuning)  # 32x1 and 32x32 at 4096^3 (--quick); the tile database comes back under $OUT
     timeout "${TUNING_TIMEOUT:-540}" python3 -P benchmarks/tuning.py --sizes "${TUNING_SIZES:-4096}" --quick --db "$out/tiles.json" 2>&1 \
       | tee "$out/tuning.log" | tail -40 ;;
+  warpgroup)
+    timeout 540 python3 -P -m pytest -q -p no:cacheprovider -m gpu --maxfail=20 --durations=5 tests/codegen/test_warpgroup.py \
+      tests/codegen/test_reduce_tensor_cores.py tests/test_sparse_matmul.py 2>&1 | tee "$out/gpu-warpgroup.log" | tail -40 ;;
+  hopper)
+    timeout 200 python3 -P -m pytest -q -p no:cacheprovider -m gpu tests/codegen/test_warpgroup.py 2>&1 | tee "$out/gpu-hopper.log" | tail -8
+    timeout 330 python3 -P benchmarks/spmm.py --sizes 8192 --dtypes float16,bfloat16 --micro-tiles row,32x1,32x32,64x64 \
+      --sparsities 0,0.5,0.9,0.99 --merge 2>&1 | tee "$out/spmm.log" | grep -E " (pit|pit_kernel|cublas|triton_bsr|torch_rowgather|pit_detect) " ;;
   sweep)
     timeout 540 python3 -P scripts/gpu_tile_sweep.py --json "$out/sweep.json" 2>&1 | tee "$out/sweep.log" | tail -80 ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;

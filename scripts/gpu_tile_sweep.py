@@ -1,8 +1,9 @@
-"""How the tensor-core reduce tile's knobs (pipeline stages, columns, k step) change its time.
+"""How the tensor-core tiles' knobs (pipeline stages, columns, k step, MMA overlap) change their time.
 
 Development tool for the lent GPU machine (``python3 -P scripts/gpu_tile_sweep.py``): for a few
-micro-tiles and sparsities at one size it detects A once, then checks and times the tile at
-every setting the tuner would measure (``reduce_tile_space``), next to ``torch.mm``. Times are
+micro-tiles and sparsities at one size it detects A once, then checks and times the tile that
+serves them (Hopper's warpgroup tile where it applies, else the mma.sync reduce tile) at every
+setting the tuner would measure, next to ``torch.mm``. Times are
 the tuner's (CUDA events, median), detection excluded. Prints one line per setting and writes
 the records as JSON (``--json``) to pick defaults from.
 """
@@ -23,6 +24,7 @@ from spmm import sparse_operand  # noqa: E402
 
 from pit_compiler import ops  # noqa: E402
 from pit_compiler.codegen.reduce_matmul import reduce_tile_space  # noqa: E402
+from pit_compiler.codegen.warpgroup import warpgroup_knobs, warpgroup_space  # noqa: E402
 from pit_compiler.ir import SparsityAttr, plan_pit  # noqa: E402
 from pit_compiler.tuning.tuner import DEFAULT_EVALUATOR, _measure_dedicated, time_callable  # noqa: E402
 
@@ -30,7 +32,7 @@ from pit_compiler.tuning.tuner import DEFAULT_EVALUATOR, _measure_dedicated, tim
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=8192)
-    parser.add_argument("--cases", default="32x1:0.9,32x32:0.9,64x64:0.9,64x64:0.0")
+    parser.add_argument("--cases", default="32x1:0.9,32x32:0.9,64x64:0.9,64x64:0.0", help="micro-tile:sparsity, 'row' for whole rows")
     parser.add_argument("--limit", type=int, default=0, help="at most this many settings per case (0: all)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -41,13 +43,19 @@ def main() -> None:
     print(f"torch.mm {size}^3: {dense:.3f} ms", flush=True)
     for case in args.cases.split(","):
         name, sparsity = case.split(":")
-        tile = tuple(int(t) for t in name.split("x"))
+        tile = (1, size) if name == "row" else tuple(int(t) for t in name.split("x"))
         A, density = sparse_operand(size, size, tile, float(sparsity), dtype, device)
         plan = plan_pit(ops.matmul_contraction(2), SparsityAttr("A", tile), {"m": size, "n": size, "k": size})
         index = ops.index_for(plan, A, None, tile, None)
         out = torch.empty(size, size, dtype=dtype, device=device)
-        default = ops._reduce_tile_default(plan, *ops._call_facts(A, B, out))
-        space = reduce_tile_space(default, size)[: args.limit or None]
+        facts = ops._call_facts(A, B, out)
+        default = warpgroup_knobs(plan, *facts)
+        if default is not None:
+            space = warpgroup_space(default)
+        else:
+            default = ops._reduce_tile_default(plan, *facts)
+            space = reduce_tile_space(default, size)
+        space = space[: args.limit or None]
         for knobs in space:
             begin = time.perf_counter()
             try:
@@ -57,7 +65,7 @@ def main() -> None:
                 ms, error = None, f"{type(exc).__name__}: {str(exc)[:300]}"
             spent = time.perf_counter() - begin
             ideal = dense * density
-            line = f"{name:6s} {sparsity:4s} stages={knobs.stages} n={knobs.block_n:3d} fn={knobs.fragments_n} k={knobs.block_k}"
+            line = f"{name:6s} {sparsity:4s} {' '.join(f'{k}={v}' for k, v in knobs.__dict__.items())}"
             if ms is not None:
                 print(f"{line}: {ms:.3f} ms, {ideal / ms:.2f} of ideal ({spent:.0f} s)", flush=True)
             else:

@@ -11,14 +11,14 @@ import subprocess
 from pathlib import Path
 
 
-def assert_compiles_for_sm90(source: str, directory: Path, name: str, what: str = "", *, flags=()) -> str | None:
+def assert_compiles_for_sm90(source: str, directory: Path, name: str, what: str = "", *, flags=(), arch="sm_90") -> str | None:
     """nvcc's report (its stderr; ``flags`` such as ``-Xptxas -v`` add to it), or None without nvcc."""
     if shutil.which("nvcc") is None:
         return None
     path = Path(directory) / f"{name}.cu"
     path.write_text(source)
     result = subprocess.run(
-        ["nvcc", "-arch=sm_90", "-cubin", *flags, str(path), "-o", str(path.with_suffix(".cubin"))],
+        ["nvcc", f"-arch={arch}", "-cubin", *flags, str(path), "-o", str(path.with_suffix(".cubin"))],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, f"{what}: {result.stderr[-2000:]}"

@@ -24,7 +24,9 @@ from pit_compiler.ir import SparsityAttr, plan_pit
 from pit_compiler.codegen import kernel_order
 from pit_compiler.ops import detect_grid_pieces, is_transposed_view, matmul_contraction, tensor_core_kernel, tvm_dtype
 from pit_compiler.schedules import template_for
+from pit_compiler.codegen.warpgroup import warpgroup_knobs
 from pit_compiler.schedules.tensor_core_matmul import TensorCoreMatmul
+from pit_compiler.schedules.warpgroup_matmul import WarpgroupMatmul
 from pit_compiler.targets import target_for
 from pit_compiler.validation import check_matmul_operands, normalize_micro_tile
 
@@ -237,9 +239,11 @@ _candidates_cache: dict = {}
 
 def kernel_template(plan, shape, dtype: str, target):
     """The template whose knobs the kernel computing the 2-D ``plan`` takes (``shape`` is
-    ``(M, N, K)``): the tensor-core tile where run time sends ``plan`` to one
+    ``(M, N, K)``): the warpgroup or tensor-core tile where run time sends ``plan`` to one
     (``ops.tensor_core_kernel``), else the target's template. Tuner and selection key by it."""
     M, N, K = shape
+    if warpgroup_knobs(plan, 2, K, N, dtype, dtype, dtype, target) is not None:
+        return WarpgroupMatmul()
     if tensor_core_kernel(plan, 2, K, N, dtype, dtype, dtype, target) is not None:
         return TensorCoreMatmul()
     return template_for(target)

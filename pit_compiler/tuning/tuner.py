@@ -30,6 +30,7 @@ from tvm.target import Target
 
 from pit_compiler.codegen import matmul_module
 from pit_compiler.codegen.reduce_matmul import reduce_tile_knobs, reduce_tile_space
+from pit_compiler.codegen.warpgroup import warpgroup_knobs, warpgroup_space
 from pit_compiler.ir import PITError, SparsityAttr, plan_pit
 from pit_compiler import ops
 from pit_compiler.ops import (
@@ -351,6 +352,9 @@ class _Run:
     def _space(self, dedicated: str | None, plan) -> list:
         """The knob settings to measure: the target template's space, or the dedicated kernel's."""
         M, N, K = self.shape
+        warpgroup = warpgroup_knobs(plan, 2, K, N, self.dtype, self.dtype, self.dtype, self.target)
+        if warpgroup is not None:
+            return warpgroup_space(warpgroup)
         if dedicated == "reduce":
             return reduce_tile_space(reduce_tile_knobs(plan, 2, K, N, self.dtype, self.dtype, self.target), N)
         if dedicated == "row_gather":

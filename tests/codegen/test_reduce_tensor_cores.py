@@ -22,6 +22,7 @@ from cuda_build import assert_compiles_for_sm90
 from sparse_data import assert_matches_reference, dense_operand, expand_mask, micro_tile_sparse, poisoned
 
 SM90 = Target({"kind": "cuda", "arch": "sm_90"})
+SM80 = Target({"kind": "cuda", "arch": "sm_80"})  # mma.sync's own GPUs: Hopper's run the warpgroup tile first
 
 
 def reduce_plan(tile, K=256, N=384, a_transposed=False, b_transposed=False, form=None):
@@ -124,7 +125,9 @@ def test_builds_mma_with_both_gathers_in_the_shared_copies(K, N, tile, out, tmp_
 
 @pytest.fixture
 def taken(monkeypatch):
-    """Whether each call took the tensor-core reduce path."""
+    """Whether each call took the tensor-core reduce path (the warpgroup tile, which Hopper
+    runs first where it applies, is switched off: this is the mma.sync tile's test)."""
+    monkeypatch.setattr(ops, "warpgroup_knobs", lambda *a: None)
     calls = []
     original = ops.run_reduce_on_tensor_cores
     monkeypatch.setattr(ops, "run_reduce_on_tensor_cores", lambda *a: calls.append(original(*a)) or calls[-1])
@@ -187,7 +190,7 @@ def test_falls_back_to_simt_where_the_tile_does_not_fit(K, N, tile, taken):
 )
 def test_tensor_core_path_names_the_kernel_that_runs(tile, dtype, N, path, monkeypatch):
     """What the tuner asks (``ops.tensor_core_path``) agrees with what ``pit_matmul`` runs."""
-    monkeypatch.setattr(ops, "target_for", lambda device: SM90)
+    monkeypatch.setattr(ops, "target_for", lambda device: SM80)
     M, K = 512, 256
     plan = plan_pit(ops.matmul_contraction(2), SparsityAttr("A", (tile[0], tile[1] or K)), {"m": M, "n": N, "k": K})
     A, B, out = torch.empty(M, K, dtype=dtype), torch.empty(K, N, dtype=dtype), torch.empty(M, N, dtype=dtype)
@@ -300,7 +303,7 @@ def test_run_time_takes_the_databases_knobs(fits, monkeypatch):
 
 
 # bfloat16: the tile builds, but TVM 0.27 writes B's ldmatrix.trans of bf16 as a faulty
-# element-wise copy (illegal address on an H200), so run time keeps bfloat16 off tensor cores.
+# element-wise copy (illegal address on an H200), so run time keeps bfloat16 off these tiles.
 
 
 def test_bfloat16_tile_builds_bf16_mma_for_sm90(tmp_path):
@@ -315,8 +318,9 @@ def test_bfloat16_tile_builds_bf16_mma_for_sm90(tmp_path):
     assert_compiles_for_sm90(source, tmp_path, "reduce_bf16")
 
 
-def test_bfloat16_stays_off_tensor_cores(monkeypatch):
-    monkeypatch.setattr(ops, "target_for", lambda device: SM90)
+def test_bfloat16_stays_off_the_mma_sync_tiles(monkeypatch):
+    """(Hopper's warpgroup tile reads B by descriptor, no ldmatrix: it takes bfloat16.)"""
+    monkeypatch.setattr(ops, "target_for", lambda device: SM80)
     M, K, N = 256, 256, 384
     plan = reduce_plan((32, 1), K, N)
     rows = plan_pit(ops.matmul_contraction(2), SparsityAttr("A", (1, K)), {"m": M, "n": N, "k": K})

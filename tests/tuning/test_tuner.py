@@ -185,14 +185,17 @@ SM90 = Target({"kind": "cuda", "arch": "sm_90"})
 
 @pytest.mark.parametrize(
     "micro_tile, dtype, kernel, template",
-    [((32, 1), "float16", "reduce", "tensor_core_matmul"), ((1, None), "float16", "row_gather", "tensor_core_matmul"),
-     ((32, 1), "float32", None, "simt_threads"), ((1, 32), "float16", None, "simt_threads")],
+    [((32, 1), "float16", "reduce", "tensor_core_matmul"), ((1, None), "float16", "row_gather", "warpgroup_matmul"),
+     ((64, 64), "bfloat16", "reduce", "warpgroup_matmul"), ((32, 1), "float32", None, "simt_threads"),
+     ((1, 32), "float16", None, "simt_threads")],
     ids=str,
 )
 def test_cuda_tasks_measure_the_kernel_run_time_takes(micro_tile, dtype, kernel, template, tmp_path):
     """Planned for an sm_90 target (built here, never run): a micro-tile that run time sends to
-    a tensor-core tile is keyed by that tile's template and measured over its knob space."""
+    a tensor-core tile (the warpgroup tile first) is keyed by that tile's template and measured
+    over its knob space."""
     from pit_compiler.codegen.reduce_matmul import reduce_tile_knobs, reduce_tile_space
+    from pit_compiler.codegen.warpgroup import warpgroup_knobs, warpgroup_space
     from pit_compiler.tuning.cost_model import kernel_template
 
     db = TileDatabase(tmp_path / "tiles.json")
@@ -204,7 +207,10 @@ def test_cuda_tasks_measure_the_kernel_run_time_takes(micro_tile, dtype, kernel,
     assert task.workload["template"]["name"] == template
     assert kernel_template(task.plan, run.shape, dtype, SM90).name == template
     knobs = [k for k, _ in task.todo]
-    if kernel == "reduce":
+    if template == "warpgroup_matmul":  # Hopper's tile, for whole rows and 64- or 128-row blocks
+        default = warpgroup_knobs(task.plan, 2, 512, 384, dtype, dtype, dtype, SM90)
+        assert knobs == warpgroup_space(default)
+    elif kernel == "reduce":
         default = reduce_tile_knobs(task.plan, 2, 512, 384, dtype, dtype, SM90)
         assert knobs == reduce_tile_space(default, 384)
     elif kernel == "row_gather":

@@ -1,0 +1,147 @@
+"""PIT's forms on the Hopper warpgroup tile (:mod:`..schedules.warpgroup_matmul`): where each
+thread block's rows and k positions come from.
+
+- Reduce form (blocks of A, ``bm x bk`` with ``bm`` rows per thread block and ``bk`` a multiple
+  of 8): thread block ``t`` is row block ``t``; its condensed k position ``p`` is column
+  ``idx[t, p // bk] * bk + p % bk`` of A and that row of B; it runs over its own listed chunks
+  only and writes its rows of C in place.
+- Row gather (whole rows or runs of ``rpc`` rows of A): gathered row ``g`` is row
+  ``idx[0, g // rpc] * rpc + g % rpc``; thread blocks past the listed rows do nothing, and each
+  row's result is written straight to its own row of C (C's unlisted rows are zeroed before).
+"""
+
+from __future__ import annotations
+
+import functools
+
+from tvm import tirx
+from tvm.target import Target
+
+from pit_compiler.runtime.cache import KernelCache
+from pit_compiler.schedules.warpgroup_matmul import (
+    BLOCK_K,
+    CHUNK,
+    INPUT_DTYPES,
+    OUTPUT_DTYPES,
+    Access,
+    WarpgroupMatmul,
+    hopper_target,
+)
+
+from .build import CompilationError, kernel_key
+
+
+def reduce_access(bm: int, bk: int, K: int) -> Access:
+    """Row block ``t`` sums over its listed chunks of ``bk`` columns (see the module docstring)."""
+
+    def k_source(ops, t, p):
+        chunk = tirx.min(p // bk, ops.P - 1)  # positions past the listed chunks still read idx
+        column = ops.Idx[t, chunk] * bk + p % bk
+        return column, tirx.all(p // bk < ops.Cnt[t], column < K)
+
+    return Access(
+        name=f"reduce bm={bm} bk={bk}",
+        row_tiles=lambda ops, block_m: ops.Q,
+        steps=lambda ops, t: (ops.Cnt[t] * bk + BLOCK_K - 1) // BLOCK_K,
+        row=lambda ops, t, r: (t * bm + r, t * bm + r < ops.M),
+        k_source=k_source,
+    )
+
+
+def row_gather_access(rows_per_chunk: int, K: int, block_m: int) -> Access:
+    """Thread block ``t`` computes gathered rows ``t * block_m ...`` (see the module docstring)."""
+
+    def row(ops, t, r):
+        g = t * block_m + r
+        chunk = g // rows_per_chunk
+        row = ops.Idx[0, tirx.min(chunk, ops.P - 1)] * rows_per_chunk + g % rows_per_chunk
+        return row, tirx.all(chunk < ops.Cnt[0], row < ops.M)
+
+    return Access(
+        name=f"row gather rpc={rows_per_chunk}",
+        row_tiles=lambda ops, bm: (ops.P * rows_per_chunk + bm - 1) // bm,
+        steps=lambda ops, t: tirx.Select(t * block_m < ops.Cnt[0] * rows_per_chunk, (K + BLOCK_K - 1) // BLOCK_K, 0),
+        row=row,
+        k_source=lambda ops, t, p: (p, p < K),
+    )
+
+
+@functools.lru_cache(maxsize=1024)  # looked up on every call; the cache keeps what it returns for good
+def warpgroup_kernel(form: str, shape: tuple, K: int, N: int, dtype: str, out_dtype: str, target: Target,
+                     cache: KernelCache, knobs: WarpgroupMatmul.Knobs):
+    """The compiled ``main(A, B, cnt, idx, C)`` of ``form`` ("reduce" with ``shape = (bm, bk)``,
+    "row_gather" with ``shape = (rows_per_chunk,)``)."""
+    import tvm
+
+    template = WarpgroupMatmul()
+    signature = f"{form} {shape} K={K} N={N} v{template.version}"
+    key = kernel_key("warpgroup", signature, {"in": dtype, "out": out_dtype}, target, knobs)
+
+    def build():
+        if form == "reduce":
+            access = reduce_access(*shape, K)
+        else:
+            access = row_gather_access(*shape, K, knobs.block_m)
+        func = template.kernel(knobs, K, N, dtype, out_dtype, access)
+        try:
+            return tvm.compile(tvm.IRModule({"main": func}), target=hopper_target(target), tir_pipeline="tirx")
+        except Exception as error:  # TVM raises many types; the user gets one, with the cause
+            raise CompilationError(
+                f"TVM could not build the PIT warpgroup {signature} for {str(target)!r} with knobs {knobs!r}: "
+                f"{type(error).__name__}: {error}"
+            ) from error
+
+    return cache.main(key, build)
+
+
+def warpgroup_knobs(plan, ndim: int, K: int, N: int, dtype: str, b_dtype: str, out_dtype: str, target: Target):
+    """The warpgroup tile's default knobs where it computes ``plan`` on this call, else None.
+
+    It serves a 2-D float16 or bfloat16 A stored (m, k) with B stored (k, n) of the same dtype,
+    K and N multiples of 8 (16-byte rows), on sm_90: the reduce form of blocks of 64 or 128 rows
+    (one thread block each) whose chunks of k are multiples of 8 columns, and whole rows
+    (row gather). Asked on every call: answers are kept.
+    """
+    key = (plan.signature(), ndim, K, N, dtype, b_dtype, out_dtype, target)  # Targets compare by identity
+    if key not in _knobs_answers:
+        if len(_knobs_answers) > 4096:
+            _knobs_answers.clear()
+        _knobs_answers[key] = _warpgroup_knobs(plan, ndim, K, N, dtype, b_dtype, out_dtype, target)
+    return _knobs_answers[key]
+
+
+_knobs_answers: dict = {}
+
+
+def _warpgroup_knobs(plan, ndim, K, N, dtype, b_dtype, out_dtype, target):
+    template = WarpgroupMatmul()
+    applies = (
+        template.is_target_available(target)
+        and ndim == 2
+        and plan.sparse == "a"
+        and plan.contraction.order("a") == ("m", "k")
+        and plan.contraction.order("b") == ("k", "n")
+        and dtype == b_dtype
+        and dtype in INPUT_DTYPES
+        and out_dtype in OUTPUT_DTYPES
+        and K % CHUNK == 0
+        and N % CHUNK == 0
+    )
+    if not applies:
+        return None
+    if plan.form == "reduce" and plan.tile["m"] in (64, 128) and plan.tile["k"] % CHUNK == 0:
+        return template.default(plan.tile["m"])
+    if plan.form == "scatter" and not plan.accumulate:
+        return template.default(128)
+    return None
+
+
+def fitting_warpgroup_knobs(default: WarpgroupMatmul.Knobs, tuned) -> WarpgroupMatmul.Knobs:
+    """``tuned`` (from the tile database or the tuner) where it fits the call's rows, else ``default``."""
+    return tuned if isinstance(tuned, WarpgroupMatmul.Knobs) and tuned.block_m == default.block_m else default
+
+
+def warpgroup_space(default: WarpgroupMatmul.Knobs) -> list[WarpgroupMatmul.Knobs]:
+    """The settings the tuner measures for one plan, ``default`` first: the rows are fixed (one
+    row block per thread block), columns, stages and MMA overlap vary."""
+    return list(WarpgroupMatmul().space(default.block_m))

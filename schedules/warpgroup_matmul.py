@@ -1,0 +1,313 @@
+"""Hopper tensor-core tile: warpgroup MMA (``wgmma.mma_async``) on operands gathered into
+swizzled shared memory.
+
+Hopper's tensor cores run at full rate only through warpgroup MMA, which reads both operands
+from shared memory by descriptor; ``mma.sync`` (:mod:`.tensor_core_matmul`) reaches about a
+third of cuBLAS there. TVM 0.27 has no schedule that emits it (its tile primitives target
+sm_100), so this kernel is written directly in TIRx, TVM's low-level dialect, from TVM's PTX
+operations. What PIT needs of it:
+
+- **SRead in the copies.** Each thread block gathers its operands with ``cp.async``, 16 bytes
+  (8 elements) at a time, from wherever an :class:`Access` says they are: listed rows of A,
+  listed k chunks of A and the matching rows of B. A copy that is not listed, or lies past an
+  edge, is zero-filled, so tails and padding need no other code. (TMA cannot gather rows.)
+- **Layouts wgmma reads.** A's tile (``block_m`` rows x 64 positions of k, 128 bytes a row) and
+  B's (64 positions x ``block_n`` columns, in panels of 64 columns) are stored with the 128-byte
+  swizzle: 16-byte chunk ``c`` of a 128-byte row ``r`` lands at chunk ``c ^ (r % 8)``, so the
+  copies and the MMA reads are free of bank conflicts. B is read transposed (MN-major).
+- **Pipeline.** ``stages`` shared-memory buffers; the copies of the next steps are in flight
+  while the tensor cores work, and with ``overlap`` one step's MMAs still run while the next
+  step's are issued.
+- **Data-dependent k.** Each thread block runs its own number of k steps (its row block's
+  listed chunks), read from the index on the device: no host sync.
+- **SWrite in the epilogue.** Each thread writes its accumulators to the output row the
+  :class:`Access` names (a scatter for gathered rows), cast to the output dtype.
+
+Each of ``block_m / 64`` warpgroups (128 threads) owns 64 rows of the tile and issues
+``wgmma.m64n{block_n}k16`` four times per k step. Inputs float16 or bfloat16, float32
+accumulation, output of the input dtype or float32. Built for ``sm_90a``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator, NamedTuple
+
+from tvm import tirx
+from tvm.script import tirx as T
+from tvm.target import Target
+
+from .common import check
+
+INPUT_DTYPES = {"float16": "f16", "bfloat16": "bf16"}  # wgmma's operand type names
+OUT_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
+OUTPUT_DTYPES = tuple(OUT_BYTES)
+WARPGROUP = 128  # threads
+WARPGROUP_ROWS = 64  # the M of every wgmma
+BLOCK_K = 64  # positions of k per step: one 128-byte swizzled row of 16-bit elements
+CHUNK = 8  # elements per 16-byte copy
+MMA_K = 16  # the K of every wgmma
+MAX_SHARED_BYTES = 227 * 1024  # what one thread block may opt in to on sm_90
+REGISTERS_PER_SM = 64 * 1024
+SWIZZLE_128B = 3  # the descriptor's layout code for the 128-byte swizzle
+SWIZZLE_ATOM_BYTES = 1024  # eight 128-byte rows: the stride between row groups of 8
+
+
+class Operands(NamedTuple):
+    """The kernel's buffers and extents, as an :class:`Access` sees them."""
+
+    A: tirx.Buffer  # (M, K)
+    B: tirx.Buffer  # (K, N)
+    Cnt: tirx.Buffer  # (Q,): listed chunks per row block (or one entry: listed rows)
+    Idx: tirx.Buffer  # (Q, P): the chunks' numbers
+    C: tirx.Buffer  # (M, N)
+    M: tirx.PrimExpr
+    Q: tirx.PrimExpr
+    P: tirx.PrimExpr
+
+
+@dataclass(frozen=True)
+class Access:
+    """Where one thread block's operands come from and where its rows go: TIR expressions of
+    the operands and the block's row tile ``t`` (its position along the grid's rows).
+
+    Rows and k positions are independent: A's element ``(r, p)`` is ``A[row(r), column(p)]``
+    and B's row ``p`` is ``B[column(p)]`` (one function, ``k_source``, answers for both, and
+    is asked for A only at multiples of 8, for positions ``p .. p + 7``, which must lie in one
+    stored run of A). Row ``r`` of the tile is written to row ``row(r)`` of C. Each returns
+    its place and whether it is listed and inside the operand.
+    """
+
+    name: str
+    row_tiles: Callable[[Operands, int], tirx.PrimExpr]  # (ops, block_m) -> row tiles of the grid
+    steps: Callable[[Operands, tirx.PrimExpr], tirx.PrimExpr]  # (ops, t) -> k steps of 64 positions
+    row: Callable  # (ops, t, r) -> (row of A and C, listed) for tile row r
+    k_source: Callable  # (ops, t, p) -> (column of A and row of B, listed) for position p
+
+
+class WarpgroupMatmul:
+    """``C[row(t, r), n] = sum_p A[a(t, r, p)] * B[b(t, p), n]`` over ``block_m x block_n`` tiles."""
+
+    name = "warpgroup_matmul"
+    version = 1
+
+    @dataclass(frozen=True)
+    class Knobs:
+        block_m: int = 128  # rows per thread block: 64 per warpgroup
+        block_n: int = 256  # columns per thread block, in 64-column panels
+        stages: int = 4  # shared-memory buffers of the k loop
+        # Keep one step's MMAs in flight while the next step's are issued (the copies then
+        # run stages - 2 steps ahead instead of stages - 1).
+        overlap: bool = True
+
+        def __post_init__(self):
+            check(self.block_m in (64, 128, 256), f"block_m must be 64, 128 or 256 (the copies split evenly over 1, 2 or 4 warpgroups), got {self.block_m!r}")
+            check(
+                self.block_n % 64 == 0 and 64 <= self.block_n <= 256,
+                f"block_n must be 64, 128, 192 or 256 (64-column panels, wgmma's N <= 256), got {self.block_n!r}",
+            )
+            check(self.stages >= (3 if self.overlap else 2), f"stages must be >= {3 if self.overlap else 2}, got {self.stages!r}")
+            check(
+                self.shared_bytes <= MAX_SHARED_BYTES,
+                f"{self.stages} stages of a {self.block_m}x{self.block_n} tile need {self.shared_bytes} bytes "
+                f"of shared memory, over {MAX_SHARED_BYTES}",
+            )
+            # The accumulators (block_n / 2 float32 per thread) plus ~40 registers of addresses.
+            registers = (self.block_n // 2 + 40) * self.threads
+            check(
+                registers <= REGISTERS_PER_SM,
+                f"a {self.block_m}x{self.block_n} tile needs ~{registers} registers, over the SM's {REGISTERS_PER_SM}",
+            )
+
+        @property
+        def threads(self) -> int:
+            return self.block_m // WARPGROUP_ROWS * WARPGROUP
+
+        @property
+        def shared_bytes(self) -> int:
+            """The pipeline's buffers, or the output staged in their place where that is more
+            (float32, rows padded by 8)."""
+            staged = self.block_m * (self.block_n + 8) * 4
+            return max(self.stages * (self.block_m + self.block_n) * BLOCK_K * 2, staged)
+
+    def is_target_available(self, target: Target) -> bool:
+        return target.kind.name == "cuda" and str(target.attrs.get("arch", "")) in ("sm_90", "sm_90a")
+
+    def default(self, block_m: int) -> Knobs:
+        """The setting for thread blocks of ``block_m`` rows, as measured on an H200 (8192^3,
+        float16, 0 and 90 % sparse): 128 rows run best 256 columns wide, 4 stages, MMAs
+        overlapped (0.79 of cuBLAS on dense input); a lone warpgroup (64 rows) best 128 wide,
+        4 stages, not overlapped (0.44: each thread block reloads B for its 64 rows)."""
+        if block_m == 64:
+            return self.Knobs(block_m=64, block_n=128, stages=4, overlap=False)
+        return self.Knobs(block_m=block_m, block_n=256 if block_m <= 128 else 128)
+
+    def space(self, block_m: int) -> Iterator[Knobs]:
+        """Every setting for thread blocks of ``block_m`` rows, the default first."""
+        default = self.default(block_m)
+        yield default
+        for block_n in (256, 128):
+            for stages in (3, 4, 5, 6):
+                for overlap in (True, False):
+                    try:
+                        knobs = self.Knobs(block_m=block_m, block_n=block_n, stages=stages, overlap=overlap)
+                    except ValueError:
+                        continue
+                    if knobs != default:
+                        yield knobs
+
+    def kernel(self, knobs: Knobs, K: int, N: int, dtype: str, out_dtype: str, access: Access) -> tirx.PrimFunc:
+        """``main(A, B, Cnt, Idx, C)`` computing ``access``'s product with ``knobs``."""
+        check(dtype in INPUT_DTYPES, f"the warpgroup tile takes {sorted(INPUT_DTYPES)} inputs, got {dtype!r}")
+        check(out_dtype in OUTPUT_DTYPES, f"the warpgroup tile writes {OUTPUT_DTYPES}, got {out_dtype!r}")
+        check(K % CHUNK == 0 and N % CHUNK == 0, f"K and N must be multiples of {CHUNK} (16-byte rows), got {K}, {N}")
+        return _kernel(knobs, K, N, dtype, out_dtype, access)
+
+
+def swizzled(row, chunk):
+    """Element offset of 16-byte chunk ``chunk`` of 128-byte row ``row`` under the 128-byte swizzle."""
+    return row * BLOCK_K + (chunk ^ row % 8) * CHUNK
+
+
+def _kernel(knobs, K: int, N: int, dtype: str, out_dtype: str, access: Access):
+    BM, BN, S = knobs.block_m, knobs.block_n, knobs.stages
+    THREADS = knobs.threads
+    ACC = BN // 2  # float32 accumulators per thread: 64 x BN over a warpgroup's 128 threads
+    A_TILE, B_TILE = BM * BLOCK_K, BLOCK_K * BN  # elements per stage
+    A_COPIES, B_COPIES = A_TILE // CHUNK // THREADS, B_TILE // CHUNK // THREADS  # per thread and step
+    TILES_N = math.ceil(N / BN)
+    STAGE_PITCH = BN + 8  # elements per row of the output staged in shared memory
+    OUT_VECTOR = 16 // OUT_BYTES[out_dtype]  # elements per 16-byte store of C
+    OUT_COPIES = BM * BN // OUT_VECTOR // THREADS
+    AHEAD = S - 2 if knobs.overlap else S - 1  # steps whose copies are in flight
+    IN_FLIGHT = 1 if knobs.overlap else 0  # MMA groups left running after each step
+    wgmma = f"wgmma.mma_async.sync.aligned.m64n{BN}k16.f32.{INPUT_DTYPES[dtype]}.{INPUT_DTYPES[dtype]}"
+    a_sdo = SWIZZLE_ATOM_BYTES // 16  # descriptor strides count 16-byte units
+    b_ldo = BLOCK_K * 128 // 16  # B: from one 64-column panel to the next
+    zero = T.uint32(0)
+    full = T.uint32(16)
+
+    @T.prim_func
+    def main(a: T.handle, b: T.handle, cnt: T.handle, idx: T.handle, c: T.handle):
+        T.func_attr({"global_symbol": "main", "tirx.noalias": True})
+        M, Q, P = T.int32(), T.int32(), T.int32()
+        A = T.match_buffer(a, (M, K), dtype, align=16)
+        B = T.match_buffer(b, (K, N), dtype, align=16)
+        Cnt = T.match_buffer(cnt, (Q,), "int32")
+        Idx = T.match_buffer(idx, (Q, P), "int32")
+        C = T.match_buffer(c, (M, N), out_dtype, align=16)
+        ops = T.meta_var(Operands(A, B, Cnt, Idx, C, M, Q, P))
+        T.device_entry()
+        bid = T.cta_id([access.row_tiles(ops, BM) * TILES_N])
+        tx = T.thread_id([THREADS])
+        smem = T.alloc_buffer((knobs.shared_bytes // 2,), dtype, scope="shared.dyn", align=1024)
+        acc = T.alloc_buffer((ACC,), "float32", scope="local")
+        desc_a: T.uint64
+        desc_b: T.uint64
+        t = T.meta_var(bid // TILES_N)
+        n0 = T.meta_var(bid % TILES_N * BN)
+        group = T.meta_var(tx // WARPGROUP)
+        steps: T.let[T.int32] = access.steps(ops, t)
+        # The rows this thread copies of A never change along k: found once. Each thread's
+        # copies of a step share one chunk of k (THREADS is a multiple of 8).
+        a_row = T.alloc_buffer((A_COPIES,), "int32", scope="local")
+        a_listed = T.alloc_buffer((A_COPIES,), "bool", scope="local")
+        for j in T.unroll(A_COPIES):
+            row, listed = T.meta_var(access.row(ops, t, (j * THREADS + tx) // (BLOCK_K // CHUNK)))
+            a_listed[j] = listed
+            a_row[j] = T.if_then_else(listed, row, 0)
+        b_row = T.alloc_buffer((B_COPIES,), "int32", scope="local")
+        b_bytes = T.alloc_buffer((B_COPIES,), "uint32", scope="local")
+        for s in T.serial(0, steps + AHEAD):
+            # SRead: the copies of step s into buffer s % S. Their sources are read from the
+            # index first, all together, then the copies issued (each cp.async orders memory,
+            # so a load between two of them would wait for the one before).
+            if s < steps:
+                chunk = T.meta_var(tx % (BLOCK_K // CHUNK))
+                a_col, a_in = T.meta_var(access.k_source(ops, t, s * BLOCK_K + chunk * CHUNK))
+                a_col_listed: T.let[T.int32] = T.if_then_else(a_in, a_col, -1)
+                for j in T.unroll(B_COPIES):
+                    chunk_n = T.meta_var((j * THREADS + tx) % (BN // CHUNK))
+                    row, listed = T.meta_var(access.k_source(ops, t, s * BLOCK_K + (j * THREADS + tx) // (BN // CHUNK)))
+                    inside = T.meta_var(listed and n0 + chunk_n * CHUNK < N)
+                    b_row[j] = T.if_then_else(inside, row, 0)
+                    b_bytes[j] = T.if_then_else(inside, full, zero)
+                for j in T.unroll(A_COPIES):
+                    r = T.meta_var((j * THREADS + tx) // (BLOCK_K // CHUNK))
+                    copied = T.meta_var(a_listed[j] and a_col_listed >= 0)
+                    T.ptx["cp.async.cg.shared.global"](
+                        smem.ptr_to([s % S * A_TILE + swizzled(r, chunk)]),
+                        A.ptr_to([a_row[j], T.max(a_col_listed, 0)]),
+                        16,
+                        T.if_then_else(copied, full, zero),
+                    )
+                for j in T.unroll(B_COPIES):
+                    p = T.meta_var((j * THREADS + tx) // (BN // CHUNK))
+                    chunk_n = T.meta_var((j * THREADS + tx) % (BN // CHUNK))
+                    column = T.meta_var(T.if_then_else(b_bytes[j] > zero, n0 + chunk_n * CHUNK, 0))
+                    T.ptx["cp.async.cg.shared.global"](
+                        smem.ptr_to([S * A_TILE + s % S * B_TILE + chunk_n // 8 * BLOCK_K * 64 + swizzled(p, chunk_n % 8)]),
+                        B.ptr_to([b_row[j], column]),
+                        16,
+                        b_bytes[j],
+                    )
+            T.ptx.cp.async_.commit_group()
+            # The MMAs of step s - AHEAD, once its copies have landed.
+            if s >= AHEAD:
+                u = T.meta_var((s - AHEAD) % S)
+                T.ptx.cp.async_.wait_group(AHEAD)
+                T.ptx.fence.proxy.async_.shared__cta()  # cp.async wrote through the generic proxy
+                T.cuda.cta_sync()
+                T.ptx.wgmma.fence.sync.aligned()
+                for kk in T.unroll(BLOCK_K // MMA_K):
+                    T.cuda.wgmma.encode_matrix_descriptor(
+                        T.address_of(desc_a),
+                        smem.ptr_to([u * A_TILE + group * WARPGROUP_ROWS * BLOCK_K + kk * MMA_K]),
+                        1, a_sdo, SWIZZLE_128B,
+                    )
+                    T.cuda.wgmma.encode_matrix_descriptor(
+                        T.address_of(desc_b),
+                        smem.ptr_to([S * A_TILE + u * B_TILE + kk * MMA_K * 64]),
+                        b_ldo, a_sdo, SWIZZLE_128B,
+                    )
+                    # The first MMA of the tile overwrites the accumulators (scale-d 0): zeroing
+                    # them before would make ptxas serialize the MMAs.
+                    first = T.meta_var(s == AHEAD and kk == 0)
+                    T.ptx[wgmma](*[acc[i] for i in range(ACC)], desc_a, desc_b, T.Not(first), 1, 1, 0, 1)
+                T.ptx.wgmma.commit_group.sync.aligned()
+                T.ptx.wgmma.wait_group.sync.aligned(IN_FLIGHT)
+                T.cuda.cta_sync()  # every warpgroup is done with the buffer the next copies refill
+        T.ptx.wgmma.wait_group.sync.aligned(0)
+        if steps == 0:  # nothing listed: no MMA wrote the accumulators
+            for i in T.unroll(ACC):
+                acc[i] = T.float32(0)
+        # SWrite, in two moves through shared memory (free now): the accumulators in wgmma's
+        # layout (8 columns per 4 registers) to a row-major tile padded by 8 elements a row
+        # against bank conflicts, then 16-byte pieces of whole rows to their rows of C.
+        T.cuda.cta_sync()
+        staged = T.decl_buffer((BM * STAGE_PITCH,), out_dtype, data=smem.data, scope="shared.dyn")
+        for i in T.unroll(ACC // 4):
+            lane = T.meta_var(tx % WARPGROUP)
+            r = T.meta_var(group * WARPGROUP_ROWS + lane // 32 * 16 + lane % 32 // 4)
+            col = T.meta_var(i * 8 + lane % 4 * 2)
+            for half in T.unroll(2):
+                for e in T.unroll(2):
+                    staged[(r + half * 8) * STAGE_PITCH + col + e] = T.Cast(out_dtype, acc[i * 4 + half * 2 + e])
+        T.cuda.cta_sync()
+        for j in T.unroll(OUT_COPIES):
+            r = T.meta_var((j * THREADS + tx) // (BN // OUT_VECTOR))
+            col = T.meta_var((j * THREADS + tx) % (BN // OUT_VECTOR) * OUT_VECTOR)
+            row, listed = T.meta_var(access.row(ops, t, r))
+            if listed and n0 + col < N:
+                for e in T.vectorized(OUT_VECTOR):
+                    C[row, n0 + col + e] = staged[r * STAGE_PITCH + col + e]
+
+    return main
+
+
+def hopper_target(target: Target) -> Target:
+    """``target`` with the ``sm_90a`` architecture wgmma needs (sm_90 lacks the instruction)."""
+    if str(target.attrs.get("arch", "")) == "sm_90a":
+        return target
+    return Target({"kind": "cuda", "arch": "sm_90a"})

@@ -1,0 +1,196 @@
+"""Hopper's warpgroup tile: its knobs, which calls it serves, that it builds wgmma for sm_90a
+without spills or serialized MMAs (on the CPU), and (on a GPU) that every form and knob
+setting through it matches dense torch."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import tvm
+from tvm.target import Target
+
+import pit_compiler as pit
+from pit_compiler import ops
+from pit_compiler.codegen.warpgroup import warpgroup_kernel, warpgroup_knobs, warpgroup_space
+from pit_compiler.ir import InvalidKnobs, SparsityAttr, plan_pit
+from pit_compiler.runtime import KernelCache
+from pit_compiler.schedules.warpgroup_matmul import WarpgroupMatmul, swizzled
+from cuda_build import assert_compiles_for_sm90
+from sparse_data import assert_matches_reference, dense_operand, expand_mask, micro_tile_sparse, poisoned
+
+SM90 = Target({"kind": "cuda", "arch": "sm_90"})
+Knobs = WarpgroupMatmul.Knobs
+ROWS_64 = Knobs(block_m=64, block_n=128, stages=4, overlap=False)  # a lone warpgroup's default
+
+
+def plan_for(tile, M=512, K=256, N=384, sparse="A", form=None, a_transposed=False):
+    contraction = ops.matmul_contraction(2, a_transposed)
+    tile = (tile[0], tile[1] or K)
+    return plan_pit(contraction, SparsityAttr(sparse, tile[::-1] if a_transposed else tile), {"m": M, "n": N, "k": K}, form)
+
+
+@pytest.mark.parametrize(
+    "knobs, problem",
+    [(dict(block_m=96), "block_m"), (dict(block_m=192), "block_m"), (dict(block_n=320), "block_n"), (dict(block_n=100), "block_n"),
+     (dict(stages=2), "stages"), (dict(stages=1, overlap=False), "stages"),
+     (dict(stages=6), "shared memory"), (dict(block_m=256, block_n=192, stages=3), "registers")],
+    ids=str,
+)
+def test_knobs_refuse_what_cannot_launch(knobs, problem):
+    with pytest.raises(InvalidKnobs, match=problem):
+        Knobs(**knobs)
+
+
+@pytest.mark.parametrize("block_m", [64, 128])
+def test_space_starts_at_the_default_and_keeps_the_rows(block_m):
+    space = list(WarpgroupMatmul().space(block_m))
+    assert space[0] == WarpgroupMatmul().default(block_m) == (ROWS_64 if block_m == 64 else Knobs())
+    assert len(set(space)) == len(space) > 8
+    assert {k.block_m for k in space} == {block_m}
+    assert warpgroup_space(space[0]) == space
+
+
+def test_swizzle_spreads_each_chunk_column_over_eight_rows():
+    """The 128-byte swizzle: a row's 8 chunks stay in its 128 bytes, and the same chunk of 8
+    consecutive rows lands in 8 different 16-byte bank groups (conflict-free copies and reads)."""
+    for row in range(16):
+        offsets = [swizzled(row, chunk) for chunk in range(8)]
+        assert sorted(offsets) == [row * 64 + 8 * c for c in range(8)]
+    for chunk in range(8):
+        assert len({swizzled(row, chunk) % 64 for row in range(8)}) == 8
+
+
+@pytest.mark.parametrize(
+    "tile, kw, expected",
+    [((64, 64), {}, ROWS_64), ((128, 8), {}, Knobs(block_m=128)), ((64, 16), dict(dtype="bfloat16"), ROWS_64),
+     ((64, 64), dict(out="float32"), ROWS_64), ((1, None), {}, Knobs()), ((4, None), dict(dtype="bfloat16"), Knobs()),
+     ((32, 32), {}, None), ((64, 4), {}, None), ((64, 64), dict(K=100), None), ((1, None), dict(N=100), None),
+     ((64, 64), dict(dtype="float32"), None), ((64, 64), dict(b_dtype="bfloat16"), None), ((64, 64), dict(ndim=3), None),
+     ((64, 64), dict(target=Target({"kind": "cuda", "arch": "sm_80"})), None), ((64, 64), dict(target=Target("llvm")), None),
+     ((64, 64), dict(a_transposed=True), None), ((1, 32), dict(sparse="B"), None), ((32, 1), dict(form="scatter"), None)],
+    ids=str,
+)
+def test_serves_blocks_of_64_or_128_rows_and_whole_rows(tile, kw, expected):
+    K, N = kw.get("K", 256), kw.get("N", 384)
+    dtype = kw.get("dtype", "float16")
+    plan = plan_for(tile, K=K, N=N, sparse=kw.get("sparse", "A"), form=kw.get("form"), a_transposed=kw.get("a_transposed", False))
+    knobs = warpgroup_knobs(plan, kw.get("ndim", 2), K, N, dtype, kw.get("b_dtype", dtype), kw.get("out", dtype), kw.get("target", SM90))
+    assert knobs == expected
+    if expected is not None:
+        path = ops.tensor_core_kernel(plan, 2, K, N, dtype, dtype, kw.get("out", dtype), SM90)
+        assert path == ("reduce" if plan.form == "reduce" else "row_gather")
+
+
+@pytest.mark.parametrize(
+    "form, shape, dtype, out, knobs",
+    [("reduce", (64, 64), "float16", "float16", Knobs(block_m=64)),
+     ("reduce", (128, 8), "bfloat16", "float32", Knobs(block_m=128, block_n=128, stages=5, overlap=False)),
+     ("row_gather", (1,), "float16", "float16", Knobs()),
+     ("row_gather", (4,), "bfloat16", "bfloat16", Knobs(block_m=64, block_n=128, stages=3))],
+    ids=str,
+)
+def test_builds_warpgroup_mma_for_sm90a(form, shape, dtype, out, knobs, tmp_path):
+    K, N = 520, 776  # not multiples of the tile: predicated copies and stores
+    executable = warpgroup_kernel.__wrapped__(form, shape, K, N, dtype, out, SM90, KernelCache(tmp_path / "cache"), knobs)
+    assert executable is not None
+    func = WarpgroupMatmul().kernel(knobs, K, N, dtype, out, _access(form, shape, K, knobs))
+    source = tvm.compile(tvm.IRModule({"main": func}), target=Target({"kind": "cuda", "arch": "sm_90a"}),
+                         tir_pipeline="tirx").mod.imports[0].inspect_source()
+    wgmma = {"float16": "f32.f16.f16", "bfloat16": "f32.bf16.bf16"}[dtype]
+    assert f"wgmma.mma_async.sync.aligned.m64n{knobs.block_n}k16.{wgmma}" in source
+    assert "cp.async.cg.shared.global" in source
+    report = assert_compiles_for_sm90(source, tmp_path, "warpgroup", form, flags=("-Xptxas", "-v"), arch="sm_90a")
+    if report is not None:
+        assert "0 bytes spill stores" in report, report
+        assert "C751" not in report, f"ptxas serializes the MMAs: {report}"
+
+
+def _access(form, shape, K, knobs):
+    from pit_compiler.codegen.warpgroup import reduce_access, row_gather_access
+
+    return reduce_access(*shape, K) if form == "reduce" else row_gather_access(*shape, K, knobs.block_m)
+
+
+# ---------------------------------------------------------------------------------------------
+# On a Hopper GPU.
+
+
+@pytest.fixture
+def on_warpgroups(monkeypatch):
+    """Whether each call ran the warpgroup tile."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the warpgroup tile needs an sm_90 GPU (H100, H200)")
+    calls = []
+    original = ops.run_on_warpgroups
+    monkeypatch.setattr(ops, "run_on_warpgroups", lambda *a: calls.append(original(*a)) or calls[-1])
+    return calls
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("tile", [(64, 64), (128, 8), (64, 24), (1, None), (4, None)], ids=str)
+@pytest.mark.parametrize("density", [1.0, 0.5, 0.1, 0.0])
+@pytest.mark.parametrize("M,K,N", [(1000, 520, 776), (256, 512, 384), (70, 64, 40)], ids=str)
+def test_sparse_A_on_warpgroups(tile, density, M, K, N, dtype, on_warpgroups):
+    A, _ = micro_tile_sparse((M, K), tile, density, dtype, "cuda", seed=M + (tile[1] or 0))
+    B = dense_operand((K, N), dtype, "cuda", seed=K)
+    out = poisoned((M, N), dtype, "cuda")
+    pit.sparse_matmul(A, B, micro_tile=tile, out=out)
+    assert on_warpgroups == [True], "the warpgroup tile did not run"
+    assert_matches_reference(out, A.double() @ B.double())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tile", [(64, 64), (128, 16)], ids=str)
+def test_float32_output_and_grid_mask(tile, on_warpgroups):
+    """float32 out, the index built from a micro-tile mask that lists less than A holds."""
+    M, K, N = 330, 256, 264
+    A, grid = micro_tile_sparse((M, K), tile, 0.4, torch.float16, "cuda", seed=7)
+    B = dense_operand((K, N), torch.float16, "cuda", seed=8)
+    grid_shape = tuple(math.ceil(size / t) for size, t in zip((M, K), tile))
+    half = grid.clone()
+    half[:, : grid.shape[1] // 2] = False
+    out = poisoned((M, N), torch.float32, "cuda")
+    ops.pit_matmul(A, B, out, "A", tile, grid_shape, half, None)
+    assert on_warpgroups == [True]
+    kept = A * expand_mask(half, tile, (M, K))
+    assert_matches_reference(out, kept.double() @ B.double())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block_m, tile", [(64, (64, 32)), (128, (128, 8)), (128, (1, None)), (64, (2, None))], ids=str)
+def test_every_setting_the_tuner_tries_is_correct(block_m, tile, on_warpgroups):
+    M, K, N = 300, 392, 520
+    A, _ = micro_tile_sparse((M, K), tile, 0.5, torch.float16, "cuda", seed=11)
+    B = dense_operand((K, N), torch.float16, "cuda", seed=12)
+    plan = plan_for(tile, M, K, N)
+    index = ops.index_for(plan, A, None, (tile[0], tile[1] or K), None)
+    reference = A.double() @ B.double()
+    space = list(WarpgroupMatmul().space(block_m))
+    for knobs in space:
+        out = poisoned((M, N), torch.float16, "cuda")
+        assert ops.run_on_warpgroups(plan, A, B, out, index, knobs)
+        assert_matches_reference(out, reference)
+    assert on_warpgroups == [True] * len(space)
+
+
+@pytest.mark.gpu
+def test_whole_rows_need_no_host_read_under_graph_capture(on_warpgroups):
+    """The row gather reads the listed count on the device: it runs inside a CUDA graph."""
+    M, K, N = 512, 256, 384
+    A, _ = micro_tile_sparse((M, K), (1, None), 0.3, torch.float16, "cuda", seed=5)
+    B = dense_operand((K, N), torch.float16, "cuda", seed=6)
+    out = poisoned((M, N), torch.float16, "cuda")
+    pit.sparse_matmul(A, B, micro_tile=(1, None), out=out, dense_fallback=False)  # builds outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        pit.sparse_matmul(A, B, micro_tile=(1, None), out=out, dense_fallback=False)
+    A2, _ = micro_tile_sparse((M, K), (1, None), 0.6, torch.float16, "cuda", seed=9)
+    A.copy_(A2)
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert on_warpgroups[-1] is True
+    assert_matches_reference(out, A2.double() @ B.double())
