@@ -274,7 +274,9 @@ def dense_crossover(plan: PITPlan, A, B, out) -> float:
     "pit_kernel" at 0 % sparsity: whole rows 0.32, 64x64 blocks 0.37, 32x32 0.17, 32x1 0.13;
     4096^3: 1x32 pieces as 16x32 blocks 0.11; the one-thread-per-output kernel 0.0013 in float16).
     Hopper's warpgroup tile (same size, kernel alone on dense input): whole rows 0.79, blocks of
-    128 rows 0.67, of 64 rows 0.44, less detection and, for rows, zeroing the output.
+    128 rows 0.67, of 64 rows 0.44, less detection and, for rows, zeroing the output. The
+    benchmark's lines through 50 and 100 % (rows) and 10 and 50 % (64x64) listed cross cuBLAS at
+    0.71 and 0.44.
     """
     facts = _call_facts(A, B, out)
     if warpgroup_knobs(plan, *facts) is not None:
@@ -288,7 +290,9 @@ def dense_crossover(plan: PITPlan, A, B, out) -> float:
             return 0.35
         if rows <= 16:
             return 0.10
-        return 0.12 if cols < 8 else 0.16  # column pieces copy A element by element
+        # Column pieces copy A element by element: at 8192^3 their kernel took 1.64 ms at 10 %
+        # listed against cuBLAS's 1.31 ms (0.51 ms at 1 %), so it wins below about 8 %.
+        return 0.08 if cols < 8 else 0.16
     # The one-thread-per-output kernel: measured with float16 against tensor-core cuBLAS;
     # float32 cuBLAS runs about ten times slower, so PIT keeps ten times the density (derived).
     return 0.01 if A.dtype == torch.float32 else 0.001
@@ -385,28 +389,35 @@ def run_on_warpgroups(plan: PITPlan, A, B, out, index: MicroTileIndex, knobs=Non
     if default is None:
         return False
     if knobs is None:
-        from pit_compiler.tuning.cost_model import tuned_knobs
-
-        knobs = tuned_knobs(plan, dtype, target, A, B, template=WarpgroupMatmul())
+        knobs = _database_knobs(plan, A, B, facts, WarpgroupMatmul())
     knobs = fitting_warpgroup_knobs(default, knobs)
-    A, B = (_aligned(t) for t in (A, B))
-    C = out if out.is_contiguous() and out.data_ptr() % 16 == 0 else torch.empty_like(out, memory_format=torch.contiguous_format)
+    A, B, C = (_aligned(t) for t in (A, B, out))
     if plan.form == "reduce":
-        kernel = warpgroup_kernel("reduce", (plan.tile["m"], plan.tile["k"]), K, N, dtype, out_dtype, target, kernel_cache(), knobs)
+        form, shape = "reduce", (plan.tile["m"], plan.tile["k"])
     else:
+        form, shape = "row_gather", (plan.tile["m"],)
         C.zero_()  # the kernel writes the listed rows only
-        kernel = warpgroup_kernel("row_gather", (plan.tile["m"],), K, N, dtype, out_dtype, target, kernel_cache(), knobs)
+    kernel = warpgroup_kernel(form, shape, K, N, dtype, out_dtype, target, kernel_cache(), knobs)
     kernel(A, B, index.counts[0], index.indices[0], C)
     if C is not out:
         out.copy_(C)
     return True
 
 
+def _database_knobs(plan: PITPlan, A, B, facts, template):
+    """The tile database's best knobs of ``template`` for this call (``pit-tune``), or None."""
+    from pit_compiler.tuning.cost_model import tuned_knobs  # imports this module
+
+    _, _, _, dtype, _, _, target = facts
+    return tuned_knobs(plan, dtype, target, A, B, template=template)
+
+
 def _aligned(t: torch.Tensor) -> torch.Tensor:
-    """``t`` as the warpgroup tile reads it: contiguous, from a 16-byte aligned address."""
+    """``t`` as the warpgroup tile reads or writes it: contiguous, from a 16-byte aligned
+    address (else a copy, which the caller copies back for an output)."""
     if t.is_contiguous() and t.data_ptr() % 16 == 0:
         return t
-    return t.clone(memory_format=torch.contiguous_format)
+    return torch.empty_like(t, memory_format=torch.contiguous_format).copy_(t)
 
 
 ROW_GATHER_KNOBS = TensorCoreMatmul.Knobs()  # the row-gather tile's only setting
@@ -474,10 +485,7 @@ def run_reduce_on_tensor_cores(plan: PITPlan, A, B, out, index: MicroTileIndex, 
     if default is None:
         return False
     if knobs is None:
-        from pit_compiler.tuning.cost_model import tuned_knobs
-
-        tuned = tuned_knobs(plan, dtype, target, A, B, template=TensorCoreMatmul())
-        knobs = fitting_knobs(default, tuned, N)
+        knobs = fitting_knobs(default, _database_knobs(plan, A, B, facts, TensorCoreMatmul()), N)
     bm, bk = plan.tile["m"], plan.tile["k"]
     row_blocks = index.counts.shape[-1]
     direct = out.is_contiguous() and row_blocks * bm == out.shape[0]

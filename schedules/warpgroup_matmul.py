@@ -102,7 +102,10 @@ class WarpgroupMatmul:
         overlap: bool = True
 
         def __post_init__(self):
-            check(self.block_m in (64, 128, 256), f"block_m must be 64, 128 or 256 (the copies split evenly over 1, 2 or 4 warpgroups), got {self.block_m!r}")
+            check(
+                self.block_m in (64, 128, 256),
+                f"block_m must be 64, 128 or 256 (copies split evenly over 1, 2 or 4 warpgroups), got {self.block_m!r}",
+            )
             check(
                 self.block_n % 64 == 0 and 64 <= self.block_n <= 256,
                 f"block_n must be 64, 128, 192 or 256 (64-column panels, wgmma's N <= 256), got {self.block_n!r}",

@@ -62,3 +62,16 @@ def assert_matches_reference(result: torch.Tensor, reference: torch.Tensor) -> N
     scale = max(reference.abs().max().item(), 1.0)
     tolerance = RELATIVE_TOLERANCE[result.dtype] * scale
     torch.testing.assert_close(result.double().cpu(), reference.double().cpu(), rtol=0, atol=tolerance)
+
+
+def check_sparse_a(tile, density, shape, dtype, device, seed) -> None:
+    """``pit.sparse_matmul`` of a random micro-tile-sparse A (M x K) and a dense B (K x N) into a
+    NaN-poisoned output, checked against the float64 product."""
+    import pit_compiler as pit
+
+    M, K, N = shape
+    A, _ = micro_tile_sparse((M, K), tile, density, dtype, device, seed=seed)
+    B = dense_operand((K, N), dtype, device, seed=K)
+    out = poisoned((M, N), dtype, device)
+    pit.sparse_matmul(A, B, micro_tile=tile, out=out)
+    assert_matches_reference(out, A.double() @ B.double())

@@ -19,7 +19,7 @@ from pit_compiler.codegen.reduce_matmul import build_reduce_tile, fitting_knobs,
 from pit_compiler.ir import SparsityAttr, plan_pit
 from pit_compiler.schedules.tensor_core_matmul import TensorCoreMatmul
 from cuda_build import assert_compiles_for_sm90
-from sparse_data import assert_matches_reference, dense_operand, expand_mask, micro_tile_sparse, poisoned
+from sparse_data import assert_matches_reference, check_sparse_a, dense_operand, expand_mask, micro_tile_sparse, poisoned
 
 SM90 = Target({"kind": "cuda", "arch": "sm_90"})
 SM80 = Target({"kind": "cuda", "arch": "sm_80"})  # mma.sync's own GPUs: Hopper's run the warpgroup tile first
@@ -140,12 +140,8 @@ def taken(monkeypatch):
 @pytest.mark.parametrize("M,K,N", [(256, 512, 384), (300, 200, 320), (1024, 2048, 512)], ids=str)
 def test_sparse_A_on_tensor_cores(tile, density, M, K, N, taken):
     """Tails in M (padded copy) and K (partial last chunk), N a multiple of 64 not of 128."""
-    A, _ = micro_tile_sparse((M, K), tile, density, torch.float16, "cuda", seed=M + tile[1])
-    B = dense_operand((K, N), torch.float16, "cuda", seed=K)
-    out = poisoned((M, N), torch.float16, "cuda")
-    pit.sparse_matmul(A, B, micro_tile=tile, out=out)
+    check_sparse_a(tile, density, (M, K, N), torch.float16, "cuda", seed=M + tile[1])
     assert taken == [True], "the tensor-core reduce path did not run"
-    assert_matches_reference(out, A.double() @ B.double())
 
 
 @pytest.mark.gpu

@@ -18,7 +18,7 @@ from pit_compiler.ir import InvalidKnobs, SparsityAttr, plan_pit
 from pit_compiler.runtime import KernelCache
 from pit_compiler.schedules.warpgroup_matmul import WarpgroupMatmul, swizzled
 from cuda_build import assert_compiles_for_sm90
-from sparse_data import assert_matches_reference, dense_operand, expand_mask, micro_tile_sparse, poisoned
+from sparse_data import assert_matches_reference, check_sparse_a, dense_operand, expand_mask, micro_tile_sparse, poisoned
 
 SM90 = Target({"kind": "cuda", "arch": "sm_90"})
 Knobs = WarpgroupMatmul.Knobs
@@ -134,12 +134,8 @@ def on_warpgroups(monkeypatch):
 @pytest.mark.parametrize("density", [1.0, 0.5, 0.1, 0.0])
 @pytest.mark.parametrize("M,K,N", [(1000, 520, 776), (256, 512, 384), (70, 64, 40)], ids=str)
 def test_sparse_A_on_warpgroups(tile, density, M, K, N, dtype, on_warpgroups):
-    A, _ = micro_tile_sparse((M, K), tile, density, dtype, "cuda", seed=M + (tile[1] or 0))
-    B = dense_operand((K, N), dtype, "cuda", seed=K)
-    out = poisoned((M, N), dtype, "cuda")
-    pit.sparse_matmul(A, B, micro_tile=tile, out=out)
+    check_sparse_a(tile, density, (M, K, N), dtype, "cuda", seed=M + (tile[1] or 0))
     assert on_warpgroups == [True], "the warpgroup tile did not run"
-    assert_matches_reference(out, A.double() @ B.double())
 
 
 @pytest.mark.gpu
