@@ -151,6 +151,35 @@ def plot(records, path: Path):
     fig.savefig(path)
 
 
+LABELS = {"row": "whole rows", "32x1": "32×1", "1x32": "1×32", "1x64": "1×64", "32x32": "32×32", "64x64": "64×64"}
+TABLE_IMPLS = ("cublas", "cusparse_csr", "triton_bsr", "torch_rowgather")
+
+
+def table(records, dtype: str = "float16", sparsities=(0.0, 0.5, 0.9, 0.99)) -> str:
+    """A markdown table of one dtype's records (the README's): PIT with its fraction of ideal,
+    PIT's kernels alone (``dense_fallback=False``), the baselines, and detection's share."""
+
+    def ms(value):
+        return "–" if value is None else (f"{value:.3g} ms" if value < 10 else f"{value:.0f} ms")
+
+    cases = {}
+    for r in records:
+        if r["dtype"] == dtype and r["sparsity"] in sparsities:
+            cases.setdefault((r["M"], list(LABELS).index(r["micro_tile"]), r["sparsity"]), {})[r["impl"]] = r
+    head = ["size", "micro-tile", "sparsity", "PIT", "of ideal", "PIT kernels alone", "cuBLAS", "cuSPARSE CSR",
+            "Triton BSR", "torch row gather", "PIT detection (of dense)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (size, tile, sparsity), impls in sorted(cases.items()):
+        get = lambda impl: impls[impl]["median_ms"] if impl in impls else None  # noqa: E731
+        pit, detect = impls.get("pit"), impls.get("pit_detect")
+        fraction = f"{pit['fraction_of_ideal']:.3f}" if pit and pit["fraction_of_ideal"] else "–"
+        share = f"{ms(get('pit_detect'))} ({detect['detect_fraction_of_dense']:.2f})" if detect else "–"
+        row = [f"{size}³", LABELS[list(LABELS)[tile]], f"{sparsity:.0%}", ms(get("pit")), fraction, ms(get("pit_kernel")),
+               *(ms(get(impl)) for impl in TABLE_IMPLS), share]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="4096,8192", help="comma list of M=N=K")
@@ -162,7 +191,12 @@ def main(argv=None) -> int:
     parser.add_argument("--merge", action="store_true", help="keep the results file's other cases (replace only these)")
     parser.add_argument("--once-over-ms", type=float, default=200.0,
                         help="an implementation whose call takes longer is timed once (repeat 1), not --repeat times")
+    parser.add_argument("--table", type=Path, metavar="JSON", help="print the markdown table of a results file and exit")
     args = parser.parse_args(argv)
+    if args.table:
+        for dtype in args.dtypes.split(","):
+            print(f"\n{dtype}:\n" + table(json.loads(args.table.read_text()), dtype))
+        return 0
     if args.quick:
         args.sizes, args.micro_tiles, args.sparsities, args.dtypes = "4096", "row,32x1", "0,0.9,0.99", "float16"
     logging.basicConfig(level=logging.INFO, format="%(message)s")
