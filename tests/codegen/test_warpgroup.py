@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
 import tvm
@@ -190,3 +192,78 @@ def test_whole_rows_need_no_host_read_under_graph_capture(on_warpgroups):
     torch.cuda.synchronize()
     assert on_warpgroups[-1] is True
     assert_matches_reference(out, A2.double() @ B.double())
+
+
+# ---------------------------------------------------------------------------------------------
+# What every thread block gathers, computed on the CPU: the accesses the GPU kernel reads its
+# operands through, evaluated by TVM (llvm) on PIT's own index, then used to form the product.
+
+
+def evaluate_access(access, block_m: int, index, M: int, positions: int):
+    """``(rows, rows_listed, sources, sources_listed, steps)`` of every thread block (sources
+    for its first ``positions`` k positions), as numpy arrays: the access's expressions
+    compiled for the CPU and run on ``index``."""
+    from tvm import te, tirx
+
+    from pit_compiler.schedules.warpgroup_matmul import Operands
+
+    counts, indices = index.counts[0].numpy(), index.indices[0].numpy()
+    Q, P = indices.shape
+    Cnt, Idx = te.placeholder((Q,), "int32", name="Cnt"), te.placeholder((Q, P), "int32", name="Idx")
+    ops = Operands(None, None, Cnt, Idx, None, tirx.const(M, "int32"), tirx.const(Q, "int32"), tirx.const(P, "int32"))
+    tiles = int(access.row_tiles(ops, block_m))  # constants fold
+    as_int = lambda condition: tirx.Cast("int32", condition)  # noqa: E731
+    steps = te.compute((tiles,), lambda t: access.steps(ops, t), name="steps")
+    rows = te.compute((tiles, block_m), lambda t, r: access.row(ops, t, r)[0], name="rows")
+    rows_listed = te.compute((tiles, block_m), lambda t, r: as_int(access.row(ops, t, r)[1]), name="rows_listed")
+    sources = te.compute((tiles, positions), lambda t, p: access.k_source(ops, t, p)[0], name="sources")
+    listed = te.compute((tiles, positions), lambda t, p: as_int(access.k_source(ops, t, p)[1]), name="listed")
+    outputs = [steps, rows, rows_listed, sources, listed]
+    module = tvm.compile(te.create_prim_func([Cnt, Idx, *outputs]), target="llvm")
+    arrays = [torch.from_numpy(counts.copy()), torch.from_numpy(indices.copy())]
+    arrays += [torch.zeros([int(d) for d in o.shape], dtype=torch.int32) for o in outputs]
+    module(*arrays)
+    steps, rows, rows_listed, sources, listed = (a.numpy() for a in arrays[2:])
+    return rows, rows_listed.astype(bool), sources, listed.astype(bool), steps
+
+
+@pytest.mark.parametrize(
+    "form, tile, M, K, N, density",
+    [("reduce", (64, 64), 300, 520, 40, 0.4), ("reduce", (128, 8), 257, 96, 24, 0.3), ("reduce", (64, 24), 130, 200, 16, 1.0),
+     ("reduce", (64, 64), 100, 128, 8, 0.0), ("row_gather", (1, None), 200, 136, 24, 0.3), ("row_gather", (4, None), 130, 64, 8, 0.5),
+     ("row_gather", (1, None), 70, 72, 8, 0.0)],
+    ids=str,
+)
+def test_each_thread_block_gathers_exactly_its_listed_operands(form, tile, M, K, N, density):
+    """The gathers the kernel's copies read (``codegen.warpgroup``'s accesses), evaluated on the
+    CPU from PIT's own detection and used to form the product block by block, give A @ B: every
+    output row written once, every listed piece inside the thread block's k steps, nothing
+    unlisted read (tails and the padding past each row block's count included)."""
+    from pit_compiler.codegen.warpgroup import reduce_access, row_gather_access
+
+    concrete = (tile[0], tile[1] or K)
+    A, _ = micro_tile_sparse((M, K), concrete, density, torch.float32, seed=M + K)
+    B = dense_operand((K, N), torch.float32, seed=N)
+    plan = plan_for(tile, M=M, K=K, N=N)
+    index = ops.index_for(plan, A, None, concrete, None)
+    block_m = tile[0] if form == "reduce" else 64
+    access = reduce_access(*concrete, K) if form == "reduce" else row_gather_access(tile[0], K, block_m)
+    # The furthest any thread block may step: all of a row block's chunks, or all of k.
+    positions = math.ceil((index.indices.shape[-1] * concrete[1] if form == "reduce" else K) / 64) * 64
+    rows, rows_listed, sources, listed, steps = evaluate_access(access, block_m, index, M, positions)
+    assert (steps * 64 <= positions).all()
+    result = torch.full((M, N), float("nan"), dtype=torch.float64)
+    if form == "row_gather":
+        result.zero_()  # as run time zeroes C before the kernel writes the listed rows
+    written = []
+    for t in range(len(steps)):
+        taken = listed[t] & (np.arange(listed.shape[1]) < steps[t] * 64)
+        if rows_listed[t].any():
+            assert not (listed[t] & ~taken).any(), f"thread block {t} stops before a listed position"
+        block_rows = torch.from_numpy(rows[t][rows_listed[t]]).long()
+        columns = torch.from_numpy(sources[t][taken]).long()
+        assert (columns >= 0).all() and (columns < K).all()
+        result[block_rows] = A.double()[block_rows][:, columns] @ B.double()[columns]
+        written += block_rows.tolist()
+    assert len(written) == len(set(written)), "a row of C is written by two thread blocks"
+    assert_matches_reference(result.float(), A.double() @ B.double())
