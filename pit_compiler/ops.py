@@ -366,8 +366,9 @@ def tensor_core_cover(plan: PITPlan, A, B, out) -> PITPlan:
 
 
 def run_on_tensor_cores(plan: PITPlan, A, B, out, index: MicroTileIndex, knobs=None) -> bool:
-    """Run the dedicated tensor-core kernel of :func:`tensor_core_path`; False where none fits.
-    ``knobs`` (the reduce tile's, as the tuner measures them) replace the tuned or default ones."""
+    """Run the dedicated tensor-core kernel of :func:`tensor_core_path` (Hopper's warpgroup tile
+    first); False where none fits. ``knobs`` (of the tile that serves the call, as the tuner
+    measures them) replace the tuned or default ones."""
     facts = _call_facts(A, B, out)
     return (
         run_on_warpgroups(plan, A, B, out, index, knobs, facts)

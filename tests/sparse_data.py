@@ -75,3 +75,22 @@ def check_sparse_a(tile, density, shape, dtype, device, seed) -> None:
     out = poisoned((M, N), dtype, device)
     pit.sparse_matmul(A, B, micro_tile=tile, out=out)
     assert_matches_reference(out, A.double() @ B.double())
+
+
+def check_float32_out_from_mask(tile, shape, density, device, halve: bool) -> None:
+    """``ops.pit_matmul`` into a NaN-poisoned float32 output with the index built from A's
+    micro-tile mask, the first half of its k chunks cleared where ``halve`` (the mask, not A,
+    decides what is listed: unlisted micro-tiles read as zero)."""
+    from pit_compiler import ops
+
+    M, K, N = shape
+    A, grid = micro_tile_sparse((M, K), tile, density, torch.float16, device, seed=7)
+    B = dense_operand((K, N), torch.float16, device, seed=8)
+    grid_shape = tuple(math.ceil(size / t) for size, t in zip((M, K), tile))
+    if halve:
+        grid = grid.clone()
+        grid[:, : grid.shape[1] // 2] = False
+    out = poisoned((M, N), torch.float32, device)
+    ops.pit_matmul(A, B, out, "A", tile, grid_shape, grid, None)
+    kept = A * expand_mask(grid, tile, (M, K))
+    assert_matches_reference(out, kept.double() @ B.double())

@@ -19,7 +19,14 @@ from pit_compiler.codegen.reduce_matmul import build_reduce_tile, fitting_knobs,
 from pit_compiler.ir import SparsityAttr, plan_pit
 from pit_compiler.schedules.tensor_core_matmul import TensorCoreMatmul
 from cuda_build import assert_compiles_for_sm90
-from sparse_data import assert_matches_reference, check_sparse_a, dense_operand, expand_mask, micro_tile_sparse, poisoned
+from sparse_data import (
+    assert_matches_reference,
+    check_float32_out_from_mask,
+    check_sparse_a,
+    dense_operand,
+    micro_tile_sparse,
+    poisoned,
+)
 
 SM90 = Target({"kind": "cuda", "arch": "sm_90"})
 SM80 = Target({"kind": "cuda", "arch": "sm_80"})  # mma.sync's own GPUs: Hopper's run the warpgroup tile first
@@ -148,21 +155,9 @@ def test_sparse_A_on_tensor_cores(tile, density, M, K, N, taken):
 @pytest.mark.parametrize("tile", [(32, 1), (64, 64)], ids=str)
 def test_float32_output_and_grid_mask(tile, taken):
     """float32 out (the accumulators stored directly), the index built from a micro-tile mask."""
-    M, K, N = 320, 256, 256
-    A, grid = micro_tile_sparse((M, K), tile, 0.3, torch.float16, "cuda", seed=7)
-    B = dense_operand((K, N), torch.float16, "cuda", seed=8)
-    out = poisoned((M, N), torch.float32, "cuda")
-    grid_shape = tuple(math.ceil(size / t) for size, t in zip((M, K), tile))
-    ops.pit_matmul(A, B, out, "A", tile, grid_shape, grid, None)
-    assert taken == [True]
-    assert_matches_reference(out, A.double() @ B.double())
-    # The mask, not A, decides what is listed: unlisted micro-tiles read as zero.
-    half = grid.clone()
-    half[:, : grid.shape[1] // 2] = False
-    out = poisoned((M, N), torch.float32, "cuda")
-    ops.pit_matmul(A, B, out, "A", tile, grid_shape, half, None)
-    kept = A * expand_mask(half, tile, (M, K))
-    assert_matches_reference(out, kept.double() @ B.double())
+    for halve in (False, True):
+        check_float32_out_from_mask(tile, (320, 256, 256), 0.3, "cuda", halve)
+    assert taken == [True, True]
 
 
 @pytest.mark.gpu

@@ -20,7 +20,14 @@ from pit_compiler.ir import InvalidKnobs, SparsityAttr, plan_pit
 from pit_compiler.runtime import KernelCache
 from pit_compiler.schedules.warpgroup_matmul import WarpgroupMatmul, swizzled
 from cuda_build import assert_compiles_for_sm90
-from sparse_data import assert_matches_reference, check_sparse_a, dense_operand, expand_mask, micro_tile_sparse, poisoned
+from sparse_data import (
+    assert_matches_reference,
+    check_float32_out_from_mask,
+    check_sparse_a,
+    dense_operand,
+    micro_tile_sparse,
+    poisoned,
+)
 
 SM90 = Target({"kind": "cuda", "arch": "sm_90"})
 Knobs = WarpgroupMatmul.Knobs
@@ -144,17 +151,8 @@ def test_sparse_A_on_warpgroups(tile, density, M, K, N, dtype, on_warpgroups):
 @pytest.mark.parametrize("tile", [(64, 64), (128, 16)], ids=str)
 def test_float32_output_and_grid_mask(tile, on_warpgroups):
     """float32 out, the index built from a micro-tile mask that lists less than A holds."""
-    M, K, N = 330, 256, 264
-    A, grid = micro_tile_sparse((M, K), tile, 0.4, torch.float16, "cuda", seed=7)
-    B = dense_operand((K, N), torch.float16, "cuda", seed=8)
-    grid_shape = tuple(math.ceil(size / t) for size, t in zip((M, K), tile))
-    half = grid.clone()
-    half[:, : grid.shape[1] // 2] = False
-    out = poisoned((M, N), torch.float32, "cuda")
-    ops.pit_matmul(A, B, out, "A", tile, grid_shape, half, None)
+    check_float32_out_from_mask(tile, (330, 256, 264), 0.4, "cuda", halve=True)
     assert on_warpgroups == [True]
-    kept = A * expand_mask(half, tile, (M, K))
-    assert_matches_reference(out, kept.double() @ B.double())
 
 
 @pytest.mark.gpu
