@@ -39,7 +39,8 @@ from pit_compiler.tuning.cost_model import kernel_model
 # ----------------
 # ``tune_matmul`` is what ``pit-tune matmul`` runs. For each micro-tile it builds every knob
 # setting of the kernel that will run (``CpuParallel`` here; on a GPU ``SimtThreads``, or the
-# tensor-core tile's own knobs where float16 products run on tensor cores), checks it against
+# tensor-core tile's own knobs where 16-bit products run on tensor cores: on Hopper the
+# warpgroup tile's columns, stages and MMA overlap), checks it against
 # dense torch once, and times it at each sparsity with TVM's
 # ``time_evaluator`` (CUDA events on a GPU). Each point is saved the moment it is taken, so a
 # run stopped with Ctrl-C resumes where it stopped. The command line equivalent is::
