@@ -87,7 +87,8 @@ class Access:
 
 
 class WarpgroupMatmul:
-    """``C[row(t, r), n] = sum_p A[a(t, r, p)] * B[b(t, p), n]`` over ``block_m x block_n`` tiles."""
+    """``C[row(t, r), n] = sum_p A[row(t, r), k(t, p)] * B[k(t, p), n]`` over ``block_m x block_n``
+    tiles, ``row`` and ``k`` (``k_source``) from an :class:`Access`."""
 
     name = "warpgroup_matmul"
     version = 1
