@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SPARSE_OPERANDS = ("A", "B", "C")
+MAX_ELEMENTS = 2**31 - 1  # TVM's kernels here index buffers with int32 (their shapes are int32)
 
 
 def require_tensor(name: str, value) -> torch.Tensor:
@@ -45,6 +47,14 @@ def check_matmul_operands(A: torch.Tensor, B: torch.Tensor) -> None:
         )
     if A.dim() == 3 and A.shape[0] != B.shape[0]:
         raise ValueError(f"batch sizes differ: A has {A.shape[0]} and B has {B.shape[0]}")
+    product = (*A.shape[:-1], B.shape[-1])
+    for name, elements in (("A", A.numel()), ("B", B.numel()), ("the product A @ B", math.prod(product))):
+        if elements > MAX_ELEMENTS:
+            raise ValueError(
+                f"{name} has {elements} elements; PIT's kernels index with 32-bit integers, so A, B and "
+                f"the product must each have at most {MAX_ELEMENTS} (2**31 - 1): split the product, "
+                "e.g. by rows of A"
+            )
 
 
 def check_sparse(sparse) -> str:

@@ -347,3 +347,27 @@ def test_no_host_reads_while_a_cuda_graph_is_captured(monkeypatch):
     assert ops.tensor_core_path(rows, A, B, out) == "row_gather"
     index = ops.MicroTileIndex(torch.zeros(1, 1, dtype=torch.int32), torch.zeros(1, 1, M, dtype=torch.int32))
     assert ops.run_row_gather_on_tensor_cores(rows, A, B, out, index) is False
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad operands: one clear error naming the argument, before any kernel is built.
+
+
+def _huge(rows, cols):
+    """A tensor of rows * cols elements that takes no memory (one element, expanded)."""
+    return torch.zeros(1, 1, dtype=torch.float16).expand(rows, cols)
+
+
+@pytest.mark.parametrize(
+    "A, B, error, message",
+    [(lambda: _huge(2**16, 2**15), lambda: torch.zeros(2**15, 8, dtype=torch.float16), ValueError, "^A has 2147483648 elements"),
+     (lambda: torch.zeros(8, 2**16, dtype=torch.float16), lambda: _huge(2**16, 2**15), ValueError, "^B has 2147483648"),
+     (lambda: _huge(2**16, 8), lambda: _huge(8, 2**15), ValueError, "^the product A @ B has 2147483648"),
+     (lambda: torch.zeros(4, 5), lambda: torch.zeros(6, 3), ValueError, r"A.shape\[-1\] \(5\) must equal B.shape\[-2\] \(6\)"),
+     (lambda: torch.zeros(4, 5), lambda: torch.zeros(5, 3, dtype=torch.float16), TypeError, "must share a dtype"),
+     (lambda: torch.zeros(4, 5, dtype=torch.int32), lambda: torch.zeros(5, 3), TypeError, "^A has dtype torch.int32")],
+    ids=["A too large", "B too large", "product too large", "inner dims", "dtypes", "int A"],
+)
+def test_bad_operands_get_one_clear_error(A, B, error, message):
+    with pytest.raises(error, match=message):
+        pit.sparse_matmul(A(), B(), micro_tile=(32, 1))
