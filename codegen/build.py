@@ -20,6 +20,25 @@ log = logging.getLogger(__name__)
 CODEGEN_VERSION = 4
 
 
+def kept_per_plan(question):
+    """``question(plan, *facts)``, its answers kept per ``(plan.signature(), *facts)``: the
+    tensor-core tiles are asked on every kernel call whether and with what knobs they serve it,
+    and plans do not hash (their tile is a dict). Targets among the facts compare by identity
+    (run time reuses one per device)."""
+    answers: dict = {}
+
+    @functools.wraps(question)
+    def kept(plan, *facts):
+        key = (plan.signature(), *facts)
+        if key not in answers:
+            if len(answers) > 4096:  # answers of shapes no longer seen are never read again
+                answers.clear()
+            answers[key] = question(plan, *facts)
+        return answers[key]
+
+    return kept
+
+
 def kernel_key(kind: str, signature: str, dtypes: dict, target: Target, knobs) -> str:
     """A stable hash of everything a compiled kernel depends on."""
     return _hashed_key(kind, signature, tuple(sorted(dtypes.items())), _target_text(target), knobs)

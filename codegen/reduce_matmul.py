@@ -36,7 +36,7 @@ from pit_compiler.schedules.tensor_core_matmul import (
     shared_memory_problem,
 )
 
-from .build import compile_primfunc, kernel_key
+from .build import compile_primfunc, kept_per_plan, kernel_key
 
 ROW_BLOCKS = (16, 32, 64, 128)  # micro-tile heights one thread block's rows cover exactly
 
@@ -90,6 +90,7 @@ def build_reduce_tile(K: int, N: int, bm: int, bk: int, block_k: int, out_dtype:
     return func.with_attr(REDUCTION_EXTENT, extent)
 
 
+@kept_per_plan
 def reduce_tile_knobs(plan: PITPlan, ndim: int, K: int, N: int, dtype: str, out_dtype: str, target: Target):
     """The tile's knobs where it computes ``plan``, else None (the SIMT kernel runs).
 
@@ -98,18 +99,6 @@ def reduce_tile_knobs(plan: PITPlan, ndim: int, K: int, N: int, dtype: str, out_
     multiple of 64, and K a multiple of 8 (whole 16-byte copies); any M and any chunk width.
     Asked on every call: answers are kept.
     """
-    key = (plan.signature(), ndim, K, N, dtype, out_dtype, target)  # Targets compare by identity
-    if key not in _knobs_answers:
-        if len(_knobs_answers) > 4096:
-            _knobs_answers.clear()
-        _knobs_answers[key] = _reduce_tile_knobs(plan, ndim, K, N, dtype, out_dtype, target)
-    return _knobs_answers[key]
-
-
-_knobs_answers: dict = {}
-
-
-def _reduce_tile_knobs(plan: PITPlan, ndim, K, N, dtype, out_dtype, target):
     if plan.form != "reduce" or plan.sparse != "a":
         return None
     bm, bk = plan.tile["m"], plan.tile["k"]

@@ -28,7 +28,7 @@ from pit_compiler.schedules.warpgroup_matmul import (
     hopper_target,
 )
 
-from .build import CompilationError, kernel_key
+from .build import CompilationError, kept_per_plan, kernel_key
 
 
 def reduce_access(bm: int, bk: int, K: int) -> Access:
@@ -94,6 +94,7 @@ def warpgroup_kernel(form: str, shape: tuple, K: int, N: int, dtype: str, out_dt
     return cache.main(key, build)
 
 
+@kept_per_plan
 def warpgroup_knobs(plan, ndim: int, K: int, N: int, dtype: str, b_dtype: str, out_dtype: str, target: Target):
     """The warpgroup tile's default knobs where it computes ``plan`` on this call, else None.
 
@@ -102,18 +103,6 @@ def warpgroup_knobs(plan, ndim: int, K: int, N: int, dtype: str, b_dtype: str, o
     (one thread block each) whose chunks of k are multiples of 8 columns, and whole rows
     (row gather). Asked on every call: answers are kept.
     """
-    key = (plan.signature(), ndim, K, N, dtype, b_dtype, out_dtype, target)  # Targets compare by identity
-    if key not in _knobs_answers:
-        if len(_knobs_answers) > 4096:
-            _knobs_answers.clear()
-        _knobs_answers[key] = _warpgroup_knobs(plan, ndim, K, N, dtype, b_dtype, out_dtype, target)
-    return _knobs_answers[key]
-
-
-_knobs_answers: dict = {}
-
-
-def _warpgroup_knobs(plan, ndim, K, N, dtype, b_dtype, out_dtype, target):
     template = WarpgroupMatmul()
     applies = (
         template.is_target_available(target)

@@ -74,6 +74,12 @@ class PITPlan:
 
     def signature(self) -> str:
         """A stable text key of everything that changes the generated kernels."""
+        return self._signature
+
+    @functools.cached_property
+    def _signature(self) -> str:
+        # Kept on the plan: plans are reused (``plan_pit`` keeps them) and several lookups of
+        # every kernel call key on it.
         c = self.contraction
         blocked_tile = self.tile[self.blocked]
         if self.form == "scatter" and not self.accumulate:
