@@ -18,7 +18,7 @@ from pit_compiler.schedules.tensor_core_matmul import TensorCoreMatmul
 from pit_compiler.schedules.warpgroup_matmul import WarpgroupMatmul
 from pit_compiler.ir import Contraction, PITPlan, SparsityAttr, as_contraction, plan_pit
 from pit_compiler.runtime import KernelCache, MicroTileIndex, default_cache_dir
-from pit_compiler.targets import target_for, tensor_core_dtypes
+from pit_compiler.targets import mma_sync_dtypes, target_for
 
 # The logical axes of each operand's rows and columns, whatever its storage order.
 _LOGICAL_ROLES = {"a": ("m", "k"), "b": ("k", "n"), "c": ("m", "n")}
@@ -331,7 +331,7 @@ def tensor_core_kernel(plan: PITPlan, ndim: int, K: int, N: int, dtype: str, b_d
 
 def _reduce_tile_default(plan: PITPlan, ndim, K, N, dtype, b_dtype, out_dtype, target):
     """The reduce tile's default knobs for this call, or None where it does not serve it."""
-    if b_dtype != dtype or dtype not in tensor_core_dtypes():
+    if b_dtype != dtype or dtype not in mma_sync_dtypes():
         return None
     return reduce_tile_knobs(plan, ndim, K, N, dtype, out_dtype, target)
 
@@ -392,7 +392,8 @@ def run_on_warpgroups(plan: PITPlan, A, B, out, index: MicroTileIndex, knobs=Non
     if knobs is None:
         knobs = _database_knobs(plan, A, B, facts, WarpgroupMatmul())
     knobs = fitting_warpgroup_knobs(default, knobs)
-    A, B, C = (_aligned(t) for t in (A, B, out))
+    A, B = _aligned(A), _aligned(B)
+    C = out if _warpgroup_ready(out) else torch.empty_like(out, memory_format=torch.contiguous_format)
     if plan.form == "reduce":
         form, shape = "reduce", (plan.tile["m"], plan.tile["k"])
     else:
@@ -413,12 +414,15 @@ def _database_knobs(plan: PITPlan, A, B, facts, template):
     return tuned_knobs(plan, dtype, target, A, B, template=template)
 
 
+def _warpgroup_ready(t: torch.Tensor) -> bool:
+    """Whether the warpgroup tile can read or write ``t`` in place: contiguous, from a 16-byte
+    aligned address (its copies move 16 bytes at a time)."""
+    return t.is_contiguous() and t.data_ptr() % 16 == 0
+
+
 def _aligned(t: torch.Tensor) -> torch.Tensor:
-    """``t`` as the warpgroup tile reads or writes it: contiguous, from a 16-byte aligned
-    address (else a copy, which the caller copies back for an output)."""
-    if t.is_contiguous() and t.data_ptr() % 16 == 0:
-        return t
-    return torch.empty_like(t, memory_format=torch.contiguous_format).copy_(t)
+    """``t``, or a copy the warpgroup tile can read (:func:`_warpgroup_ready`)."""
+    return t if _warpgroup_ready(t) else torch.empty_like(t, memory_format=torch.contiguous_format).copy_(t)
 
 
 ROW_GATHER_KNOBS = TensorCoreMatmul.Knobs()  # the row-gather tile's only setting
@@ -431,7 +435,7 @@ def _row_gather_fits(plan: PITPlan, ndim, K, N, dtype, b_dtype, out_dtype, targe
         and plan.sparse == "a"
         and ndim == 2
         and dtype == b_dtype == out_dtype
-        and dtype in tensor_core_dtypes()
+        and dtype in mma_sync_dtypes()
         and plan.contraction.order("a") == ("m", "k")
         and plan.contraction.order("b") == ("k", "n")
         and fits_tensor_cores(K, N, dtype, target, ROW_GATHER_KNOBS)

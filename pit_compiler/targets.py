@@ -31,11 +31,11 @@ def target_for(device: torch.device) -> Target:
     return _target(device.type, index)
 
 
-def tensor_core_dtypes() -> tuple[str, ...]:
-    """Input dtypes the tensor-core tiles take at run time: float16.
+def mma_sync_dtypes() -> tuple[str, ...]:
+    """Input dtypes the ``mma.sync`` tensor-core tiles take at run time: float16.
 
-    The bfloat16 tiles build (``schedules.mma_intrinsics``), but TVM 0.27's CUDA codegen writes
-    ``ldmatrix.trans`` of bfloat16 (B's fragments) as an element-wise copy with wrong offsets,
-    which faulted (illegal address) on an H200; bfloat16 runs on the SIMT kernels until that
-    is fixed or worked around."""
+    Their bfloat16 tiles build (``schedules.mma_intrinsics``), but TVM 0.27's CUDA codegen
+    writes ``ldmatrix.trans`` of bfloat16 (B's fragments) as an element-wise copy with wrong
+    offsets, which faulted (illegal address) on an H200. bfloat16 takes Hopper's warpgroup tile
+    where that serves (it reads B by descriptor: no ``ldmatrix``), else the SIMT kernels."""
     return ("float16",)
