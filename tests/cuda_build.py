@@ -10,6 +10,10 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from tvm.target import Target
+
+SM90 = Target({"kind": "cuda", "arch": "sm_90"})  # the H100 and H200: built for here, run there
+
 
 def assert_compiles_for_sm90(source: str, directory: Path, name: str, what: str = "", *, flags=(), arch="sm_90") -> str | None:
     """nvcc's report (its stderr; ``flags`` such as ``-Xptxas -v`` add to it), or None without nvcc."""

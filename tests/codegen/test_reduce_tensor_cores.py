@@ -18,7 +18,7 @@ from pit_compiler.codegen.build import compile_primfunc
 from pit_compiler.codegen.reduce_matmul import build_reduce_tile, fitting_knobs, reduce_tile_knobs, reduce_tile_space
 from pit_compiler.ir import SparsityAttr, plan_pit
 from pit_compiler.schedules.tensor_core_matmul import TensorCoreMatmul
-from cuda_build import assert_compiles_for_sm90
+from cuda_build import SM90, assert_compiles_for_sm90
 from sparse_data import (
     assert_matches_reference,
     check_float32_out_from_mask,
@@ -28,7 +28,6 @@ from sparse_data import (
     poisoned,
 )
 
-SM90 = Target({"kind": "cuda", "arch": "sm_90"})
 SM80 = Target({"kind": "cuda", "arch": "sm_80"})  # mma.sync's own GPUs: Hopper's run the warpgroup tile first
 
 

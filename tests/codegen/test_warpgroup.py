@@ -19,7 +19,7 @@ from pit_compiler.codegen.warpgroup import warpgroup_kernel, warpgroup_knobs, wa
 from pit_compiler.ir import InvalidKnobs, SparsityAttr, plan_pit
 from pit_compiler.runtime import KernelCache
 from pit_compiler.schedules.warpgroup_matmul import WarpgroupMatmul, swizzled
-from cuda_build import assert_compiles_for_sm90
+from cuda_build import SM90, assert_compiles_for_sm90
 from sparse_data import (
     assert_matches_reference,
     check_float32_out_from_mask,
@@ -29,7 +29,6 @@ from sparse_data import (
     poisoned,
 )
 
-SM90 = Target({"kind": "cuda", "arch": "sm_90"})
 Knobs = WarpgroupMatmul.Knobs
 ROWS_64 = Knobs(block_m=64, block_n=128, stages=4, overlap=False)  # a lone warpgroup's default
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 import pytest
 from tvm.target import Target
 
-from cuda_build import assert_compiles_for_sm90
+from cuda_build import SM90, assert_compiles_for_sm90
 from pit_compiler.codegen.build import compile_primfunc
 from pit_compiler.codegen.gather_matmul import build_row_gather_tile, fits_tensor_cores
 from pit_compiler.ir import InvalidKnobs
 from pit_compiler.schedules.tensor_core_matmul import TensorCoreMatmul
 
-SM90 = Target({"kind": "cuda", "arch": "sm_90"})
 TEMPLATE = TensorCoreMatmul()
 
 

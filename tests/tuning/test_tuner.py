@@ -12,6 +12,7 @@ from pit_compiler.schedules import CpuParallel
 from pit_compiler.tuning import TileDatabase, format_report, set_tile_database, tune_matmul, tuned_knobs
 from pit_compiler.tuning import tuner
 from pit_compiler.tuning.database import dense_workload, workload_key
+from cuda_build import SM90
 
 FAST = EvaluatorConfig(number=1, repeat=1, min_repeat_ms=1, enable_cpu_cache_flush=False)
 SHAPE = (64, 64, 64)
@@ -178,9 +179,6 @@ def test_bad_arguments_name_the_argument(kwargs, match):
     options = {"shape": SHAPE, "dtype": "float32", "database": TileDatabase(None), "progress": False, **kwargs}
     with pytest.raises(ValueError, match=match):
         tune_matmul(options.pop("shape"), options.pop("dtype"), **options)
-
-
-SM90 = Target({"kind": "cuda", "arch": "sm_90"})
 
 
 @pytest.mark.parametrize(
