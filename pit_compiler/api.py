@@ -84,8 +84,10 @@ def sparse_matmul(
             micro-tile otherwise.
         dense_fallback: on a GPU, where detection finds more of the operand's micro-tiles
             non-empty than the kernel that would run wins at (``ops.dense_crossover``), compute
-            ``torch.matmul`` instead (exact: the rest are zero). Costs one host read of the
-            count (skipped while a CUDA graph is captured); False avoids it. Not with ``mask``.
+            ``torch.matmul`` instead (exact: the rest are zero). Judged without waiting for the
+            GPU, by the newest count of an earlier call of the same shapes that has reached
+            the host; the first such call reads its own (one sync). Off while a CUDA graph is
+            captured; False skips it. Not with ``mask``.
             Calls that need a gradient or run inside ``torch.compile`` always weigh it.
 
     Differentiable in A and B: the sparse operand's gradient keeps its micro-tiles, and each

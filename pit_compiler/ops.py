@@ -17,7 +17,7 @@ from pit_compiler.codegen.warpgroup import fitting_warpgroup_knobs, warpgroup_ke
 from pit_compiler.schedules.tensor_core_matmul import TensorCoreMatmul
 from pit_compiler.schedules.warpgroup_matmul import WarpgroupMatmul
 from pit_compiler.ir import Contraction, PITPlan, SparsityAttr, as_contraction, plan_pit
-from pit_compiler.runtime import KernelCache, MicroTileIndex, default_cache_dir
+from pit_compiler.runtime import KernelCache, MicroTileIndex, RecentCounts, default_cache_dir
 from pit_compiler.targets import mma_sync_dtypes, target_for
 
 # The logical axes of each operand's rows and columns, whatever its storage order.
@@ -242,7 +242,7 @@ def pit_matmul(
     else:
         index = index_for(plan, {"A": A, "B": B}.get(sparse), mask, tile, grid_shape)
     weigh_dense = dense_fallback and mask is None and falls_back_on(A.device)
-    if weigh_dense and dense_wins(index, dense_crossover(plan, A, B, out)):
+    if weigh_dense and dense_wins(index, dense_crossover(plan, A, B, out), call_signature(plan, A, B)):
         torch.matmul(logical_a, logical_b, out=out)  # exact: the unlisted micro-tiles are zero
         return plan, index
     if not run_on_tensor_cores(plan, A, B, out, index):
@@ -298,16 +298,26 @@ def dense_crossover(plan: PITPlan, A, B, out) -> float:
     return 0.01 if A.dtype == torch.float32 else 0.001
 
 
-def dense_wins(index: MicroTileIndex, crossover: float) -> bool:
+def call_signature(plan: PITPlan, A: torch.Tensor, B: torch.Tensor) -> tuple:
+    """What calls that may share the fallback's decision have in common: kernel, shapes, dtype, device."""
+    return plan.signature(), tuple(A.shape), tuple(B.shape), A.dtype, A.device
+
+
+RECENT_COUNTS = RecentCounts()  # per call signature: the fallback's counts, read without waiting
+
+
+def dense_wins(index: MicroTileIndex, crossover: float, call) -> bool:
     """Whether more than ``crossover`` of the index's micro-tile slots are listed.
 
-    Reads the listed count back to the host: one sync, which ``sparse_matmul(...,
-    dense_fallback=False)`` avoids (e.g. for CUDA graphs).
+    Judged by the newest count of an earlier call with the same ``call`` signature that has
+    reached the host (:mod:`~pit_compiler.runtime.recent_counts`): no wait for the GPU. Only
+    the first call of a signature reads its own count back (one sync). Both answers compute
+    the same product, so a count one call stale costs at most speed.
     """
     if index.indices.numel() == 0:
         return False
     slots = index.indices.shape[-1] * index.counts.numel()
-    return int(index.counts.sum()) > crossover * slots
+    return RECENT_COUNTS.count(call, index.counts) > crossover * slots
 
 
 def tensor_core_path(plan: PITPlan, A, B, out) -> str | None:

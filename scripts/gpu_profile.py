@@ -3,12 +3,15 @@
 Development tool for the lent GPU machine (``python3 -P scripts/gpu_profile.py``): for a few
 spmm cases it prints the median wall time of a synchronized call, the host time to issue one
 call (no sync), and torch.profiler's per-kernel GPU times, so fixed host overhead and slow
-kernels can be told apart. CPU tensors work too (no kernel table).
+kernels can be told apart, then cProfile's top functions of the host time (``--no-python-profile``
+skips them). CPU tensors work too (no kernel table).
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import statistics
 import sys
 import time
@@ -39,6 +42,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=4096)
     parser.add_argument("--cases", default="row:0.9,32x1:0.9,32x1:0.99,32x32:0.9,64x64:0.9")
+    parser.add_argument("--no-python-profile", dest="python_profile", action="store_false")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
@@ -49,13 +53,14 @@ def main() -> None:
         A, _ = sparse_operand(size, size, tile, float(sparsity), dtype, device)
         B = torch.randn(size, size, device=device, dtype=dtype)
         detect, _ = detection(A, B, tile)
-        calls = {"pit": lambda: pit.sparse_matmul(A, B, micro_tile=tile), "detect": detect,
-                 "cublas": lambda: torch.mm(A, B)}
+        calls = {"pit": lambda: pit.sparse_matmul(A, B, micro_tile=tile),
+                 "pit_kernel": lambda: pit.sparse_matmul(A, B, micro_tile=tile, dense_fallback=False),
+                 "detect": detect, "cublas": lambda: torch.mm(A, B)}
         for label, fn in calls.items():
             for _ in range(3):
                 fn()
             wall, issue = median_us(fn, device, True), median_us(fn, device, False)
-            print(f"{name:6s} {sparsity:5s} {label:7s} wall {wall:9.1f} us   host issue {issue:9.1f} us", flush=True)
+            print(f"{name:6s} {sparsity:5s} {label:10s} wall {wall:9.1f} us   host issue {issue:9.1f} us", flush=True)
         if device.type == "cuda":
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,
                                                     torch.profiler.ProfilerActivity.CPU]) as prof:
@@ -63,6 +68,10 @@ def main() -> None:
                     calls["pit"]()
                 torch.cuda.synchronize(device)
             print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+        if args.python_profile:
+            profile = cProfile.Profile()
+            profile.runcall(lambda: [calls["pit"]() for _ in range(100)])
+            pstats.Stats(profile).sort_stats("tottime").print_stats(15)
 
 
 if __name__ == "__main__":

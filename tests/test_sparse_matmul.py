@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import pit_compiler as pit
+from pit_compiler.runtime import RecentCounts
 from sparse_data import assert_matches_reference, dense_operand, expand_mask, micro_tile_sparse, poisoned
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -222,13 +223,29 @@ def _index(counts, chunks):
 def test_dense_wins_above_the_crossover(counts, wins, monkeypatch):
     from pit_compiler import ops
 
-    assert ops.dense_wins(_index(counts, chunks=4), 0.15) is wins  # 8 slots: the crossover lies at 1.2 listed
+    monkeypatch.setattr(ops, "RECENT_COUNTS", RecentCounts())
+    call = ("a call signature",)
+    assert ops.dense_wins(_index(counts, chunks=4), 0.15, call) is wins  # 8 slots: the crossover lies at 1.2 listed
     monkeypatch.setattr(ops, "DENSE_FALLBACK", True)
     capturing = [False]
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
     assert ops.falls_back_on(torch.device("cuda")) and not ops.falls_back_on(torch.device("cpu"))
     capturing[0] = True  # a CUDA graph capture: no host read
     assert not ops.falls_back_on(torch.device("cuda"))
+
+
+def test_the_fallback_decides_by_the_newest_arrived_count_of_its_signature(monkeypatch):
+    """No wait for the GPU: a call weighs the count of the previous call of its signature
+    (on the CPU every copy has arrived at once); only a signature's first call reads its own."""
+    from pit_compiler import ops
+
+    monkeypatch.setattr(ops, "RECENT_COUNTS", RecentCounts())
+    dense, sparse = _index([4, 4], chunks=4), _index([0, 1], chunks=4)
+    assert ops.dense_wins(dense, 0.15, "x")  # first call of "x": its own count
+    assert ops.dense_wins(sparse, 0.15, "x")  # decided by the dense call before it
+    assert not ops.dense_wins(sparse, 0.15, "x")
+    assert not ops.dense_wins(sparse, 0.15, "y") and not ops.dense_wins(dense, 0.15, "y")
+    assert ops.dense_wins(dense, 0.15, "y")
 
 
 @pytest.mark.parametrize(
@@ -264,7 +281,7 @@ def test_dense_fallback_runs_torch_matmul_exactly(sparse, tile, fallback, monkey
     from pit_compiler import ops
 
     monkeypatch.setattr(ops, "falls_back_on", lambda device: True)  # as on a GPU
-    monkeypatch.setattr(ops, "dense_wins", lambda index, crossover: True)
+    monkeypatch.setattr(ops, "dense_wins", lambda index, crossover, call: True)
     ran_pit = []
     original = ops.run_matmul
     monkeypatch.setattr(ops, "run_matmul", lambda *a: ran_pit.append(True) or original(*a))
@@ -290,6 +307,7 @@ def test_dense_fallback_on_the_gpu(density, dense, monkeypatch):
     from pit_compiler import ops
 
     monkeypatch.setattr(ops, "DENSE_FALLBACK", True)
+    monkeypatch.setattr(ops, "RECENT_COUNTS", RecentCounts())  # the first call of its signature: its own count
     ran_pit = []
     original = ops.run_reduce_on_tensor_cores
     monkeypatch.setattr(ops, "run_reduce_on_tensor_cores", lambda *a: ran_pit.append(True) or original(*a))
@@ -307,7 +325,7 @@ def test_dense_fallback_keeps_the_gradient_sparse(monkeypatch):
     from pit_compiler import ops
 
     monkeypatch.setattr(ops, "falls_back_on", lambda device: True)  # as on a GPU
-    monkeypatch.setattr(ops, "dense_wins", lambda index, crossover: True)
+    monkeypatch.setattr(ops, "dense_wins", lambda index, crossover, call: True)
     ran_pit = []
     original = ops.run_matmul
     monkeypatch.setattr(ops, "run_matmul", lambda *a: ran_pit.append(a[0].form) or original(*a))

@@ -1,6 +1,7 @@
-"""Run-time objects: the kernel cache and the micro-tile index (torch and tvm.runtime only)."""
+"""Run-time objects: the kernel cache, the micro-tile index, the counts read without waiting (torch and tvm.runtime only)."""
 
 from .cache import ENV_CACHE_DIR, KernelCache, default_cache_dir
 from .index import MicroTileIndex
+from .recent_counts import RecentCounts
 
-__all__ = ["ENV_CACHE_DIR", "KernelCache", "MicroTileIndex", "default_cache_dir"]
+__all__ = ["ENV_CACHE_DIR", "KernelCache", "MicroTileIndex", "RecentCounts", "default_cache_dir"]

@@ -1,0 +1,94 @@
+"""Listed micro-tile counts read back to the host without waiting for the GPU.
+
+The dense fallback weighs how many micro-tiles detection listed. Reading the count of the
+call at hand stalls the host until the GPU has caught up (the whole queue drains, then the
+GPU idles while Python launches the next kernels: 0.05-0.13 ms per call on an H200 at
+8192^3). Instead each call's per-block counts are copied to pinned host memory behind an
+event (one copy, no reduction kernel: they are summed once they arrive), and a call
+decides from the newest count of an earlier call of the same signature that has already
+arrived. Both branches are exact, so a stale count only ever costs speed; the first call
+of a signature reads its own count.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+
+
+class _Arrived:
+    """Stands in for a CUDA event where the copy is synchronous (CPU tensors)."""
+
+    def record(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
+class RecentCount:
+    """The newest arrived count of one call signature.
+
+    Two pinned slots take turns, so a copy still in flight is never overwritten; where both
+    are in flight (the host runs two calls ahead), a new count is simply not posted.
+    """
+
+    def __init__(self, counts: torch.Tensor):
+        on_gpu = counts.device.type == "cuda"
+        self._slots = [torch.zeros(counts.shape, dtype=counts.dtype, pin_memory=on_gpu) for _ in range(2)]
+        self._arrived = [torch.cuda.Event() if on_gpu else _Arrived() for _ in range(2)]
+        self._in_flight = [False, False]
+        self._posted = [0, 0]  # which post each slot holds: a later one arriving first wins
+        self._turn = 0
+        self._value: int | None = None
+        self._value_post = 0
+
+    def latest(self) -> int | None:
+        """The newest count that has arrived, or None before any has."""
+        for slot in (0, 1):
+            if self._in_flight[slot] and self._arrived[slot].query():
+                self._in_flight[slot] = False
+                if self._posted[slot] > self._value_post:
+                    self._value, self._value_post = int(self._slots[slot].sum()), self._posted[slot]
+        return self._value
+
+    def post(self, counts: torch.Tensor) -> None:
+        """Start copying ``counts`` (integers on the device, shaped as at construction) to the host."""
+        slot = self._turn
+        if self._in_flight[slot] and not self._arrived[slot].query():
+            return
+        self.latest()  # keep whatever that slot held before reusing it
+        self._slots[slot].copy_(counts, non_blocking=True)
+        self._arrived[slot].record()
+        self._in_flight[slot] = True
+        self._posted[slot] = max(self._posted) + 1
+        self._turn = 1 - slot
+
+
+class RecentCounts:
+    """:class:`RecentCount` per call signature, the least recently used dropped past ``capacity``."""
+
+    def __init__(self, capacity: int = 512):
+        self.capacity = capacity
+        self._counts: OrderedDict = OrderedDict()
+
+    def count(self, key, counts: torch.Tensor) -> int:
+        """The listed count to decide this call by: the newest arrived total of an earlier call
+        with ``key``, else the sum of this call's own per-block ``counts`` (read now: one wait).
+        Posts ``counts`` for the calls that follow; calls with one key pass counts of one shape."""
+        recent = self._counts.get(key)
+        if recent is None:
+            recent = self._counts[key] = RecentCount(counts)
+            if len(self._counts) > self.capacity:
+                self._counts.popitem(last=False)
+        else:
+            self._counts.move_to_end(key)
+        value = recent.latest()
+        if value is None:
+            value = int(counts.sum())
+        recent.post(counts)
+        return value
+
+    def clear(self) -> None:
+        self._counts.clear()

@@ -1,0 +1,62 @@
+"""The dense fallback's counts, read back without waiting (pit_compiler.runtime.recent_counts)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pit_compiler.runtime.recent_counts import RecentCount, RecentCounts
+
+
+class _Copy:
+    """A CUDA event stand-in whose copy arrives when the test says so."""
+
+    def __init__(self):
+        self.arrived = False
+
+    def record(self):
+        self.arrived = False
+
+    def query(self):
+        return self.arrived
+
+
+def test_a_recent_count_never_waits_and_never_overwrites_a_copy_in_flight():
+    recent = RecentCount(torch.zeros(2, dtype=torch.int32))
+    copies = recent._arrived = [_Copy(), _Copy()]
+    assert recent.latest() is None
+    recent.post(torch.tensor([2, 3], dtype=torch.int32))
+    assert recent.latest() is None  # in flight: not waited for
+    recent.post(torch.tensor([3, 4], dtype=torch.int32))
+    recent.post(torch.tensor([4, 5], dtype=torch.int32))  # both slots in flight: not posted, 5 is kept
+    copies[1].arrived = True
+    assert recent.latest() == 7
+    copies[0].arrived = True
+    assert recent.latest() == 7  # the older copy arriving later does not replace the newer
+    recent.post(torch.tensor([5, 6], dtype=torch.int32))
+    assert recent.latest() == 7
+    copies[0].arrived = True
+    assert recent.latest() == 11
+
+
+def test_recent_counts_drop_the_least_recently_used_signature():
+    counts = RecentCounts(capacity=2)
+    for key in ("a", "b", "a", "c"):
+        counts.count(key, torch.ones(3, dtype=torch.int32))
+    assert list(counts._counts) == ["a", "c"]
+
+
+@pytest.mark.gpu
+def test_a_count_is_read_without_waiting_for_the_gpu():
+    """With the GPU busy (a long sleep queued), a call whose signature has an arrived count
+    returns without waiting, and the count it posts arrives once the GPU gets there."""
+    counts = RecentCounts()
+    listed, later = (torch.tensor([n, 1], dtype=torch.int32, device="cuda") for n in (2, 6))
+    assert counts.count("call", listed) == 3  # the first call sums its own
+    torch.cuda.synchronize()  # (no kernel is loaded from here on: a first load would wait for the GPU)
+    torch.cuda._sleep(2_000_000_000)  # about a second of GPU time ahead of the copy
+    assert counts.count("call", later) == 3  # the earlier count; 7 is still in flight
+    assert not torch.cuda.current_stream().query(), "the call waited for the GPU"
+    torch.cuda.synchronize()
+    assert counts.count("call", listed) == 7
+    assert all(slot.is_pinned() for slot in counts._counts["call"]._slots)
