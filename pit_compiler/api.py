@@ -148,8 +148,10 @@ def select_micro_tile(
     ``torch.matmul``), ``predicted_ms`` per candidate, ``listed`` micro-tiles per candidate,
     and ``source`` (``"default"`` when nothing was tuned for this shape). ``candidates``
     defaults to every micro-tile tuned for the shape bucket, dtype and target. ``prune``
-    skips detecting candidates that cannot beat the best so far, as ``micro_tile="auto"``
-    does; by default every candidate is detected and predicted, to inspect them all.
+    skips detecting candidates that cannot beat the best so far; by default every candidate
+    is detected and predicted, to inspect them all. Counts are read back at once (one wait
+    for the GPU); ``micro_tile="auto"`` instead decides by earlier calls' counts
+    (:func:`~pit_compiler.tuning.cost_model.select_without_waiting`).
     """
     from pit_compiler.tuning import select_micro_tile as select
 
@@ -158,7 +160,7 @@ def select_micro_tile(
 
 def _sparse_matmul_auto(A, B, sparse, mask, out, form, dense_fallback):
     """``micro_tile="auto"``: ask the selector, then run its micro-tile or dense torch."""
-    from pit_compiler.tuning import select_micro_tile as select
+    from pit_compiler.tuning.cost_model import select_without_waiting
 
     if sparse == "C":
         raise ValueError("micro_tile='auto' picks micro-tiles of A or B; for sparse='C' pass the output's micro_tile")
@@ -176,7 +178,7 @@ def _sparse_matmul_auto(A, B, sparse, mask, out, form, dense_fallback):
         mask = check_mask(mask, tuple(operand.shape), tuple(operand.shape), A.device)
         operand = torch.where(mask != 0, operand, torch.zeros((), dtype=operand.dtype, device=operand.device))
         A, B = (operand, B) if sparse == "A" else (A, operand)
-    choice = select(A, B, sparse, prune=True)
+    choice = select_without_waiting(A, B, sparse)
     if choice.dense:
         if out is None:
             return torch.matmul(A, B)

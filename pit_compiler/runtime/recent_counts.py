@@ -73,21 +73,32 @@ class RecentCounts:
         self.capacity = capacity
         self._counts: OrderedDict = OrderedDict()
 
-    def count(self, key, counts: torch.Tensor) -> int:
-        """The listed count to decide this call by: the newest arrived total of an earlier call
-        with ``key``, else the sum of this call's own per-block ``counts`` (read now: one wait).
-        Posts ``counts`` for the calls that follow; calls with one key pass counts of one shape."""
+    def latest(self, key) -> int | None:
+        """The newest arrived total posted under ``key``, or None before any has arrived."""
+        recent = self._counts.get(key)
+        if recent is None:
+            return None
+        self._counts.move_to_end(key)
+        return recent.latest()
+
+    def post(self, key, counts: torch.Tensor) -> None:
+        """Start copying ``counts`` (integers on the device) to the host under ``key``; calls
+        with one key post counts of one shape."""
         recent = self._counts.get(key)
         if recent is None:
             recent = self._counts[key] = RecentCount(counts)
             if len(self._counts) > self.capacity:
                 self._counts.popitem(last=False)
-        else:
-            self._counts.move_to_end(key)
-        value = recent.latest()
+        recent.post(counts)
+
+    def count(self, key, counts: torch.Tensor) -> int:
+        """The listed count to decide this call by: the newest arrived total of an earlier call
+        with ``key``, else the sum of this call's own per-block ``counts`` (read now: one wait).
+        Posts ``counts`` for the calls that follow."""
+        value = self.latest(key)
         if value is None:
             value = int(counts.sum())
-        recent.post(counts)
+        self.post(key, counts)
         return value
 
     def clear(self) -> None:

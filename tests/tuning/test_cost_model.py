@@ -150,6 +150,48 @@ def test_pruning_detects_only_candidates_that_can_still_win(monkeypatch):
     assert detected == []
 
 
+@pytest.fixture
+def detections(monkeypatch):
+    """The micro-tiles each selection detects; fresh counts of earlier calls."""
+    from pit_compiler.runtime import RecentCounts
+
+    monkeypatch.setattr(cost_model, "_recent", RecentCounts())
+    monkeypatch.setattr(cost_model, "_probe_turn", {})
+    detected = []
+    original = cost_model.count_candidate
+    monkeypatch.setattr(cost_model, "count_candidate", lambda x, tile: detected.append(tuple(tile)) or original(x, tile))
+    return detected
+
+
+def test_auto_decides_by_earlier_counts_and_detects_the_choice_and_one_rival(process_database, detections):
+    """micro_tile="auto" never waits for the GPU: the first call of a shape counts every candidate;
+    later ones predict from earlier calls' counts (on the CPU every copy has arrived at once),
+    detect the choice they run and, in turn, one rival, and so follow a changing pattern one
+    call late, exactly all along."""
+    B = torch.randn(SHAPE[2], SHAPE[1])
+    blocks, pieces = operand((32, 32), 0.9, seed=1), operand((32, 1), 0.95, seed=2)
+    select = cost_model.select_without_waiting
+    first = select(blocks, B)
+    assert first.micro_tile == select_micro_tile(blocks, B).micro_tile == (32, 32)
+    assert sorted(detections[:2]) == [(32, 1), (32, 32)]
+    detections.clear()
+    second = select(pieces, B)  # the blocks' counts still rule
+    assert second.micro_tile == (32, 32) and second.listed == first.listed
+    assert detections == [(32, 32), (32, 1)]  # the choice, then its only rival
+    assert select(pieces, B).micro_tile == (32, 1) == select_micro_tile(pieces, B).micro_tile
+    for A in (blocks, pieces, pieces):  # exact whatever the (late) choice
+        torch.testing.assert_close(pit.sparse_matmul(A, B, micro_tile="auto"), A @ B, rtol=1e-5, atol=1e-4)
+
+
+def test_auto_detects_nothing_where_dense_is_sure_to_win(process_database, detections):
+    A, B = operand((32, 1), 0.5), torch.randn(SHAPE[2], SHAPE[1])
+    cost_model.select_without_waiting(A, B)  # the first call counts every candidate
+    record_dense(process_database, 1e-6)  # a new database version: counted afresh once more
+    assert cost_model.select_without_waiting(A, B).dense
+    detections.clear()
+    assert cost_model.select_without_waiting(A, B).dense and detections == []
+
+
 def test_predictions_scale_within_a_bucket_and_over_a_batch(db):
     A, B = operand((32, 1), 0.9), torch.randn(SHAPE[2], SHAPE[1])
     one = select_micro_tile(A, B, database=db)
