@@ -1,8 +1,7 @@
 """PIT's forms on the Hopper warpgroup tile (:mod:`..schedules.warpgroup_matmul`): where each
 thread block's rows and k positions come from.
 
-- Reduce form (blocks of A, ``bm x bk`` with ``bm`` rows per thread block and ``bk`` a multiple
-  of 8): thread block ``t`` is row block ``t``; its condensed k position ``p`` is column
+- Reduce form (blocks of A, ``bm x bk`` with ``bm`` (32, 64 or 128) rows per thread block): thread block ``t`` is row block ``t``; its condensed k position ``p`` is column
   ``idx[t, p // bk] * bk + p % bk`` of A and that row of B; it runs over its own listed chunks
   only and writes its rows of C in place.
 - Row gather (whole rows or runs of ``rpc`` rows of A): gathered row ``g`` is row
@@ -45,6 +44,7 @@ def reduce_access(bm: int, bk: int, K: int) -> Access:
         steps=lambda ops, t: (ops.Cnt[t] * bk + BLOCK_K - 1) // BLOCK_K,
         row=lambda ops, t, r: (t * bm + r, t * bm + r < ops.M),
         k_source=k_source,
+        k_run=bk,
     )
 
 
@@ -63,6 +63,7 @@ def row_gather_access(rows_per_chunk: int, K: int, block_m: int) -> Access:
         steps=lambda ops, t: tirx.Select(t * block_m < ops.Cnt[0] * rows_per_chunk, (K + BLOCK_K - 1) // BLOCK_K, 0),
         row=row,
         k_source=lambda ops, t, p: (p, p < K),
+        k_run=K,
     )
 
 
@@ -99,9 +100,10 @@ def warpgroup_knobs(plan, ndim: int, K: int, N: int, dtype: str, b_dtype: str, o
     """The warpgroup tile's default knobs where it computes ``plan`` on this call, else None.
 
     It serves a 2-D float16 or bfloat16 A stored (m, k) with B stored (k, n) of the same dtype,
-    K and N multiples of 8 (16-byte rows), on sm_90: the reduce form of blocks of 64 or 128 rows
-    (one thread block each) whose chunks of k are multiples of 8 columns, and whole rows
-    (row gather). Asked on every call: answers are kept.
+    K and N multiples of 8 (16-byte rows), on sm_90: the reduce form of blocks of 32 (the
+    transposed tile), 64 or 128 rows (one thread block each), their chunks of k copied 8
+    columns at a time where they are multiples of 8, else element by element (32x1 pieces);
+    and whole rows (row gather). Asked on every call: answers are kept.
     """
     template = WarpgroupMatmul()
     applies = (
@@ -118,8 +120,8 @@ def warpgroup_knobs(plan, ndim: int, K: int, N: int, dtype: str, b_dtype: str, o
     )
     if not applies:
         return None
-    if plan.form == "reduce" and plan.tile["m"] in (64, 128) and plan.tile["k"] % CHUNK == 0:
-        return template.default(plan.tile["m"])
+    if plan.form == "reduce" and plan.tile["m"] in (32, 64, 128):
+        return template.default(plan.tile["m"], narrow_k=plan.tile["k"] % CHUNK != 0)
     if plan.form == "scatter" and not plan.accumulate:
         return template.default(128)
     return None
@@ -133,4 +135,4 @@ def fitting_warpgroup_knobs(default: WarpgroupMatmul.Knobs, tuned) -> WarpgroupM
 def warpgroup_space(default: WarpgroupMatmul.Knobs) -> list[WarpgroupMatmul.Knobs]:
     """The settings the tuner measures for one plan, ``default`` first: the rows are fixed (one
     row block per thread block), columns, stages and MMA overlap vary."""
-    return list(WarpgroupMatmul().space(default.block_m))
+    return list(WarpgroupMatmul().space(default.block_m, first=default))

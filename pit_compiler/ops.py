@@ -274,13 +274,20 @@ def dense_crossover(plan: PITPlan, A, B, out) -> float:
     "pit_kernel" at 0 % sparsity: whole rows 0.32, 64x64 blocks 0.37, 32x32 0.17, 32x1 0.13;
     4096^3: 1x32 pieces as 16x32 blocks 0.11; the one-thread-per-output kernel 0.0013 in float16).
     Hopper's warpgroup tile (same size, kernel alone on dense input): whole rows 0.79, blocks of
-    128 rows 0.67, of 64 rows 0.44, less detection and, for rows, zeroing the output. The
+    128 rows 0.67, of 64 rows 0.44, of 32 rows 0.25 (transposed tile), less detection and, for
+    rows, zeroing the output; 32-row blocks by the benchmark's lines through 10 and 50 % listed. The
     benchmark's lines through 50 and 100 % (rows) and 10 and 50 % (64x64) listed cross cuBLAS at
     0.71 and 0.44.
     """
     facts = _call_facts(A, B, out)
     if warpgroup_knobs(plan, *facts) is not None:
-        return {"scatter": 0.70, "reduce": 0.60 if plan.tile["m"] == 128 else 0.40}[plan.form]
+        if plan.form == "scatter":
+            return 0.70
+        crossover = {128: 0.60, 64: 0.40, 32: 0.18}[plan.tile["m"]]
+        # Chunks narrower than 8 columns are gathered element by element: the benchmark's 32x1
+        # line crosses cuBLAS at about 7 % listed, its 32x32 line at 18 %; for 64 and 128 rows
+        # the same ratio is assumed (not measured).
+        return round(crossover * 0.4, 2) if plan.tile["k"] % 8 else crossover
     path = tensor_core_kernel(plan, *facts)
     if path == "row_gather":
         return 0.30

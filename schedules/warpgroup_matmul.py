@@ -11,6 +11,8 @@ operations. What PIT needs of it:
   (8 elements) at a time, from wherever an :class:`Access` says they are: listed rows of A,
   listed k chunks of A and the matching rows of B. A copy that is not listed, or lies past an
   edge, is zero-filled, so tails and padding need no other code. (TMA cannot gather rows.)
+  Chunks of k narrower than 8 columns, such as 32x1 pieces, are loaded from A element by
+  element into the same layout, a step ahead, while the current step's MMAs run.
 - **Layouts wgmma reads.** A's tile (``block_m`` rows x 64 positions of k, 128 bytes a row) and
   B's (64 positions x ``block_n`` columns, in panels of 64 columns) are stored with the 128-byte
   swizzle: 16-byte chunk ``c`` of a 128-byte row ``r`` lands at chunk ``c ^ (r % 8)``, so the
@@ -24,14 +26,18 @@ operations. What PIT needs of it:
   :class:`Access` names (a scatter for gathered rows), cast to the output dtype.
 
 Each of ``block_m / 64`` warpgroups (128 threads) owns 64 rows of the tile and issues
-``wgmma.m64n{block_n}k16`` four times per k step. Inputs float16 or bfloat16, float32
-accumulation, output of the input dtype or float32. Built for ``sm_90a``.
+``wgmma.m64n{block_n}k16`` four times per k step. A tile of 32 rows (``block_m=32``: 32-row
+blocks of A, whose k lists differ from block to block) is too short for wgmma's M of 64, so one
+warpgroup computes it transposed, ``C^T = B^T A^T``: each 64-column panel of B, read MN-major,
+is the M side of a ``wgmma.m64n32k16`` and A's 32 rows, read K-major, its N side; the same
+copies fill the same buffers, and the epilogue stages the tile back untransposed. Inputs float16
+or bfloat16, float32 accumulation, output of the input dtype or float32. Built for ``sm_90a``.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterator, NamedTuple
 
 from tvm import tirx
@@ -45,6 +51,7 @@ OUT_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 OUTPUT_DTYPES = tuple(OUT_BYTES)
 WARPGROUP = 128  # threads
 WARPGROUP_ROWS = 64  # the M of every wgmma
+TRANSPOSED_ROWS = 32  # block_m of the transposed tile: the N of its wgmma
 BLOCK_K = 64  # positions of k per step: one 128-byte swizzled row of 16-bit elements
 CHUNK = 8  # elements per 16-byte copy
 MMA_K = 16  # the K of every wgmma
@@ -73,10 +80,11 @@ class Access:
     the operands and the block's row tile ``t`` (its position along the grid's rows).
 
     Rows and k positions are independent: A's element ``(r, p)`` is ``A[row(r), column(p)]``
-    and B's row ``p`` is ``B[column(p)]`` (one function, ``k_source``, answers for both, and
-    is asked for A only at multiples of 8, for positions ``p .. p + 7``, which must lie in one
-    stored run of A). Row ``r`` of the tile is written to row ``row(r)`` of C. Each returns
-    its place and whether it is listed and inside the operand.
+    and B's row ``p`` is ``B[column(p)]`` (one function, ``k_source``, answers for both). Where
+    ``k_run``, the positions that lie in one stored run of A, is a multiple of 8, A is copied 8
+    positions at a time (asked at multiples of 8 only); else element by element. Row ``r`` of
+    the tile is written to row ``row(r)`` of C. Each returns its place and whether it is listed
+    and inside the operand.
     """
 
     name: str
@@ -84,6 +92,7 @@ class Access:
     steps: Callable[[Operands, tirx.PrimExpr], tirx.PrimExpr]  # (ops, t) -> k steps of 64 positions
     row: Callable  # (ops, t, r) -> (row of A and C, listed) for tile row r
     k_source: Callable  # (ops, t, p) -> (column of A and row of B, listed) for position p
+    k_run: int  # consecutive positions stored consecutively in A
 
 
 class WarpgroupMatmul:
@@ -95,7 +104,7 @@ class WarpgroupMatmul:
 
     @dataclass(frozen=True)
     class Knobs:
-        block_m: int = 128  # rows per thread block: 64 per warpgroup
+        block_m: int = 128  # rows per thread block: 64 per warpgroup, or 32 on one (transposed)
         block_n: int = 256  # columns per thread block, in 64-column panels
         stages: int = 4  # shared-memory buffers of the k loop
         # Keep one step's MMAs in flight while the next step's are issued (the copies then
@@ -104,8 +113,8 @@ class WarpgroupMatmul:
 
         def __post_init__(self):
             check(
-                self.block_m in (64, 128, 256),
-                f"block_m must be 64, 128 or 256 (copies split evenly over 1, 2 or 4 warpgroups), got {self.block_m!r}",
+                self.block_m in (TRANSPOSED_ROWS, 64, 128, 256),
+                f"block_m must be 32 (one warpgroup, transposed), 64, 128 or 256 (1, 2 or 4 warpgroups), got {self.block_m!r}",
             )
             check(
                 self.block_n % 64 == 0 and 64 <= self.block_n <= 256,
@@ -117,16 +126,25 @@ class WarpgroupMatmul:
                 f"{self.stages} stages of a {self.block_m}x{self.block_n} tile need {self.shared_bytes} bytes "
                 f"of shared memory, over {MAX_SHARED_BYTES}",
             )
-            # The accumulators (block_n / 2 float32 per thread) plus ~40 registers of addresses.
-            registers = (self.block_n // 2 + 40) * self.threads
+            # The accumulators (float32) plus ~40 registers of addresses per thread.
+            registers = (self.accumulators + 40) * self.threads
             check(
                 registers <= REGISTERS_PER_SM,
                 f"a {self.block_m}x{self.block_n} tile needs ~{registers} registers, over the SM's {REGISTERS_PER_SM}",
             )
 
         @property
+        def transposed(self) -> bool:
+            return self.block_m == TRANSPOSED_ROWS
+
+        @property
         def threads(self) -> int:
-            return self.block_m // WARPGROUP_ROWS * WARPGROUP
+            return max(self.block_m // WARPGROUP_ROWS, 1) * WARPGROUP
+
+        @property
+        def accumulators(self) -> int:
+            """float32 accumulators per thread: a warpgroup's rows x block_n over its 128 threads."""
+            return min(self.block_m, WARPGROUP_ROWS) * self.block_n // WARPGROUP
 
         @property
         def shared_bytes(self) -> int:
@@ -138,21 +156,34 @@ class WarpgroupMatmul:
     def is_target_available(self, target: Target) -> bool:
         return target.kind.name == "cuda" and str(target.attrs.get("arch", "")) in ("sm_90", "sm_90a")
 
-    def default(self, block_m: int) -> Knobs:
+    def default(self, block_m: int, narrow_k: bool = False) -> Knobs:
         """The setting for thread blocks of ``block_m`` rows, as measured on an H200 (8192^3,
         float16, 0 and 90 % sparse): 128 rows run best 256 columns wide, 4 stages, MMAs
         overlapped (0.79 of cuBLAS on dense input); a lone warpgroup (64 rows) best 128 wide,
-        4 stages, not overlapped (0.44: each thread block reloads B for its 64 rows)."""
+        4 stages, not overlapped (0.44: each thread block reloads B for its 64 rows); the
+        transposed 32-row tile 128 wide with 2 stages (0.25, 5 thread blocks per SM).
+
+        ``narrow_k``: chunks of k narrower than 8 columns, gathered from A element by element
+        by every thread block of a row block: 256 columns wide gathers them half as often
+        (32x1 pieces: 1.51 against 2.89 ms at 90 %, 8.6 against 10.1 ms dense).
+        """
+        if block_m == TRANSPOSED_ROWS:  # occupancy is what it lacks: double buffering only
+            return self.Knobs(block_m=block_m, block_n=256 if narrow_k else 128, stages=2, overlap=False)
+        if narrow_k and block_m <= 128:
+            return replace(self.default(block_m), block_n=256)
         if block_m == 64:
             return self.Knobs(block_m=64, block_n=128, stages=4, overlap=False)
         return self.Knobs(block_m=block_m, block_n=256 if block_m <= 128 else 128)
 
-    def space(self, block_m: int) -> Iterator[Knobs]:
-        """Every setting for thread blocks of ``block_m`` rows, the default first."""
-        default = self.default(block_m)
+    def space(self, block_m: int, first: Knobs | None = None) -> Iterator[Knobs]:
+        """Every setting for thread blocks of ``block_m`` rows, ``first`` (default: the default) first."""
+        default = first or self.default(block_m)
         yield default
-        for block_n in (256, 128):
-            for stages in (3, 4, 5, 6):
+        # The transposed tile is short of work per thread block: more of them per SM (fewer
+        # stages, narrower) is what it needs.
+        widths = (256, 128, 64) if block_m == TRANSPOSED_ROWS else (256, 128)
+        for block_n in widths:
+            for stages in (2, 3, 4, 5, 6):
                 for overlap in (True, False):
                     try:
                         knobs = self.Knobs(block_m=block_m, block_n=block_n, stages=stages, overlap=overlap)
@@ -176,8 +207,9 @@ def swizzled(row, chunk):
 
 def _kernel(knobs, K: int, N: int, dtype: str, out_dtype: str, access: Access):
     BM, BN, S = knobs.block_m, knobs.block_n, knobs.stages
-    THREADS = knobs.threads
-    ACC = BN // 2  # float32 accumulators per thread: 64 x BN over a warpgroup's 128 threads
+    THREADS, ACC, TRANSPOSED = knobs.threads, knobs.accumulators, knobs.transposed
+    PANELS = BN // 64  # 64-column panels of B: the M of one transposed wgmma each
+    PANEL_ACC = 16  # a transposed wgmma's accumulators: 64 x 32 over 128 threads
     A_TILE, B_TILE = BM * BLOCK_K, BLOCK_K * BN  # elements per stage
     A_COPIES, B_COPIES = A_TILE // CHUNK // THREADS, B_TILE // CHUNK // THREADS  # per thread and step
     TILES_N = math.ceil(N / BN)
@@ -185,12 +217,26 @@ def _kernel(knobs, K: int, N: int, dtype: str, out_dtype: str, access: Access):
     OUT_VECTOR = 16 // OUT_BYTES[out_dtype]  # elements per 16-byte store of C
     OUT_COPIES = BM * BN // OUT_VECTOR // THREADS
     AHEAD = S - 2 if knobs.overlap else S - 1  # steps whose copies are in flight
+    ELEMENTWISE = access.k_run % CHUNK != 0  # A's 8 positions of a copy lie in different runs
     IN_FLIGHT = 1 if knobs.overlap else 0  # MMA groups left running after each step
-    wgmma = f"wgmma.mma_async.sync.aligned.m64n{BN}k16.f32.{INPUT_DTYPES[dtype]}.{INPUT_DTYPES[dtype]}"
+    shape = "m64n32k16" if TRANSPOSED else f"m64n{BN}k16"
+    wgmma = f"wgmma.mma_async.sync.aligned.{shape}.f32.{INPUT_DTYPES[dtype]}.{INPUT_DTYPES[dtype]}"
     a_sdo = SWIZZLE_ATOM_BYTES // 16  # descriptor strides count 16-byte units
     b_ldo = BLOCK_K * 128 // 16  # B: from one 64-column panel to the next
     zero = T.uint32(0)
     full = T.uint32(16)
+
+    @T.macro(hygienic=False)
+    def load_a(step):
+        """Element by element: this thread's A elements of ``step`` into registers (``a_next``)."""
+        for e in T.unroll(CHUNK):
+            col_e, in_e = T.meta_var(access.k_source(ops, t, step * BLOCK_K + tx % (BLOCK_K // CHUNK) * CHUNK + e))
+            a_cols[e] = T.if_then_else(in_e, col_e, -1)
+        for j in T.unroll(A_COPIES):
+            for e in T.unroll(CHUNK):
+                a_next[j * CHUNK + e] = T.if_then_else(
+                    a_listed[j] and a_cols[e] >= 0, A[a_row[j], T.max(a_cols[e], 0)], T.Cast(dtype, 0)
+                )
 
     @T.prim_func
     def main(a: T.handle, b: T.handle, cnt: T.handle, idx: T.handle, c: T.handle):
@@ -221,6 +267,10 @@ def _kernel(knobs, K: int, N: int, dtype: str, out_dtype: str, access: Access):
             row, listed = T.meta_var(access.row(ops, t, (j * THREADS + tx) // (BLOCK_K // CHUNK)))
             a_listed[j] = listed
             a_row[j] = T.if_then_else(listed, row, 0)
+        a_cols = T.alloc_buffer((CHUNK,), "int32", scope="local")  # A's columns of this thread's copies, -1: none
+        a_next = T.alloc_buffer((A_COPIES * CHUNK,), dtype, scope="local")  # element by element: the next step's A
+        if ELEMENTWISE and steps > 0:
+            load_a(0)
         b_row = T.alloc_buffer((B_COPIES,), "int32", scope="local")
         b_bytes = T.alloc_buffer((B_COPIES,), "uint32", scope="local")
         for s in T.serial(0, steps + AHEAD):
@@ -229,23 +279,33 @@ def _kernel(knobs, K: int, N: int, dtype: str, out_dtype: str, access: Access):
             # so a load between two of them would wait for the one before).
             if s < steps:
                 chunk = T.meta_var(tx % (BLOCK_K // CHUNK))
-                a_col, a_in = T.meta_var(access.k_source(ops, t, s * BLOCK_K + chunk * CHUNK))
-                a_col_listed: T.let[T.int32] = T.if_then_else(a_in, a_col, -1)
+                if not ELEMENTWISE:
+                    a_col, a_in = T.meta_var(access.k_source(ops, t, s * BLOCK_K + chunk * CHUNK))
+                    a_cols[0] = T.if_then_else(a_in, a_col, -1)
                 for j in T.unroll(B_COPIES):
                     chunk_n = T.meta_var((j * THREADS + tx) % (BN // CHUNK))
                     row, listed = T.meta_var(access.k_source(ops, t, s * BLOCK_K + (j * THREADS + tx) // (BN // CHUNK)))
                     inside = T.meta_var(listed and n0 + chunk_n * CHUNK < N)
                     b_row[j] = T.if_then_else(inside, row, 0)
                     b_bytes[j] = T.if_then_else(inside, full, zero)
-                for j in T.unroll(A_COPIES):
-                    r = T.meta_var((j * THREADS + tx) // (BLOCK_K // CHUNK))
-                    copied = T.meta_var(a_listed[j] and a_col_listed >= 0)
-                    T.ptx["cp.async.cg.shared.global"](
-                        smem.ptr_to([s % S * A_TILE + swizzled(r, chunk)]),
-                        A.ptr_to([a_row[j], T.max(a_col_listed, 0)]),
-                        16,
-                        T.if_then_else(copied, full, zero),
-                    )
+                if ELEMENTWISE:  # the registers loaded a step before to shared memory (seen after the
+                    # barrier), then the next step's loads, in flight while this step's MMAs run
+                    for j in T.unroll(A_COPIES):
+                        r = T.meta_var((j * THREADS + tx) // (BLOCK_K // CHUNK))
+                        for e in T.unroll(CHUNK):
+                            smem[s % S * A_TILE + swizzled(r, chunk) + e] = a_next[j * CHUNK + e]
+                    if s + 1 < steps:
+                        load_a(s + 1)
+                else:
+                    for j in T.unroll(A_COPIES):
+                        r = T.meta_var((j * THREADS + tx) // (BLOCK_K // CHUNK))
+                        copied = T.meta_var(a_listed[j] and a_cols[0] >= 0)
+                        T.ptx["cp.async.cg.shared.global"](
+                            smem.ptr_to([s % S * A_TILE + swizzled(r, chunk)]),
+                            A.ptr_to([a_row[j], T.max(a_cols[0], 0)]),
+                            16,
+                            T.if_then_else(copied, full, zero),
+                        )
                 for j in T.unroll(B_COPIES):
                     p = T.meta_var((j * THREADS + tx) // (BN // CHUNK))
                     chunk_n = T.meta_var((j * THREADS + tx) % (BN // CHUNK))
@@ -265,20 +325,28 @@ def _kernel(knobs, K: int, N: int, dtype: str, out_dtype: str, access: Access):
                 T.cuda.cta_sync()
                 T.ptx.wgmma.fence.sync.aligned()
                 for kk in T.unroll(BLOCK_K // MMA_K):
-                    T.cuda.wgmma.encode_matrix_descriptor(
-                        T.address_of(desc_a),
-                        smem.ptr_to([u * A_TILE + group * WARPGROUP_ROWS * BLOCK_K + kk * MMA_K]),
-                        1, a_sdo, SWIZZLE_128B,
-                    )
-                    T.cuda.wgmma.encode_matrix_descriptor(
-                        T.address_of(desc_b),
-                        smem.ptr_to([S * A_TILE + u * B_TILE + kk * MMA_K * 64]),
-                        b_ldo, a_sdo, SWIZZLE_128B,
-                    )
                     # The first MMA of the tile overwrites the accumulators (scale-d 0): zeroing
                     # them before would make ptxas serialize the MMAs.
                     first = T.meta_var(s == AHEAD and kk == 0)
-                    T.ptx[wgmma](*[acc[i] for i in range(ACC)], desc_a, desc_b, T.Not(first), 1, 1, 0, 1)
+                    a_rows = T.meta_var(smem.ptr_to([u * A_TILE + group * WARPGROUP_ROWS * BLOCK_K + kk * MMA_K]))
+                    T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc_a), a_rows, 1, a_sdo, SWIZZLE_128B)
+                    if TRANSPOSED:  # per panel: B^T's 64 columns (MN-major, M side) times A^T (K-major, N side)
+                        for panel in T.unroll(PANELS):
+                            T.cuda.wgmma.encode_matrix_descriptor(
+                                T.address_of(desc_b),
+                                smem.ptr_to([S * A_TILE + u * B_TILE + panel * BLOCK_K * 64 + kk * MMA_K * 64]),
+                                b_ldo, a_sdo, SWIZZLE_128B,
+                            )
+                            T.ptx[wgmma](
+                                *[acc[panel * PANEL_ACC + i] for i in range(PANEL_ACC)], desc_b, desc_a, T.Not(first), 1, 1, 1, 0
+                            )
+                    else:
+                        T.cuda.wgmma.encode_matrix_descriptor(
+                            T.address_of(desc_b),
+                            smem.ptr_to([S * A_TILE + u * B_TILE + kk * MMA_K * 64]),
+                            b_ldo, a_sdo, SWIZZLE_128B,
+                        )
+                        T.ptx[wgmma](*[acc[i] for i in range(ACC)], desc_a, desc_b, T.Not(first), 1, 1, 0, 1)
                 T.ptx.wgmma.commit_group.sync.aligned()
                 T.ptx.wgmma.wait_group.sync.aligned(IN_FLIGHT)
                 T.cuda.cta_sync()  # every warpgroup is done with the buffer the next copies refill
@@ -291,13 +359,20 @@ def _kernel(knobs, K: int, N: int, dtype: str, out_dtype: str, access: Access):
         # against bank conflicts, then 16-byte pieces of whole rows to their rows of C.
         T.cuda.cta_sync()
         staged = T.decl_buffer((BM * STAGE_PITCH,), out_dtype, data=smem.data, scope="shared.dyn")
+        # In wgmma's layout, register i * 4 + half * 2 + e of lane l holds row
+        # (l // 32) * 16 + l % 32 // 4 + half * 8 and column i * 8 + l % 4 * 2 + e of its 64-row
+        # result: a row of C, or, transposed, a column of C in one 64-column panel.
         for i in T.unroll(ACC // 4):
             lane = T.meta_var(tx % WARPGROUP)
             r = T.meta_var(group * WARPGROUP_ROWS + lane // 32 * 16 + lane % 32 // 4)
-            col = T.meta_var(i * 8 + lane % 4 * 2)
             for half in T.unroll(2):
                 for e in T.unroll(2):
-                    staged[(r + half * 8) * STAGE_PITCH + col + e] = T.Cast(out_dtype, acc[i * 4 + half * 2 + e])
+                    value = T.meta_var(T.Cast(out_dtype, acc[i * 4 + half * 2 + e]))
+                    if TRANSPOSED:  # panel i // 4: C's row i % 4 * 8 + ..., its column panel * 64 + r + ...
+                        row_of_c = T.meta_var(i % 4 * 8 + lane % 4 * 2 + e)
+                        staged[row_of_c * STAGE_PITCH + i // 4 * 64 + r + half * 8] = value
+                    else:
+                        staged[(r + half * 8) * STAGE_PITCH + i * 8 + lane % 4 * 2 + e] = value
         T.cuda.cta_sync()
         for j in T.unroll(OUT_COPIES):
             r = T.meta_var((j * THREADS + tx) // (BN // OUT_VECTOR))

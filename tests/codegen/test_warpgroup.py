@@ -31,6 +31,8 @@ from sparse_data import (
 
 Knobs = WarpgroupMatmul.Knobs
 ROWS_64 = Knobs(block_m=64, block_n=128, stages=4, overlap=False)  # a lone warpgroup's default
+ROWS_32 = Knobs(block_m=32, block_n=128, stages=2, overlap=False)  # the transposed tile's
+NARROW_32 = Knobs(block_m=32, block_n=256, stages=2, overlap=False)  # its default for chunks narrower than 8
 
 
 def plan_for(tile, M=512, K=256, N=384, sparse="A", form=None, a_transposed=False):
@@ -41,7 +43,7 @@ def plan_for(tile, M=512, K=256, N=384, sparse="A", form=None, a_transposed=Fals
 
 @pytest.mark.parametrize(
     "knobs, problem",
-    [(dict(block_m=96), "block_m"), (dict(block_m=192), "block_m"), (dict(block_n=320), "block_n"), (dict(block_n=100), "block_n"),
+    [(dict(block_m=96), "block_m"), (dict(block_m=192), "block_m"), (dict(block_m=16), "block_m"), (dict(block_n=320), "block_n"), (dict(block_n=100), "block_n"),
      (dict(stages=2), "stages"), (dict(stages=1, overlap=False), "stages"),
      (dict(stages=6), "shared memory"), (dict(block_m=256, block_n=192, stages=3), "registers")],
     ids=str,
@@ -51,10 +53,10 @@ def test_knobs_refuse_what_cannot_launch(knobs, problem):
         Knobs(**knobs)
 
 
-@pytest.mark.parametrize("block_m", [64, 128])
+@pytest.mark.parametrize("block_m", [32, 64, 128])
 def test_space_starts_at_the_default_and_keeps_the_rows(block_m):
     space = list(WarpgroupMatmul().space(block_m))
-    assert space[0] == WarpgroupMatmul().default(block_m) == (ROWS_64 if block_m == 64 else Knobs())
+    assert space[0] == WarpgroupMatmul().default(block_m) == {32: ROWS_32, 64: ROWS_64, 128: Knobs()}[block_m]
     assert len(set(space)) == len(space) > 8
     assert {k.block_m for k in space} == {block_m}
     assert warpgroup_space(space[0]) == space
@@ -74,13 +76,14 @@ def test_swizzle_spreads_each_chunk_column_over_eight_rows():
     "tile, kw, expected",
     [((64, 64), {}, ROWS_64), ((128, 8), {}, Knobs(block_m=128)), ((64, 16), dict(dtype="bfloat16"), ROWS_64),
      ((64, 64), dict(out="float32"), ROWS_64), ((1, None), {}, Knobs()), ((4, None), dict(dtype="bfloat16"), Knobs()),
-     ((32, 32), {}, None), ((64, 4), {}, None), ((64, 64), dict(K=100), None), ((1, None), dict(N=100), None),
+     ((32, 32), {}, ROWS_32), ((32, 8), dict(dtype="bfloat16"), ROWS_32), ((32, 1), {}, NARROW_32), ((16, 32), {}, None),
+     ((64, 4), {}, Knobs(block_m=64, block_n=256, stages=4, overlap=False)), ((64, 64), dict(K=100), None), ((1, None), dict(N=100), None),
      ((64, 64), dict(dtype="float32"), None), ((64, 64), dict(b_dtype="bfloat16"), None), ((64, 64), dict(ndim=3), None),
      ((64, 64), dict(target=Target({"kind": "cuda", "arch": "sm_80"})), None), ((64, 64), dict(target=Target("llvm")), None),
      ((64, 64), dict(a_transposed=True), None), ((1, 32), dict(sparse="B"), None), ((32, 1), dict(form="scatter"), None)],
     ids=str,
 )
-def test_serves_blocks_of_64_or_128_rows_and_whole_rows(tile, kw, expected):
+def test_serves_blocks_of_32_64_or_128_rows_and_whole_rows(tile, kw, expected):
     K, N = kw.get("K", 256), kw.get("N", 384)
     dtype = kw.get("dtype", "float16")
     plan = plan_for(tile, K=K, N=N, sparse=kw.get("sparse", "A"), form=kw.get("form"), a_transposed=kw.get("a_transposed", False))
@@ -95,6 +98,10 @@ def test_serves_blocks_of_64_or_128_rows_and_whole_rows(tile, kw, expected):
     "form, shape, dtype, out, knobs",
     [("reduce", (64, 64), "float16", "float16", Knobs(block_m=64)),
      ("reduce", (128, 8), "bfloat16", "float32", Knobs(block_m=128, block_n=128, stages=5, overlap=False)),
+     ("reduce", (32, 32), "float16", "float16", ROWS_32),
+     ("reduce", (32, 8), "bfloat16", "float32", Knobs(block_m=32, block_n=256, stages=3)),
+     ("reduce", (32, 1), "float16", "float16", NARROW_32),
+     ("reduce", (64, 4), "bfloat16", "bfloat16", Knobs(block_m=64, block_n=256, stages=3)),
      ("row_gather", (1,), "float16", "float16", Knobs()),
      ("row_gather", (4,), "bfloat16", "bfloat16", Knobs(block_m=64, block_n=128, stages=3))],
     ids=str,
@@ -107,8 +114,9 @@ def test_builds_warpgroup_mma_for_sm90a(form, shape, dtype, out, knobs, tmp_path
     source = tvm.compile(tvm.IRModule({"main": func}), target=Target({"kind": "cuda", "arch": "sm_90a"}),
                          tir_pipeline="tirx").mod.imports[0].inspect_source()
     wgmma = {"float16": "f32.f16.f16", "bfloat16": "f32.bf16.bf16"}[dtype]
-    assert f"wgmma.mma_async.sync.aligned.m64n{knobs.block_n}k16.{wgmma}" in source
-    assert "cp.async.cg.shared.global" in source
+    n = 32 if knobs.transposed else knobs.block_n  # the transposed tile's N is A's 32 rows
+    assert f"wgmma.mma_async.sync.aligned.m64n{n}k16.{wgmma}" in source
+    assert "cp.async.cg.shared.global" in source  # B's rows, and A's where its chunks are 8 wide
     report = assert_compiles_for_sm90(source, tmp_path, "warpgroup", form, flags=("-Xptxas", "-v"), arch="sm_90a")
     if report is not None:
         assert "0 bytes spill stores" in report, report
@@ -138,7 +146,9 @@ def on_warpgroups(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("tile", [(64, 64), (128, 8), (64, 24), (1, None), (4, None)], ids=str)
+@pytest.mark.parametrize(
+    "tile", [(64, 64), (128, 8), (64, 24), (32, 32), (32, 8), (32, 1), (64, 4), (1, None), (4, None)], ids=str
+)
 @pytest.mark.parametrize("density", [1.0, 0.5, 0.1, 0.0])
 @pytest.mark.parametrize("M,K,N", [(1000, 520, 776), (256, 512, 384), (70, 64, 40)], ids=str)
 def test_sparse_A_on_warpgroups(tile, density, M, K, N, dtype, on_warpgroups):
@@ -147,7 +157,7 @@ def test_sparse_A_on_warpgroups(tile, density, M, K, N, dtype, on_warpgroups):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("tile", [(64, 64), (128, 16)], ids=str)
+@pytest.mark.parametrize("tile", [(64, 64), (128, 16), (32, 16)], ids=str)
 def test_float32_output_and_grid_mask(tile, on_warpgroups):
     """float32 out, the index built from a micro-tile mask that lists less than A holds."""
     check_float32_out_from_mask(tile, (330, 256, 264), 0.4, "cuda", halve=True)
@@ -155,7 +165,9 @@ def test_float32_output_and_grid_mask(tile, on_warpgroups):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("block_m, tile", [(64, (64, 32)), (128, (128, 8)), (128, (1, None)), (64, (2, None))], ids=str)
+@pytest.mark.parametrize(
+    "block_m, tile", [(32, (32, 32)), (32, (32, 1)), (64, (64, 32)), (128, (128, 8)), (128, (1, None)), (64, (2, None))], ids=str
+)
 def test_every_setting_the_tuner_tries_is_correct(block_m, tile, on_warpgroups):
     M, K, N = 300, 392, 520
     A, _ = micro_tile_sparse((M, K), tile, 0.5, torch.float16, "cuda", seed=11)
@@ -227,7 +239,7 @@ def evaluate_access(access, block_m: int, index, M: int, positions: int):
 @pytest.mark.parametrize(
     "form, tile, M, K, N, density",
     [("reduce", (64, 64), 300, 520, 40, 0.4), ("reduce", (128, 8), 257, 96, 24, 0.3), ("reduce", (64, 24), 130, 200, 16, 1.0),
-     ("reduce", (64, 64), 100, 128, 8, 0.0), ("row_gather", (1, None), 200, 136, 24, 0.3), ("row_gather", (4, None), 130, 64, 8, 0.5),
+     ("reduce", (64, 64), 100, 128, 8, 0.0), ("reduce", (32, 32), 130, 200, 16, 0.5), ("reduce", (32, 1), 70, 90, 8, 0.3), ("row_gather", (1, None), 200, 136, 24, 0.3), ("row_gather", (4, None), 130, 64, 8, 0.5),
      ("row_gather", (1, None), 70, 72, 8, 0.0)],
     ids=str,
 )
