@@ -7,9 +7,10 @@
 #   bash scripts/gpu-check.sh sweep      # scripts/gpu_tile_sweep.py: the reduce tile's knobs at 8192^3
 #   bash scripts/gpu-check.sh warpgroup  # the gpu tests of the Hopper warpgroup tile and of the paths beside it
 #   bash scripts/gpu-check.sh hopper     # the warpgroup tile's gpu tests, then spmm at 8192^3 for the cases it changed
+#   bash scripts/gpu-check.sh tables     # the fallback's and the 32-row tile's gpu tests, then spmm for the README tables
 # Logs and results are copied under $OUT when the device tool provides it.
 set -uo pipefail
-stage=${1:?usage: scripts/gpu-check.sh tests|kernels|spmm|tuning|sweep|warpgroup|hopper}
+stage=${1:?usage: scripts/gpu-check.sh tests|kernels|spmm|tuning|sweep|warpgroup|hopper|tables}
 if ls .whl/*.whl > /dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
@@ -37,6 +38,14 @@ case "$stage" in
     timeout 200 python3 -P -m pytest -q -p no:cacheprovider -m gpu tests/codegen/test_warpgroup.py 2>&1 | tee "$out/gpu-hopper.log" | tail -8
     timeout 330 python3 -P benchmarks/spmm.py --sizes 8192 --dtypes float16,bfloat16 --micro-tiles row,32x1,32x32,64x64 \
       --sparsities 0,0.5,0.9,0.99 --merge 2>&1 | tee "$out/spmm.log" | grep -E " (pit|pit_kernel|cublas|triton_bsr|torch_rowgather|pit_detect) " ;;
+  tables)  # each spmm run writes its records (merged) before the next starts
+    timeout 60 python3 -P -m pytest -q -p no:cacheprovider -m gpu tests/runtime/test_recent_counts.py tests/test_sparse_matmul.py \
+      -k "fallback or wait" 2>&1 | tee "$out/gpu-tables.log" | tail -3
+    cases=(--micro-tiles row,32x1,32x32,64x64 --sparsities 0,0.5,0.9,0.99 --merge)
+    timeout 150 python3 -P benchmarks/spmm.py --sizes 8192 --dtypes float16 "${cases[@]}" 2>&1 | tee "$out/spmm.log" | grep -c checked=True
+    timeout 150 python3 -P benchmarks/spmm.py --sizes 8192 --dtypes bfloat16 "${cases[@]}" 2>&1 | tee -a "$out/spmm.log" | grep -c checked=True
+    timeout 80 python3 -P benchmarks/spmm.py --sizes 4096 --dtypes float16 "${cases[@]}" 2>&1 | tee -a "$out/spmm.log" | grep -c checked=True
+    grep -E "checked=False|Error" "$out/spmm.log" | head ;;
   sweep)
     timeout 540 python3 -P scripts/gpu_tile_sweep.py --json "$out/sweep.json" 2>&1 | tee "$out/sweep.log" | tail -80 ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
