@@ -361,8 +361,9 @@ def _call_facts(A, B, out) -> tuple:
 
 def tensor_core_cover(plan: PITPlan, A, B, out) -> PITPlan:
     """``plan``, or where its micro-tile of A has no tensor-core kernel here, the plan of the
-    shortest micro-tile the reduce tile serves that stacks whole ones of it (1x32 row pieces
-    run as 16x32 blocks).
+    shortest micro-tile a tensor-core tile serves that stacks whole ones of it (1x32 row pieces
+    run as 16x32 blocks on ``mma.sync``; in bfloat16, which that tile does not take, as 32x32
+    blocks on Hopper's warpgroup tile).
 
     Exact only for an index detected from A itself: a listed block then carries the zeros
     around A's pieces into the product. It lists more of A than the pieces do (at 90 % of
@@ -375,11 +376,11 @@ def tensor_core_cover(plan: PITPlan, A, B, out) -> PITPlan:
         return plan
     rows, cols = plan.tile["m"], plan.tile["k"]
     sizes = {"m": A.shape[-2], "k": A.shape[-1], "n": B.shape[-1]}
-    height = next((h for h in ROW_BLOCKS if h % rows == 0 and h > rows), None)
-    if height is None:
-        return plan
-    cover = plan_pit(plan.contraction, SparsityAttr("A", (height, cols)), sizes, "reduce")
-    return cover if tensor_core_kernel(cover, *facts) == "reduce" else plan
+    for height in (h for h in ROW_BLOCKS if h % rows == 0 and h > rows):
+        cover = plan_pit(plan.contraction, SparsityAttr("A", (height, cols)), sizes, "reduce")
+        if tensor_core_kernel(cover, *facts) == "reduce":
+            return cover
+    return plan
 
 
 def run_on_tensor_cores(plan: PITPlan, A, B, out, index: MicroTileIndex, knobs=None) -> bool:

@@ -197,6 +197,7 @@ def test_tensor_core_path_names_the_kernel_that_runs(tile, dtype, N, path, monke
 @pytest.mark.parametrize(
     "tile, dtype, cover",
     [((1, 32), torch.float16, (16, 32)), ((1, 64), torch.float16, (16, 64)), ((8, 8), torch.float16, (16, 8)),
+     ((1, 32), torch.bfloat16, (32, 32)), ((8, 16), torch.bfloat16, (32, 16)), ((1, 4), torch.bfloat16, (32, 4)),
      ((32, 1), torch.float16, None), ((1, 32), torch.float32, None), ((3, 5), torch.float16, None),
      ((1, None), torch.float16, None)],
     ids=str,
