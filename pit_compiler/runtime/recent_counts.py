@@ -12,6 +12,7 @@ of a signature reads its own count.
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 
 import torch
@@ -67,29 +68,33 @@ class RecentCount:
 
 
 class RecentCounts:
-    """:class:`RecentCount` per call signature, the least recently used dropped past ``capacity``."""
+    """:class:`RecentCount` per call signature, the least recently used dropped past ``capacity``.
+    Safe to share between threads (one lock: each call holds it a few microseconds)."""
 
     def __init__(self, capacity: int = 512):
         self.capacity = capacity
         self._counts: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
 
     def latest(self, key) -> int | None:
         """The newest arrived total posted under ``key``, or None before any has arrived."""
-        recent = self._counts.get(key)
-        if recent is None:
-            return None
-        self._counts.move_to_end(key)
-        return recent.latest()
+        with self._lock:
+            recent = self._counts.get(key)
+            if recent is None:
+                return None
+            self._counts.move_to_end(key)
+            return recent.latest()
 
     def post(self, key, counts: torch.Tensor) -> None:
         """Start copying ``counts`` (integers on the device) to the host under ``key``; calls
         with one key post counts of one shape."""
-        recent = self._counts.get(key)
-        if recent is None:
-            recent = self._counts[key] = RecentCount(counts)
-            if len(self._counts) > self.capacity:
-                self._counts.popitem(last=False)
-        recent.post(counts)
+        with self._lock:
+            recent = self._counts.get(key)
+            if recent is None:
+                recent = self._counts[key] = RecentCount(counts)
+                if len(self._counts) > self.capacity:
+                    self._counts.popitem(last=False)
+            recent.post(counts)
 
     def count(self, key, counts: torch.Tensor) -> int:
         """The listed count to decide this call by: the newest arrived total of an earlier call
@@ -102,4 +107,5 @@ class RecentCounts:
         return value
 
     def clear(self) -> None:
-        self._counts.clear()
+        with self._lock:
+            self._counts.clear()

@@ -60,3 +60,18 @@ def test_a_count_is_read_without_waiting_for_the_gpu():
     torch.cuda.synchronize()
     assert counts.count("call", listed) == 7
     assert all(slot.is_pinned() for slot in counts._counts["call"]._slots)
+
+
+def test_recent_counts_can_be_shared_by_threads():
+    """Many threads posting and reading under a few keys, with eviction: no lost key, no error."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    counts = RecentCounts(capacity=3)
+
+    def calls(worker):
+        return [counts.count(f"k{(worker + i) % 5}", torch.full((2,), i, dtype=torch.int32)) for i in range(300)]
+
+    with ThreadPoolExecutor(8) as pool:
+        results = [value for values in pool.map(calls, range(8)) for value in values]
+    assert len(results) == 2400 and all(0 <= value <= 2 * 299 for value in results)
+    assert len(counts._counts) == 3
