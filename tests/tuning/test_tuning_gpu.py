@@ -51,22 +51,23 @@ def test_auto_runs_the_selected_kernel_with_tuned_knobs_correctly(tuned_db, tile
 
 
 def test_cuda_tuning_of_the_tensor_core_reduce_tile(tmp_path):
-    """32x1 float16 with N a multiple of 64 runs on the reduce tile: its knob settings are what
-    gets measured, each checked against torch, and run time then uses the best one correctly."""
+    """16x8 float16 blocks (too short for Hopper's warpgroup tile) with N a multiple of 64 run on
+    the mma.sync reduce tile: its knob settings are what gets measured, each checked against
+    torch, and run time then uses the best one correctly."""
     db = TileDatabase(tmp_path / "tiles.json")
     shape = (320, 256, 512)  # M, N, K
-    report = tune_matmul(shape, "float16", [(32, 1)], [0.5, 0.9], target="cuda", trials=48, database=db,
+    report = tune_matmul(shape, "float16", [(16, 8)], [0.5, 0.9], target="cuda", trials=48, database=db,
                          evaluator=FAST, progress=False)
     (kernel,) = report.kernels
     assert kernel.failed == 0 and kernel.measured > 2, kernel
     assert {"block_n", "fragments_n", "block_k"} <= set(kernel.best_knobs), kernel.best_knobs
     M, N, K = shape
-    A, _ = micro_tile_sparse((M, K), (32, 1), 0.2, torch.float16, "cuda", seed=3)
+    A, _ = micro_tile_sparse((M, K), (16, 8), 0.2, torch.float16, "cuda", seed=3)
     B = torch.randn(K, N, dtype=torch.float16, device="cuda")
     set_tile_database(db)
     try:
         out = torch.full((M, N), float("nan"), dtype=torch.float16, device="cuda")
-        pit.sparse_matmul(A, B, micro_tile=(32, 1), out=out)
+        pit.sparse_matmul(A, B, micro_tile=(16, 8), out=out)
     finally:
         set_tile_database(None)
     torch.testing.assert_close(out.float(), A.float() @ B.float(), atol=2e-2, rtol=2e-2)
