@@ -285,52 +285,67 @@ def _candidate_models(db: TileDatabase, sparse: str, shape, dtype: str, target, 
 
 
 @dataclass(frozen=True)
-class _Call:
-    """What selection weighs for one call: the tuned candidates and the dense fallback's entry."""
+class _Weighed:
+    """What selection weighs for calls of one shape: the tuned candidates, the dense time."""
 
-    operand: torch.Tensor
     shape: tuple  # (M, N, K)
     batch: int
     models: dict  # label -> (micro_tile as given, concrete tile, KernelModel)
-    dense_entry: dict | None
+    dense_ms: float | None
+    bounds: dict  # label -> least possible time: its detection and its line at nothing listed
     key: tuple  # what calls that share counts have in common
 
-    def dense_ms(self) -> float | None:
-        return dense_ms(self.dense_entry, self.shape, self.batch)
 
-    def bounds(self) -> dict:
-        """Each candidate's least possible time: its detection and its line at nothing listed."""
-        return {label: model.predict(0, self.shape, self.batch) for label, (_, _, model) in self.models.items()}
+@dataclass(frozen=True)
+class _Call:
+    """One call's operand and what is weighed for its shape."""
+
+    operand: torch.Tensor
+    weighed: _Weighed
 
     def predict(self, label: str, listed: int) -> float:
-        return self.models[label][2].predict(listed, self.shape, self.batch)
+        return self.weighed.models[label][2].predict(listed, self.weighed.shape, self.weighed.batch)
 
     def count(self, label: str) -> CandidateCount:
-        return count_candidate(self.operand, self.models[label][1])
+        return count_candidate(self.operand, self.weighed.models[label][1])
 
     def selection(self, choice: str, predicted: dict, listed: dict, found: dict) -> Selection:
         if choice == "dense":
             return Selection(None, predicted, listed, "database")
-        return Selection(self.models[choice][0], predicted, listed, "database", found[choice])  # as given: (1, None) stays
+        return Selection(self.weighed.models[choice][0], predicted, listed, "database", found[choice])  # as given: (1, None) stays
+
+
+_weighed_cache: dict = {}
 
 
 def _weigh(A, B, sparse, candidates, database) -> _Call | Selection:
-    """The candidates of this call, or the default :class:`Selection` where none is tuned."""
+    """The candidates of this call, or the default :class:`Selection` where none is tuned.
+    Kept per shape, layout and version of the database: ``micro_tile="auto"`` asks on every call."""
     check_matmul_operands(A, B)
     if sparse not in ("A", "B"):
         raise ValueError(f"sparse must be 'A' or 'B' to select a micro-tile, got {sparse!r}")
     db = database if database is not None else tile_database()
     operand = A if sparse == "A" else B
+    layout = (is_transposed_view(A), is_transposed_view(B))
+    candidates = None if candidates is None else tuple(tuple(c) for c in candidates)
+    cache_key = (db.serial, db.token(), sparse, tuple(A.shape), tuple(B.shape), A.dtype, str(A.device), layout, candidates)
+    weighed = _weighed_cache.get(cache_key)
+    if weighed is None:
+        if len(_weighed_cache) > 4096:  # answers for old versions are never read again
+            _weighed_cache.clear()
+        weighed = _weighed_cache[cache_key] = _weigh_shape(db, A, B, sparse, layout, candidates, cache_key)
+    return weighed if isinstance(weighed, Selection) else _Call(operand, weighed)
+
+
+def _weigh_shape(db, A, B, sparse, layout, candidates, key) -> _Weighed | Selection:
     M, K, N = A.shape[-2], A.shape[-1], B.shape[-1]
     shape, batch = (M, N, K), (A.shape[0] if A.dim() == 3 else 1)
     target, dtype = target_for(A.device), tvm_dtype(A.dtype, "A")
-    layout = (is_transposed_view(A), is_transposed_view(B))
-    candidates = None if candidates is None else tuple(tuple(c) for c in candidates)
     models, dense_entry = _candidate_models(db, sparse, shape, dtype, target, layout, candidates)
     if not models:
-        key = (str(db.path), sparse, shape_bucket(shape), dtype, str(target))
-        if key not in _defaulted:
-            _defaulted.add(key)
+        logged = (str(db.path), sparse, shape_bucket(shape), dtype, str(target))
+        if logged not in _defaulted:
+            _defaulted.add(logged)
             log.debug(
                 "no tuned PIT kernels for sparse %s, %s %s on %s in %s; micro_tile='auto' uses %s. "
                 "Tune with: pit-tune matmul --shape %dx%dx%d --dtype %s --sparse %s",
@@ -338,8 +353,8 @@ def _weigh(A, B, sparse, candidates, database) -> _Call | Selection:
                 M, N, K, dtype, sparse,
             )  # fmt: skip
         return Selection(DEFAULT_MICRO_TILE, {}, {}, "default")
-    key = (db.serial, db.token(), sparse, shape, batch, dtype, str(target), layout, candidates, str(operand.device))
-    return _Call(operand, shape, batch, models, dense_entry, key)
+    bounds = {label: model.predict(0, shape, batch) for label, (_, _, model) in models.items()}
+    return _Weighed(shape, batch, models, dense_ms(dense_entry, shape, batch), bounds, key)
 
 
 def select_micro_tile(
@@ -380,17 +395,17 @@ def _select_now(call: _Call, dense: bool, prune: bool) -> tuple[Selection, dict]
     """:func:`select_micro_tile` on this call's own counts; also returns what it detected."""
     # Step 1. The dense fallback's measured time, and each candidate's lower bound (nothing listed).
     predicted, listed, found = {}, {}, {}
-    dense_time = call.dense_ms() if dense else None
+    dense_time = call.weighed.dense_ms if dense else None
     if dense_time is not None:
         predicted["dense"] = dense_time
-    bounds = call.bounds()
+    bounds = call.weighed.bounds
     # Step 2. Count each candidate's listed micro-tiles (detection, NaN != 0 counts), most
     # promising first, and predict its time.
     if not prune:  # one host read for all candidates
-        found = {label: call.count(label) for label in call.models}
+        found = {label: call.count(label) for label in call.weighed.models}
         counts = torch.stack([count.listed for count in found.values()]).tolist()
         listed = dict(zip(found, (int(c) for c in counts)))
-    for label in sorted(call.models, key=bounds.get):
+    for label in sorted(call.weighed.models, key=bounds.get):
         if prune:
             if predicted and bounds[label] >= min(predicted.values()):
                 break  # the rest are bounded higher still
@@ -419,27 +434,26 @@ def select_without_waiting(A: torch.Tensor, B: torch.Tensor, sparse: str = "A") 
     call = _weigh(A, B, sparse, None, None)
     if isinstance(call, Selection):
         return call
-    earlier = {label: _recent.latest((call.key, label)) for label in call.models}
+    weighed = call.weighed
+    earlier = {label: _recent.latest((weighed.key, label)) for label in weighed.models}
     if None in earlier.values():
         selection, found = _select_now(call, dense=True, prune=False)
     else:
         predicted = {label: call.predict(label, listed) for label, listed in earlier.items()}
-        dense_time = call.dense_ms()
-        if dense_time is not None:
-            predicted["dense"] = dense_time
+        if weighed.dense_ms is not None:
+            predicted["dense"] = weighed.dense_ms
         choice = min(predicted, key=predicted.get)
-        bounds = call.bounds()
-        rivals = [label for label in sorted(call.models) if label != choice and bounds[label] < predicted[choice]]
+        rivals = [label for label in sorted(weighed.models) if label != choice and weighed.bounds[label] < predicted[choice]]
         detect = [] if choice == "dense" else [choice]
         if rivals:
             if len(_probe_turn) > 4096:
                 _probe_turn.clear()
-            turn = _probe_turn[call.key] = _probe_turn.get(call.key, -1) + 1
+            turn = _probe_turn[weighed.key] = _probe_turn.get(weighed.key, -1) + 1
             detect.append(rivals[turn % len(rivals)])
         found = {label: call.count(label) for label in detect}
         selection = call.selection(choice, predicted, earlier, found)
     for label, count in found.items():
-        _recent.post((call.key, label), count.index.counts)
+        _recent.post((weighed.key, label), count.index.counts)
     return selection
 
 
