@@ -1,7 +1,8 @@
 """PIT's forms on the Hopper warpgroup tile (:mod:`..schedules.warpgroup_matmul`): where each
 thread block's rows and k positions come from.
 
-- Reduce form (blocks of A, ``bm x bk`` with ``bm`` (32, 64 or 128) rows per thread block): thread block ``t`` is row block ``t``; its condensed k position ``p`` is column
+- Reduce form (blocks of A, ``bm x bk`` with ``bm`` (32, 64 or 128) rows per thread block):
+  thread block ``t`` is row block ``t``; its condensed k position ``p`` is column
   ``idx[t, p // bk] * bk + p % bk`` of A and that row of B; it runs over its own listed chunks
   only and writes its rows of C in place.
 - Row gather (whole rows or runs of ``rpc`` rows of A): gathered row ``g`` is row

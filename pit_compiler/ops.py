@@ -275,9 +275,8 @@ def dense_crossover(plan: PITPlan, A, B, out) -> float:
     4096^3: 1x32 pieces as 16x32 blocks 0.11; the one-thread-per-output kernel 0.0013 in float16).
     Hopper's warpgroup tile (same size, kernel alone on dense input): whole rows 0.79, blocks of
     128 rows 0.67, of 64 rows 0.44, of 32 rows 0.25 (transposed tile), less detection and, for
-    rows, zeroing the output; 32-row blocks by the benchmark's lines through 10 and 50 % listed. The
-    benchmark's lines through 50 and 100 % (rows) and 10 and 50 % (64x64) listed cross cuBLAS at
-    0.71 and 0.44.
+    rows, zeroing the output. The benchmark's lines through 50 and 100 % (rows) and 10 and 50 %
+    (64x64) listed cross cuBLAS at 0.71 and 0.44; through 10 and 50 %, 32x32 at 0.18.
     """
     facts = _call_facts(A, B, out)
     if warpgroup_knobs(plan, *facts) is not None:

@@ -1,4 +1,5 @@
-"""Run-time objects: the kernel cache, the micro-tile index, the counts read without waiting (torch and tvm.runtime only)."""
+"""Run-time objects: the kernel cache, the micro-tile index, counts read back without waiting
+(torch and tvm.runtime only)."""
 
 from .cache import ENV_CACHE_DIR, KernelCache, default_cache_dir
 from .index import MicroTileIndex

@@ -21,7 +21,7 @@ import torch
 class _Arrived:
     """Stands in for a CUDA event where the copy is synchronous (CPU tensors)."""
 
-    def record(self) -> None:
+    def record(self, stream=None) -> None:
         pass
 
     def query(self) -> bool:
@@ -60,8 +60,8 @@ class RecentCount:
         if self._in_flight[slot] and not self._arrived[slot].query():
             return
         self.latest()  # keep whatever that slot held before reusing it
-        self._slots[slot].copy_(counts, non_blocking=True)
-        self._arrived[slot].record()
+        self._slots[slot].copy_(counts, non_blocking=True)  # on the current stream of counts' device
+        self._arrived[slot].record(torch.cuda.current_stream(counts.device) if counts.is_cuda else None)
         self._in_flight[slot] = True
         self._posted[slot] = max(self._posted) + 1
         self._turn = 1 - slot

@@ -14,7 +14,7 @@ class _Copy:
     def __init__(self):
         self.arrived = False
 
-    def record(self):
+    def record(self, stream=None):
         self.arrived = False
 
     def query(self):
