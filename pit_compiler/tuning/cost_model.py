@@ -312,7 +312,8 @@ class _Call:
     def selection(self, choice: str, predicted: dict, listed: dict, found: dict) -> Selection:
         if choice == "dense":
             return Selection(None, predicted, listed, "database")
-        return Selection(self.weighed.models[choice][0], predicted, listed, "database", found[choice])  # as given: (1, None) stays
+        micro_tile = self.weighed.models[choice][0]  # as given: (1, None) stays
+        return Selection(micro_tile, predicted, listed, "database", found[choice])
 
 
 _weighed_cache: dict = {}
@@ -328,7 +329,8 @@ def _weigh(A, B, sparse, candidates, database) -> _Call | Selection:
     operand = A if sparse == "A" else B
     layout = (is_transposed_view(A), is_transposed_view(B))
     candidates = None if candidates is None else tuple(tuple(c) for c in candidates)
-    cache_key = (db.serial, db.token(), sparse, tuple(A.shape), tuple(B.shape), A.dtype, str(A.device), layout, candidates)
+    shapes = (tuple(A.shape), tuple(B.shape), A.dtype, str(A.device), layout)
+    cache_key = (db.serial, db.token(), sparse, *shapes, candidates)
     weighed = _weighed_cache.get(cache_key)
     if weighed is None:
         if len(_weighed_cache) > 4096:  # answers for old versions are never read again
@@ -443,7 +445,7 @@ def select_without_waiting(A: torch.Tensor, B: torch.Tensor, sparse: str = "A") 
         if weighed.dense_ms is not None:
             predicted["dense"] = weighed.dense_ms
         choice = min(predicted, key=predicted.get)
-        rivals = [label for label in sorted(weighed.models) if label != choice and weighed.bounds[label] < predicted[choice]]
+        rivals = [l for l in sorted(weighed.models) if l != choice and weighed.bounds[l] < predicted[choice]]
         detect = [] if choice == "dense" else [choice]
         if rivals:
             if len(_probe_turn) > 4096:
