@@ -445,7 +445,7 @@ def select_without_waiting(A: torch.Tensor, B: torch.Tensor, sparse: str = "A") 
         if weighed.dense_ms is not None:
             predicted["dense"] = weighed.dense_ms
         choice = min(predicted, key=predicted.get)
-        rivals = [l for l in sorted(weighed.models) if l != choice and weighed.bounds[l] < predicted[choice]]
+        rivals = [name for name in sorted(weighed.models) if name != choice and weighed.bounds[name] < predicted[choice]]
         detect = [] if choice == "dense" else [choice]
         if rivals:
             if len(_probe_turn) > 4096:
