@@ -5,6 +5,11 @@ thread block's rows and k positions come from.
   thread block ``t`` is row block ``t``; its condensed k position ``p`` is column
   ``idx[t, p // bk] * bk + p % bk`` of A and that row of B; it runs over its own listed chunks
   only and writes its rows of C in place.
+- Packed reduce form (chunks narrower than 8 columns, knob ``pack_a``): a first kernel copies
+  each row block's listed chunks of A to a packed buffer, position ``p`` at column ``p``
+  (zeros past the listed ones, up to the next 64 positions), so that the tile copies A 16 bytes
+  at a time instead of gathering it element by element in every thread block of a row block;
+  B's rows are gathered as in the reduce form.
 - Row gather (whole rows or runs of ``rpc`` rows of A): gathered row ``g`` is row
   ``idx[0, g // rpc] * rpc + g % rpc``; thread blocks past the listed rows do nothing, and each
   row's result is written straight to its own row of C (C's unlisted rows are zeroed before).
@@ -15,6 +20,7 @@ from __future__ import annotations
 import functools
 
 from tvm import tirx
+from tvm.script import tirx as T
 from tvm.target import Target
 
 from pit_compiler.runtime.cache import KernelCache
@@ -28,7 +34,9 @@ from pit_compiler.schedules.warpgroup_matmul import (
     hopper_target,
 )
 
-from .build import CompilationError, kept_per_plan, kernel_key
+from pit_compiler.schedules.common import PARALLEL_LOOPS
+
+from .build import CompilationError, compile_primfunc, default_knobs, kept_per_plan, kernel_key
 
 
 def reduce_access(bm: int, bk: int, K: int) -> Access:
@@ -47,6 +55,61 @@ def reduce_access(bm: int, bk: int, K: int) -> Access:
         k_source=k_source,
         k_run=bk,
     )
+
+
+def packed_columns(bk: int, K: int) -> int:
+    """The packed copy's width: every chunk of ``bk`` columns listed, to whole steps of 64."""
+    return -(-(-(-K // bk) * bk) // BLOCK_K) * BLOCK_K
+
+
+def packed_access(bm: int, bk: int, K: int) -> Access:
+    """The reduce form reading A from its packed copy (see the module docstring)."""
+    gathered = reduce_access(bm, bk, K)
+    return Access(
+        name=f"reduce packed bm={bm} bk={bk}",
+        row_tiles=gathered.row_tiles,
+        steps=gathered.steps,
+        row=gathered.row,
+        k_source=gathered.k_source,
+        k_run=packed_columns(bk, K),
+        a_source=lambda ops, t, p: (p, p < ops.Cnt[t] * bk),
+        a_columns=packed_columns(bk, K),
+    )
+
+
+def build_pack(bm: int, bk: int, K: int, dtype: str):
+    """``main(a, cnt, idx, ap)``: ``Ap[r, p] = A[r, idx[r // bm, p // bk] * bk + p % bk]`` for the
+    listed positions ``p`` of row ``r``'s block, zero elsewhere (and past K)."""
+    width = packed_columns(bk, K)
+
+    @T.prim_func(s_tir=True)
+    def main(a: T.handle, cnt: T.handle, idx: T.handle, ap: T.handle):
+        T.func_attr({"global_symbol": "main", "tirx.noalias": True})
+        M, Q, P = T.int32(), T.int32(), T.int32()
+        A = T.match_buffer(a, (M, K), dtype)
+        Cnt = T.match_buffer(cnt, (Q,), "int32")
+        Idx = T.match_buffer(idx, (Q, P), "int32")
+        Ap = T.match_buffer(ap, (M, width), dtype)
+        for r, p in T.grid(M, width):
+            with T.sblock("pack"):
+                vr, vp = T.axis.remap("SS", [r, p])
+                T.sblock_attr({PARALLEL_LOOPS: 2})
+                T.reads(A[vr, 0:K], Cnt[vr // bm], Idx[vr // bm, 0:P])
+                T.writes(Ap[vr, vp])
+                column = T.meta_var(Idx[vr // bm, T.min(vp // bk, P - 1)] * bk + vp % bk)
+                listed = T.meta_var(vp < Cnt[vr // bm] * bk)
+                Ap[vr, vp] = T.if_then_else(
+                    listed and column < K, A[vr, T.max(T.min(column, K - 1), 0)], T.Cast(dtype, 0)
+                )
+
+    return main
+
+
+@functools.lru_cache(maxsize=256)  # looked up on every packed call
+def pack_kernel(bm: int, bk: int, K: int, dtype: str, target: Target, cache: KernelCache):
+    """The compiled :func:`build_pack` for ``target``."""
+    key = kernel_key("warpgroup_pack", f"bm={bm} bk={bk} K={K} v1", {"in": dtype}, target, default_knobs(target))
+    return cache.main(key, lambda: compile_primfunc(build_pack(bm, bk, K, dtype), target, what=f"A pack {bm}x{bk}"))
 
 
 def row_gather_access(rows_per_chunk: int, K: int, block_m: int) -> Access:
@@ -81,7 +144,7 @@ def warpgroup_kernel(form: str, shape: tuple, K: int, N: int, dtype: str, out_dt
 
     def build():
         if form == "reduce":
-            access = reduce_access(*shape, K)
+            access = (packed_access if knobs.pack_a else reduce_access)(*shape, K)
         else:
             access = row_gather_access(*shape, K, knobs.block_m)
         func = template.kernel(knobs, K, N, dtype, out_dtype, access)
@@ -133,7 +196,9 @@ def fitting_warpgroup_knobs(default: WarpgroupMatmul.Knobs, tuned) -> WarpgroupM
     return tuned if isinstance(tuned, WarpgroupMatmul.Knobs) and tuned.block_m == default.block_m else default
 
 
-def warpgroup_space(default: WarpgroupMatmul.Knobs) -> list[WarpgroupMatmul.Knobs]:
-    """The settings the tuner measures for one plan, ``default`` first: the rows are fixed (one
-    row block per thread block), columns, stages and MMA overlap vary."""
-    return list(WarpgroupMatmul().space(default.block_m, first=default))
+def warpgroup_space(default: WarpgroupMatmul.Knobs, plan=None) -> list[WarpgroupMatmul.Knobs]:
+    """The settings the tuner measures for ``plan``, ``default`` first: the rows are fixed (one
+    row block per thread block), columns, stages and MMA overlap vary, and for chunks narrower
+    than 8 columns whether A is packed first."""
+    narrow = plan is not None and plan.form == "reduce" and plan.tile["k"] % CHUNK != 0
+    return list(WarpgroupMatmul().space(default.block_m, first=default, narrow_k=narrow))

@@ -13,7 +13,13 @@ import torch
 from pit_compiler.codegen import detect_kernel, kernel_order, matmul_kernel
 from pit_compiler.codegen.gather_matmul import fits_tensor_cores, row_gather_kernels
 from pit_compiler.codegen.reduce_matmul import ROW_BLOCKS, fitting_knobs, reduce_tile_kernel, reduce_tile_knobs
-from pit_compiler.codegen.warpgroup import fitting_warpgroup_knobs, warpgroup_kernel, warpgroup_knobs
+from pit_compiler.codegen.warpgroup import (
+    fitting_warpgroup_knobs,
+    pack_kernel,
+    packed_columns,
+    warpgroup_kernel,
+    warpgroup_knobs,
+)
 from pit_compiler.schedules.tensor_core_matmul import TensorCoreMatmul
 from pit_compiler.schedules.warpgroup_matmul import WarpgroupMatmul
 from pit_compiler.ir import Contraction, PITPlan, SparsityAttr, as_contraction, plan_pit
@@ -413,6 +419,10 @@ def run_on_warpgroups(plan: PITPlan, A, B, out, index: MicroTileIndex, knobs=Non
     C = out if _warpgroup_ready(out) else torch.empty_like(out, memory_format=torch.contiguous_format)
     if plan.form == "reduce":
         form, shape = "reduce", (plan.tile["m"], plan.tile["k"])
+        if knobs.pack_a:  # the listed chunks of A, packed once for every thread block of a row block
+            packed = torch.empty(A.shape[0], packed_columns(shape[1], K), dtype=A.dtype, device=A.device)
+            pack_kernel(*shape, K, dtype, target, kernel_cache())(A, index.counts[0], index.indices[0], packed)
+            A = packed
     else:
         form, shape = "row_gather", (plan.tile["m"],)
         C.zero_()  # the kernel writes the listed rows only

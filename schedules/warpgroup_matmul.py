@@ -93,6 +93,10 @@ class Access:
     row: Callable  # (ops, t, r) -> (row of A and C, listed) for tile row r
     k_source: Callable  # (ops, t, p) -> (column of A and row of B, listed) for position p
     k_run: int  # consecutive positions stored consecutively in A
+    # Where A is a packed copy (its positions stored in place: column p): A's column for
+    # position p, and A's width; by default ``k_source``'s column and K.
+    a_source: Callable | None = None
+    a_columns: int | None = None
 
 
 class WarpgroupMatmul:
@@ -110,6 +114,9 @@ class WarpgroupMatmul:
         # Keep one step's MMAs in flight while the next step's are issued (the copies then
         # run stages - 2 steps ahead instead of stages - 1).
         overlap: bool = True
+        # k chunks narrower than 8 columns: read a copy of A's listed pieces packed once per
+        # call (copied 8 positions at a time) instead of gathering them in every thread block.
+        pack_a: bool = False
 
         def __post_init__(self):
             check(
@@ -175,10 +182,16 @@ class WarpgroupMatmul:
             return self.Knobs(block_m=64, block_n=128, stages=4, overlap=False)
         return self.Knobs(block_m=block_m, block_n=256 if block_m <= 128 else 128)
 
-    def space(self, block_m: int, first: Knobs | None = None) -> Iterator[Knobs]:
-        """Every setting for thread blocks of ``block_m`` rows, ``first`` (default: the default) first."""
-        default = first or self.default(block_m)
-        yield default
+    def space(self, block_m: int, first: Knobs | None = None, narrow_k: bool = False) -> Iterator[Knobs]:
+        """Every setting for thread blocks of ``block_m`` rows, ``first`` (default: the default)
+        first; for ``narrow_k`` chunks, then each again with A packed."""
+        default = first or self.default(block_m, narrow_k)
+        plain = [default, *self._settings(block_m, default)]
+        yield from plain
+        if narrow_k:
+            yield from (replace(knobs, pack_a=True) for knobs in plain if not knobs.pack_a)
+
+    def _settings(self, block_m: int, default: Knobs) -> Iterator[Knobs]:
         # The transposed tile is short of work per thread block: more of them per SM (fewer
         # stages, narrower) is what it needs; 5 and 6 stages ran slowest of all on an H200.
         transposed = block_m == TRANSPOSED_ROWS
@@ -242,7 +255,7 @@ def _kernel(knobs, K: int, N: int, dtype: str, out_dtype: str, access: Access):
     def main(a: T.handle, b: T.handle, cnt: T.handle, idx: T.handle, c: T.handle):
         T.func_attr({"global_symbol": "main", "tirx.noalias": True})
         M, Q, P = T.int32(), T.int32(), T.int32()
-        A = T.match_buffer(a, (M, K), dtype, align=16)
+        A = T.match_buffer(a, (M, access.a_columns or K), dtype, align=16)
         B = T.match_buffer(b, (K, N), dtype, align=16)
         Cnt = T.match_buffer(cnt, (Q,), "int32")
         Idx = T.match_buffer(idx, (Q, P), "int32")
@@ -280,7 +293,7 @@ def _kernel(knobs, K: int, N: int, dtype: str, out_dtype: str, access: Access):
             if s < steps:
                 chunk = T.meta_var(tx % (BLOCK_K // CHUNK))
                 if not ELEMENTWISE:
-                    a_col, a_in = T.meta_var(access.k_source(ops, t, s * BLOCK_K + chunk * CHUNK))
+                    a_col, a_in = T.meta_var((access.a_source or access.k_source)(ops, t, s * BLOCK_K + chunk * CHUNK))
                     a_cols[0] = T.if_then_else(a_in, a_col, -1)
                 for j in T.unroll(B_COPIES):
                     chunk_n = T.meta_var((j * THREADS + tx) % (BN // CHUNK))

@@ -51,7 +51,7 @@ def main() -> None:
         facts = ops._call_facts(A, B, out)
         default = warpgroup_knobs(plan, *facts)
         if default is not None:
-            space = warpgroup_space(default)
+            space = warpgroup_space(default, plan)
         else:
             default = ops._reduce_tile_default(plan, *facts)
             space = reduce_tile_space(default, size)

@@ -354,7 +354,7 @@ class _Run:
         M, N, K = self.shape
         warpgroup = warpgroup_knobs(plan, 2, K, N, self.dtype, self.dtype, self.dtype, self.target)
         if warpgroup is not None:
-            return warpgroup_space(warpgroup)
+            return warpgroup_space(warpgroup, plan)
         if dedicated == "reduce":
             return reduce_tile_space(reduce_tile_knobs(plan, 2, K, N, self.dtype, self.dtype, self.target), N)
         if dedicated == "row_gather":

@@ -5,6 +5,7 @@ setting through it matches dense torch."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 
@@ -62,6 +63,16 @@ def test_space_starts_at_the_default_and_keeps_the_rows(block_m):
     assert warpgroup_space(space[0]) == space
 
 
+def test_narrow_chunks_are_also_tried_packed():
+    plan = plan_for((32, 1))
+    default = warpgroup_knobs(plan, 2, 256, 384, "float16", "float16", "float16", SM90)
+    space = warpgroup_space(default, plan)
+    assert space[0] == default == NARROW_32 and len(set(space)) == len(space)
+    plain, packed = [k for k in space if not k.pack_a], [k for k in space if k.pack_a]
+    assert [replace(k, pack_a=False) for k in packed] == plain
+    assert not any(k.pack_a for k in warpgroup_space(ROWS_32, plan_for((32, 32))))
+
+
 def test_swizzle_spreads_each_chunk_column_over_eight_rows():
     """The 128-byte swizzle: a row's 8 chunks stay in its 128 bytes, and the same chunk of 8
     consecutive rows lands in 8 different 16-byte bank groups (conflict-free copies and reads)."""
@@ -101,6 +112,7 @@ def test_serves_blocks_of_32_64_or_128_rows_and_whole_rows(tile, kw, expected):
      ("reduce", (32, 32), "float16", "float16", ROWS_32),
      ("reduce", (32, 8), "bfloat16", "float32", Knobs(block_m=32, block_n=256, stages=3)),
      ("reduce", (32, 1), "float16", "float16", NARROW_32),
+     ("reduce", (32, 1), "bfloat16", "float32", replace(NARROW_32, pack_a=True)),
      ("reduce", (64, 4), "bfloat16", "bfloat16", Knobs(block_m=64, block_n=256, stages=3)),
      ("row_gather", (1,), "float16", "float16", Knobs()),
      ("row_gather", (4,), "bfloat16", "bfloat16", Knobs(block_m=64, block_n=128, stages=3))],
@@ -124,9 +136,11 @@ def test_builds_warpgroup_mma_for_sm90a(form, shape, dtype, out, knobs, tmp_path
 
 
 def _access(form, shape, K, knobs):
-    from pit_compiler.codegen.warpgroup import reduce_access, row_gather_access
+    from pit_compiler.codegen.warpgroup import packed_access, reduce_access, row_gather_access
 
-    return reduce_access(*shape, K) if form == "reduce" else row_gather_access(*shape, K, knobs.block_m)
+    if form == "reduce":
+        return (packed_access if knobs.pack_a else reduce_access)(*shape, K)
+    return row_gather_access(*shape, K, knobs.block_m)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,7 +189,8 @@ def test_every_setting_the_tuner_tries_is_correct(block_m, tile, on_warpgroups):
     plan = plan_for(tile, M, K, N)
     index = ops.index_for(plan, A, None, (tile[0], tile[1] or K), None)
     reference = A.double() @ B.double()
-    space = list(WarpgroupMatmul().space(block_m))
+    space = warpgroup_space(warpgroup_knobs(plan, 2, K, N, "float16", "float16", "float16", SM90), plan)
+    assert any(knobs.pack_a for knobs in space) == (tile[1] == 1)  # narrow chunks: packed too
     for knobs in space:
         out = poisoned((M, N), torch.float16, "cuda")
         assert ops.run_on_warpgroups(plan, A, B, out, index, knobs)
@@ -276,3 +291,65 @@ def test_each_thread_block_gathers_exactly_its_listed_operands(form, tile, M, K,
         written += block_rows.tolist()
     assert len(written) == len(set(written)), "a row of C is written by two thread blocks"
     assert_matches_reference(result.float(), A.double() @ B.double())
+
+
+@pytest.mark.parametrize("tile, M, K, N, density", [((32, 1), 70, 90, 8, 0.3), ((32, 3), 64, 40, 16, 0.6),
+                                                    ((64, 4), 130, 24, 8, 1.0), ((32, 1), 40, 16, 8, 0.0)], ids=str)
+def test_packed_chunks_form_the_product(tile, M, K, N, density, tmp_path):
+    """Narrow chunks with ``pack_a``: the pack kernel (run here on the CPU) copies each row
+    block's listed chunks of A to position p's column; the tile reads A there in whole steps of
+    64 (zeros past the listed ones, never NaN from the buffer) and B's rows through the reduce
+    gather: block by block, that is A @ B."""
+    from tvm.target import Target
+
+    from pit_compiler.codegen.warpgroup import pack_kernel, packed_access, packed_columns
+
+    A, _ = micro_tile_sparse((M, K), tile, density, torch.float32, seed=M + K)
+    B = dense_operand((K, N), torch.float32, seed=N)
+    index = ops.index_for(plan_for(tile, M=M, K=K, N=N), A, None, tile, None)
+    width = packed_columns(tile[1], K)
+    packed = torch.full((M, width), float("nan"))
+    pack_kernel(*tile, K, "float32", Target("llvm"), KernelCache(tmp_path))(A, index.counts[0], index.indices[0], packed)
+    access = packed_access(*tile, K)
+    assert access.k_run == access.a_columns == width and width % 64 == 0
+    rows, rows_listed, sources, listed, steps = evaluate_access(access, tile[0], index, M, width)
+    a_columns, a_listed = evaluate_access(replace(access, k_source=access.a_source), tile[0], index, M, width)[2:4]
+    positions = np.arange(width)
+    result = torch.full((M, N), float("nan"), dtype=torch.float64)
+    for t in range(len(steps)):
+        taken = positions < steps[t] * 64
+        assert (a_columns[t][taken] == positions[taken]).all()
+        copied = taken & a_listed[t][positions - positions % 8]  # a 16-byte copy per 8 positions, by its first
+        block_rows = torch.from_numpy(rows[t][rows_listed[t]]).long()
+        a_block = torch.zeros(len(block_rows), width, dtype=torch.float64)
+        a_block[:, copied] = packed.double()[block_rows][:, torch.from_numpy(copied)]
+        b_rows = torch.zeros(width, N, dtype=torch.float64)
+        b_rows[torch.from_numpy(taken & listed[t])] = B.double()[torch.from_numpy(sources[t][taken & listed[t]]).long()]
+        result[block_rows] = a_block @ b_rows
+    assert_matches_reference(result.float(), A.double() @ B.double())
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_a_packed_setting_hands_the_tile_the_packed_copy(pack, monkeypatch):
+    """Plumbing of ``pack_a`` (kernels stubbed, an sm_90 target): the pack kernel runs first on
+    the call's index and the tile reads its output, ``packed_columns`` wide."""
+    from pit_compiler.codegen.warpgroup import packed_columns
+
+    M, K, N = 96, 40, 64
+    A, B, out = torch.randn(M, K).half(), torch.randn(K, N).half(), torch.empty(M, N).half()
+    plan = plan_for((32, 1), M=M, K=K, N=N)
+    index = ops.index_for(plan, A, None, (32, 1), None)  # detected on the CPU
+    monkeypatch.setattr(ops, "target_for", lambda device: SM90)
+    packs, tiles = [], []
+    monkeypatch.setattr(ops, "pack_kernel", lambda *key: lambda a, cnt, idx, ap: packs.append((a, cnt, idx, ap)))
+    monkeypatch.setattr(ops, "warpgroup_kernel", lambda *key: lambda a, b, cnt, idx, c: tiles.append((key, a)))
+    knobs = replace(NARROW_32, pack_a=pack)
+    assert ops.run_on_warpgroups(plan, A, B, out, index, knobs)
+    (key, a_read), = tiles
+    assert key[-1] == knobs
+    if pack:
+        (a, cnt, idx, packed), = packs
+        assert a.data_ptr() == A.data_ptr() and torch.equal(cnt, index.counts[0]) and torch.equal(idx, index.indices[0])
+        assert a_read is packed and packed.shape == (M, packed_columns(1, K)) == (M, 64)
+    else:
+        assert packs == [] and a_read.data_ptr() == A.data_ptr()

@@ -208,7 +208,7 @@ def test_cuda_tasks_measure_the_kernel_run_time_takes(micro_tile, dtype, kernel,
     knobs = [k for k, _ in task.todo]
     if template == "warpgroup_matmul":  # Hopper's tile, for whole rows and 32-, 64- or 128-row blocks
         default = warpgroup_knobs(task.plan, 2, 512, 384, dtype, dtype, dtype, SM90)
-        assert knobs == warpgroup_space(default)
+        assert knobs == warpgroup_space(default, task.plan)
     elif kernel == "reduce":
         default = reduce_tile_knobs(task.plan, 2, 512, 384, dtype, dtype, SM90)
         assert knobs == reduce_tile_space(default, 384)
