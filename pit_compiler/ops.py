@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import replace
 
 import torch
 
@@ -419,8 +420,11 @@ def run_on_warpgroups(plan: PITPlan, A, B, out, index: MicroTileIndex, knobs=Non
     C = out if _warpgroup_ready(out) else torch.empty_like(out, memory_format=torch.contiguous_format)
     if plan.form == "reduce":
         form, shape = "reduce", (plan.tile["m"], plan.tile["k"])
+        width = packed_columns(shape[1], K)
+        if knobs.pack_a and A.shape[0] * width >= 2**31:  # 32-bit indexing, as in every PIT kernel
+            knobs = replace(knobs, pack_a=False)
         if knobs.pack_a:  # the listed chunks of A, packed once for every thread block of a row block
-            packed = torch.empty(A.shape[0], packed_columns(shape[1], K), dtype=A.dtype, device=A.device)
+            packed = torch.empty(A.shape[0], width, dtype=A.dtype, device=A.device)
             pack_kernel(*shape, K, dtype, target, kernel_cache())(A, index.counts[0], index.indices[0], packed)
             A = packed
     else:
