@@ -71,3 +71,19 @@ def test_cuda_tuning_of_the_tensor_core_reduce_tile(tmp_path):
     finally:
         set_tile_database(None)
     torch.testing.assert_close(out.float(), A.float() @ B.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_auto_does_not_wait_for_the_gpu(tuned_db):
+    """After a shape's first call (which counts every candidate), micro_tile="auto" decides by
+    earlier calls' counts: with a second of GPU work queued ahead, the call returns at once."""
+    M, N, K = SHAPE
+    A, _ = micro_tile_sparse((M, K), (32, 1), 0.1, torch.float16, "cuda", seed=4)
+    B = torch.randn(K, N, dtype=torch.float16, device="cuda")
+    for _ in range(3):  # every kernel it runs loaded (a first load would wait for the GPU)
+        pit.sparse_matmul(A, B, micro_tile="auto")
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)
+    out = pit.sparse_matmul(A, B, micro_tile="auto")
+    assert not torch.cuda.current_stream().query(), "micro_tile='auto' waited for the GPU"
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out.float(), A.float() @ B.float(), atol=2e-2, rtol=2e-2)
