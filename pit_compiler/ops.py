@@ -26,6 +26,7 @@ from pit_compiler.schedules.warpgroup_matmul import WarpgroupMatmul
 from pit_compiler.ir import Contraction, PITPlan, SparsityAttr, as_contraction, plan_pit
 from pit_compiler.runtime import KernelCache, MicroTileIndex, RecentCounts, default_cache_dir
 from pit_compiler.targets import mma_sync_dtypes, target_for
+from pit_compiler.validation import MAX_ELEMENTS
 
 # The logical axes of each operand's rows and columns, whatever its storage order.
 _LOGICAL_ROLES = {"a": ("m", "k"), "b": ("k", "n"), "c": ("m", "n")}
@@ -402,8 +403,9 @@ def run_on_tensor_cores(plan: PITPlan, A, B, out, index: MicroTileIndex, knobs=N
 
 
 def run_on_warpgroups(plan: PITPlan, A, B, out, index: MicroTileIndex, knobs=None, facts=None) -> bool:
-    """Blocks of 64 or 128 rows (reduce form) and whole rows of A on Hopper's warpgroup MMA
-    (:mod:`~pit_compiler.codegen.warpgroup`); False where it does not serve the call.
+    """Blocks of 32, 64 or 128 rows (reduce form; with ``pack_a``, A's listed chunks packed
+    first) and whole rows of A on Hopper's warpgroup MMA (:mod:`~pit_compiler.codegen.warpgroup`);
+    False where it does not serve the call.
 
     Its knobs: ``knobs`` (the tuner's), else the tile database's best where they fit
     (``pit-tune``), else the defaults. No host sync: each thread block reads its own count
@@ -421,7 +423,7 @@ def run_on_warpgroups(plan: PITPlan, A, B, out, index: MicroTileIndex, knobs=Non
     if plan.form == "reduce":
         form, shape = "reduce", (plan.tile["m"], plan.tile["k"])
         width = packed_columns(shape[1], K)
-        if knobs.pack_a and A.shape[0] * width >= 2**31:  # 32-bit indexing, as in every PIT kernel
+        if knobs.pack_a and A.shape[0] * width > MAX_ELEMENTS:  # the packed copy: 32-bit indexing too
             knobs = replace(knobs, pack_a=False)
         if knobs.pack_a:  # the listed chunks of A, packed once for every thread block of a row block
             packed = torch.empty(A.shape[0], width, dtype=A.dtype, device=A.device)

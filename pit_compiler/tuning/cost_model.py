@@ -235,7 +235,6 @@ class Selection:
 
 
 _defaulted: set = set()
-_candidates_cache: dict = {}
 
 
 def kernel_template(plan, shape, dtype: str, target):
@@ -252,16 +251,8 @@ def kernel_template(plan, shape, dtype: str, target):
 
 def _candidate_models(db: TileDatabase, sparse: str, shape, dtype: str, target, layout, candidates):
     """``{label: (micro_tile as given, concrete tile, KernelModel)}`` of the tuned candidates,
-    and the database entry of the dense fallback (or None).
-
-    Reading keys and fitting lines costs far more than a small matmul, so the answer is kept
-    per version of the database file and per shape, layout and candidate list.
-    """
-    cache_key = (db.serial, db.token(), sparse, tuple(shape), dtype, target, layout, candidates)  # Targets: by identity
-    if cache_key in _candidates_cache:
-        return _candidates_cache[cache_key]
-    if len(_candidates_cache) > 4096:  # answers for old versions are never read again
-        _candidates_cache.clear()
+    and the database entry of the dense fallback (or None). Reading keys and fitting lines
+    costs far more than a small matmul: :func:`_weigh` keeps the answer."""
     M, N, K = shape
     contraction = matmul_contraction(2, *layout)
     transposed = layout[0] if sparse == "A" else layout[1]
@@ -280,7 +271,6 @@ def _candidate_models(db: TileDatabase, sparse: str, shape, dtype: str, target, 
         if model is not None:
             models[tile_label(candidate)] = (tuple(candidate), tile, model)
     dense = db.get(workload_key(dense_workload(shape, dtype, target)))
-    _candidates_cache[cache_key] = models, dense
     return models, dense
 
 
