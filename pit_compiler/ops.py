@@ -16,6 +16,7 @@ from pit_compiler.codegen.gather_matmul import fits_tensor_cores, row_gather_ker
 from pit_compiler.codegen.reduce_matmul import ROW_BLOCKS, fitting_knobs, reduce_tile_kernel, reduce_tile_knobs
 from pit_compiler.codegen.warpgroup import (
     fitting_warpgroup_knobs,
+    row_gather_knobs,
     pack_kernel,
     packed_columns,
     warpgroup_kernel,
@@ -291,10 +292,14 @@ def dense_crossover(plan: PITPlan, A, B, out) -> float:
         if plan.form == "scatter":
             return 0.70
         crossover = {128: 0.60, 64: 0.40, 32: 0.18}[plan.tile["m"]]
-        # Chunks narrower than 8 columns are gathered element by element: the benchmark's 32x1
-        # line crosses cuBLAS at about 7 % listed, its 32x32 line at 18 %; for 64 and 128 rows
-        # the same ratio is assumed (not measured).
-        return round(crossover * 0.4, 2) if plan.tile["k"] % 8 else crossover
+        if plan.tile["k"] % 8 == 0:
+            return crossover
+        # Chunks narrower than 8 columns: on 32 rows A's pieces are packed once per call, and
+        # the tile then took 1.00 ms at 10 % listed where 32x32 blocks took 0.71 (the 32x32
+        # line crosses cuBLAS at 18 %). Taller blocks gather them element by element in every
+        # thread block: the same ratio measured so on 32 rows (1.51 ms; 32x1 line crossing
+        # cuBLAS at 7 %) is assumed for them.
+        return 0.12 if plan.tile["m"] == 32 else round(crossover * 0.4, 2)
     path = tensor_core_kernel(plan, *facts)
     if path == "row_gather":
         return 0.30
@@ -417,14 +422,17 @@ def run_on_warpgroups(plan: PITPlan, A, B, out, index: MicroTileIndex, knobs=Non
         return False
     if knobs is None:
         knobs = _database_knobs(plan, A, B, facts, WarpgroupMatmul())
-    knobs = fitting_warpgroup_knobs(default, knobs)
+    if knobs is None and plan.form != "reduce":
+        knobs = row_gather_knobs(default, _recent_rows(plan, A, B, index), N, _sm_count(A.device))
+    knobs = fitting_warpgroup_knobs(default, knobs, plan)
     A, B = _aligned(A), _aligned(B)
     C = out if _warpgroup_ready(out) else torch.empty_like(out, memory_format=torch.contiguous_format)
     if plan.form == "reduce":
         form, shape = "reduce", (plan.tile["m"], plan.tile["k"])
         width = packed_columns(shape[1], K)
         if knobs.pack_a and A.shape[0] * width > MAX_ELEMENTS:  # the packed copy: 32-bit indexing too
-            knobs = replace(knobs, pack_a=False)
+            unpacked = WarpgroupMatmul().default(knobs.block_m, narrow_k=True, packed=False)
+            knobs = unpacked if knobs == default else replace(knobs, pack_a=False)
         if knobs.pack_a:  # the listed chunks of A, packed once for every thread block of a row block
             packed = torch.empty(A.shape[0], width, dtype=A.dtype, device=A.device)
             pack_kernel(*shape, K, dtype, target, kernel_cache())(A, index.counts[0], index.indices[0], packed)
@@ -437,6 +445,23 @@ def run_on_warpgroups(plan: PITPlan, A, B, out, index: MicroTileIndex, knobs=Non
     if C is not out:
         out.copy_(C)
     return True
+
+
+def _recent_rows(plan: PITPlan, A, B, index: MicroTileIndex) -> int | None:
+    """Gathered rows listed by the newest earlier call of this signature whose count has
+    reached the host (:data:`RECENT_COUNTS`: no wait), or None before any has. Posts this
+    call's count where the dense fallback did not (it posts its own), outside graph capture."""
+    call = call_signature(plan, A, B)
+    listed = RECENT_COUNTS.latest(call)
+    if not falls_back_on(A.device) and not capturing_graph(A.device):
+        RECENT_COUNTS.post(call, index.counts)
+    return None if listed is None else listed * plan.tile["m"]
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (132 on an H100 SXM or H200)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
 
 
 def _database_knobs(plan: PITPlan, A, B, facts, template):

@@ -163,18 +163,22 @@ class WarpgroupMatmul:
     def is_target_available(self, target: Target) -> bool:
         return target.kind.name == "cuda" and str(target.attrs.get("arch", "")) in ("sm_90", "sm_90a")
 
-    def default(self, block_m: int, narrow_k: bool = False) -> Knobs:
+    def default(self, block_m: int, narrow_k: bool = False, packed: bool = True) -> Knobs:
         """The setting for thread blocks of ``block_m`` rows, as measured on an H200 (8192^3,
         float16, 0 and 90 % sparse): 128 rows run best 256 columns wide, 4 stages, MMAs
         overlapped (0.79 of cuBLAS on dense input); a lone warpgroup (64 rows) best 128 wide,
         4 stages, not overlapped (0.44: each thread block reloads B for its 64 rows); the
         transposed 32-row tile 128 wide with 2 stages (0.25, 5 thread blocks per SM).
 
-        ``narrow_k``: chunks of k narrower than 8 columns, gathered from A element by element
-        by every thread block of a row block: 256 columns wide gathers them half as often
-        (32x1 pieces: 1.51 against 2.89 ms at 90 %, 8.6 against 10.1 ms dense).
+        ``narrow_k``: chunks of k narrower than 8 columns. On 32 rows, A's listed pieces packed
+        once per call (``pack_a``) and 64 columns wide: 1.00 ms at 90 % (32x1 pieces), against
+        1.19 packed at 128 or 256 columns and 1.52 gathered in every thread block (256 wide,
+        the best without packing: 128 took 2.88). ``packed=False`` (a product too large to
+        pack) gives the best unpacked setting; other heights are not measured packed.
         """
         if block_m == TRANSPOSED_ROWS:  # occupancy is what it lacks: double buffering only
+            if narrow_k and packed:
+                return self.Knobs(block_m=block_m, block_n=64, stages=2, overlap=False, pack_a=True)
             return self.Knobs(block_m=block_m, block_n=256 if narrow_k else 128, stages=2, overlap=False)
         if narrow_k and block_m <= 128:
             return replace(self.default(block_m), block_n=256)
@@ -182,16 +186,29 @@ class WarpgroupMatmul:
             return self.Knobs(block_m=64, block_n=128, stages=4, overlap=False)
         return self.Knobs(block_m=block_m, block_n=256 if block_m <= 128 else 128)
 
-    def space(self, block_m: int, first: Knobs | None = None, narrow_k: bool = False) -> Iterator[Knobs]:
+    def space(self, block_m: int, first: Knobs | None = None, narrow_k: bool = False,
+              any_height: bool = False) -> Iterator[Knobs]:
         """Every setting for thread blocks of ``block_m`` rows, ``first`` (default: the default)
-        first; for ``narrow_k`` chunks, then each again with A packed."""
+        first; for ``narrow_k`` chunks each with A gathered and packed. ``any_height`` (gathered
+        rows, which need no fixed row block): then the other heights' defaults at each width,
+        the shorter tiles that fill more SMs where few rows are listed."""
         default = first or self.default(block_m, narrow_k)
-        plain = [default, *self._settings(block_m, default)]
-        yield from plain
-        if narrow_k:
-            yield from (replace(knobs, pack_a=True) for knobs in plain if not knobs.pack_a)
+        settings = [replace(knobs, pack_a=packed) for packed in ((False, True) if narrow_k else (False,))
+                    for knobs in self._settings(block_m)]
+        if any_height:
+            settings += [knobs for height in (128, 64, TRANSPOSED_ROWS) if height != block_m
+                         for knobs in self._widths(self.default(height))]
+        yield default
+        yield from (knobs for knobs in settings if knobs != default)
 
-    def _settings(self, block_m: int, default: Knobs) -> Iterator[Knobs]:
+    def _widths(self, knobs: Knobs) -> Iterator[Knobs]:
+        for block_n in (256, 128, 64):
+            try:
+                yield replace(knobs, block_n=block_n)
+            except ValueError:
+                continue
+
+    def _settings(self, block_m: int) -> Iterator[Knobs]:
         # The transposed tile is short of work per thread block: more of them per SM (fewer
         # stages, narrower) is what it needs; 5 and 6 stages ran slowest of all on an H200.
         transposed = block_m == TRANSPOSED_ROWS
@@ -199,11 +216,9 @@ class WarpgroupMatmul:
             for stages in (2, 3, 4) if transposed else (2, 3, 4, 5, 6):
                 for overlap in (True, False):
                     try:
-                        knobs = self.Knobs(block_m=block_m, block_n=block_n, stages=stages, overlap=overlap)
+                        yield self.Knobs(block_m=block_m, block_n=block_n, stages=stages, overlap=overlap)
                     except ValueError:
                         continue
-                    if knobs != default:
-                        yield knobs
 
     def kernel(self, knobs: Knobs, K: int, N: int, dtype: str, out_dtype: str, access: Access) -> tirx.PrimFunc:
         """``main(A, B, Cnt, Idx, C)`` computing ``access``'s product with ``knobs``."""

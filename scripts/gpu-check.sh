@@ -8,9 +8,12 @@
 #   bash scripts/gpu-check.sh warpgroup  # the gpu tests of the Hopper warpgroup tile and of the paths beside it
 #   bash scripts/gpu-check.sh hopper     # the warpgroup tile's gpu tests, then spmm at 8192^3 for the cases it changed
 #   bash scripts/gpu-check.sh tables     # the fallback's and the 32-row tile's gpu tests, then spmm for the README tables
+#   bash scripts/gpu-check.sh packed     # the narrow-chunk and no-wait gpu tests, then the 32x1 sweep (pack_a or not)
+#   bash scripts/gpu-check.sh rows       # every tuner setting's gpu test, the no-wait ones, then whole rows at every tile height
+#   bash scripts/gpu-check.sh auto       # benchmarks/tuning.py at 8192^3 (32x1, 64x64), then benchmarks/models.py
 # Logs and results are copied under $OUT when the device tool provides it.
 set -uo pipefail
-stage=${1:?usage: scripts/gpu-check.sh tests|kernels|spmm|tuning|sweep|warpgroup|hopper|tables}
+stage=${1:?usage: scripts/gpu-check.sh tests|kernels|spmm|tuning|sweep|warpgroup|hopper|tables|packed|rows|auto}
 if ls .whl/*.whl > /dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
@@ -46,6 +49,24 @@ case "$stage" in
     timeout 150 python3 -P benchmarks/spmm.py --sizes 8192 --dtypes bfloat16 "${cases[@]}" 2>&1 | tee -a "$out/spmm.log" | grep -c checked=True
     timeout 80 python3 -P benchmarks/spmm.py --sizes 4096 --dtypes float16 "${cases[@]}" 2>&1 | tee -a "$out/spmm.log" | grep -c checked=True
     grep -E "checked=False|Error" "$out/spmm.log" | head ;;
+  packed)
+    timeout 300 python3 -P -m pytest -q -p no:cacheprovider -m gpu --maxfail=10 tests/codegen/test_warpgroup.py \
+      tests/runtime/test_recent_counts.py tests/tuning/test_tuning_gpu.py tests/test_sparse_matmul.py \
+      -k "every_setting or 32 or wait or auto or tuner or fallback" 2>&1 | tee "$out/gpu-packed.log" | tail -15
+    timeout 240 python3 -P scripts/gpu_tile_sweep.py --cases 32x1:0.9 --json "$out/sweep-32x1.json" 2>&1 \
+      | tee "$out/sweep.log" | tail -40 ;;
+  rows)
+    timeout 240 python3 -P -m pytest -q -p no:cacheprovider -m gpu --maxfail=10 tests/codegen/test_warpgroup.py::test_every_setting_the_tuner_tries_is_correct \
+      tests/runtime/test_recent_counts.py tests/tuning/test_tuning_gpu.py tests/test_sparse_matmul.py -k "every_setting or wait or recent or tuner or auto or fallback" \
+      2>&1 | tee "$out/gpu-rows.log" | tail -8
+    timeout 150 python3 -P scripts/gpu_tile_sweep.py --cases row:0.99,row:0.95,row:0.9 --json "$out/sweep-rows-8192.json" 2>&1 \
+      | tee "$out/sweep.log" | tail -62
+    timeout 80 python3 -P scripts/gpu_tile_sweep.py --size 4096 --cases row:0.99,row:0.9 --json "$out/sweep-rows-4096.json" 2>&1 \
+      | tee -a "$out/sweep.log" | tail -42 ;;
+  auto)  # the README's tuning summary, then the models table (each writes its JSON when it ends)
+    timeout 330 python3 -P benchmarks/tuning.py --sizes 8192 --micro-tiles 32x1,64x64 --sparsities 0.5,0.95 \
+      --patterns 32x1,64x64 --seeds 1 --trials 32 --repeat 5 --db "$out/tiles.json" 2>&1 | tee "$out/tuning.log" | tail -32
+    timeout "${MODELS_TIMEOUT:-200}" python3 -P benchmarks/models.py 2>&1 | tee "$out/models.log" | grep -E "eager|pit " ;;
   sweep)
     timeout 540 python3 -P scripts/gpu_tile_sweep.py --json "$out/sweep.json" 2>&1 | tee "$out/sweep.log" | tail -80 ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;

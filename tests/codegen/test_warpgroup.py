@@ -16,9 +16,15 @@ from tvm.target import Target
 
 import pit_compiler as pit
 from pit_compiler import ops
-from pit_compiler.codegen.warpgroup import warpgroup_kernel, warpgroup_knobs, warpgroup_space
+from pit_compiler.codegen.warpgroup import (
+    fitting_warpgroup_knobs,
+    row_gather_knobs,
+    warpgroup_kernel,
+    warpgroup_knobs,
+    warpgroup_space,
+)
 from pit_compiler.ir import InvalidKnobs, SparsityAttr, plan_pit
-from pit_compiler.runtime import KernelCache
+from pit_compiler.runtime import KernelCache, RecentCounts
 from pit_compiler.schedules.warpgroup_matmul import WarpgroupMatmul, swizzled
 from cuda_build import SM90, assert_compiles_for_sm90
 from sparse_data import (
@@ -33,7 +39,8 @@ from sparse_data import (
 Knobs = WarpgroupMatmul.Knobs
 ROWS_64 = Knobs(block_m=64, block_n=128, stages=4, overlap=False)  # a lone warpgroup's default
 ROWS_32 = Knobs(block_m=32, block_n=128, stages=2, overlap=False)  # the transposed tile's
-NARROW_32 = Knobs(block_m=32, block_n=256, stages=2, overlap=False)  # its default for chunks narrower than 8
+NARROW_32 = Knobs(block_m=32, block_n=64, stages=2, overlap=False, pack_a=True)  # its default for chunks narrower than 8
+GATHERED_32 = Knobs(block_m=32, block_n=256, stages=2, overlap=False)  # the same where A cannot be packed
 
 
 def plan_for(tile, M=512, K=256, N=384, sparse="A", form=None, a_transposed=False):
@@ -69,8 +76,24 @@ def test_narrow_chunks_are_also_tried_packed():
     space = warpgroup_space(default, plan)
     assert space[0] == default == NARROW_32 and len(set(space)) == len(space)
     plain, packed = [k for k in space if not k.pack_a], [k for k in space if k.pack_a]
-    assert [replace(k, pack_a=False) for k in packed] == plain
+    assert {replace(k, pack_a=False) for k in packed} == set(plain) and GATHERED_32 in plain
+    assert WarpgroupMatmul().default(32, narrow_k=True, packed=False) == GATHERED_32
     assert not any(k.pack_a for k in warpgroup_space(ROWS_32, plan_for((32, 32))))
+
+
+def test_gathered_rows_try_every_height_and_blocks_keep_theirs():
+    """Gathered rows fill thread blocks of any height (shorter ones spread few listed rows over
+    more SMs); a row block is its thread block's rows."""
+    rows = plan_for((1, None))
+    default = warpgroup_knobs(rows, 2, 256, 384, "float16", "float16", "float16", SM90)
+    space = warpgroup_space(default, rows)
+    assert space[0] == default == Knobs() and len(set(space)) == len(space)
+    assert {k.block_m for k in space} == {128, 64, 32} and ROWS_64 in space and ROWS_32 in space
+    assert fitting_warpgroup_knobs(default, ROWS_32, rows) == ROWS_32
+    blocks = plan_for((64, 64))
+    assert fitting_warpgroup_knobs(ROWS_64, ROWS_32, blocks) == ROWS_64  # not its rows
+    assert fitting_warpgroup_knobs(ROWS_64, replace(ROWS_64, stages=2), blocks) == replace(ROWS_64, stages=2)
+    assert fitting_warpgroup_knobs(ROWS_64, None, blocks) == ROWS_64
 
 
 def test_swizzle_spreads_each_chunk_column_over_eight_rows():
@@ -353,3 +376,50 @@ def test_a_packed_setting_hands_the_tile_the_packed_copy(pack, monkeypatch):
         assert a_read is packed and packed.shape == (M, packed_columns(1, K)) == (M, 64)
     else:
         assert packs == [] and a_read.data_ptr() == A.data_ptr()
+
+
+def test_a_product_too_large_to_pack_gathers_A(monkeypatch):
+    """A packed copy past 32-bit indexing is not made: the default then runs its best gathered
+    setting, a tuned packed one the same setting gathered."""
+    M, K, N = 96, 40, 64
+    A, B, out = torch.randn(M, K).half(), torch.randn(K, N).half(), torch.empty(M, N).half()
+    plan = plan_for((32, 1), M=M, K=K, N=N)
+    index = ops.index_for(plan, A, None, (32, 1), None)
+    monkeypatch.setattr(ops, "target_for", lambda device: SM90)
+    monkeypatch.setattr(ops, "MAX_ELEMENTS", M * 64 - 1)
+    monkeypatch.setattr(ops, "pack_kernel", lambda *key: pytest.fail("packed a copy too large"))
+    tiles = []
+    monkeypatch.setattr(ops, "warpgroup_kernel", lambda *key: lambda a, b, cnt, idx, c: tiles.append(key[-1]))
+    tuned = replace(NARROW_32, stages=3)
+    for knobs in (None, tuned):
+        assert ops.run_on_warpgroups(plan, A, B, out, index, knobs)
+    assert tiles == [GATHERED_32, replace(tuned, pack_a=False)]
+
+
+@pytest.mark.parametrize(
+    "rows, N, chosen",
+    [(None, 8192, Knobs()), (82, 8192, ROWS_64), (410, 8192, Knobs()), (819, 8192, Knobs()),
+     (41, 4096, replace(ROWS_64, block_n=64)), (410, 4096, ROWS_64), (0, 4096, replace(ROWS_64, block_n=64))],
+    ids=str,
+)
+def test_few_gathered_rows_take_shorter_tiles(rows, N, chosen):
+    """Where the default's thread blocks would fill under half of 132 SMs (each walks all of k),
+    the first shorter tile whose blocks do: the H200's measured best in each of these cases."""
+    assert row_gather_knobs(Knobs(), rows, N, 132) == chosen
+
+
+def test_gathered_rows_pick_their_tile_from_an_earlier_calls_count(monkeypatch):
+    """No host read: the first call of a signature runs the default tile, later ones the tile
+    for the rows an earlier call listed; tuned knobs are kept as they are."""
+    M, K, N = 512, 64, 4096
+    A, B, out = torch.randn(M, K).half(), torch.randn(K, N).half(), torch.empty(M, N).half()
+    A[40:] = 0  # 40 rows listed: 1 x 16 blocks of 128x256, 40 blocks of 64x64
+    plan = plan_for((1, None), M=M, K=K, N=N)
+    index = ops.index_for(plan, A, None, (1, K), None)
+    monkeypatch.setattr(ops, "target_for", lambda device: SM90)
+    monkeypatch.setattr(ops, "RECENT_COUNTS", RecentCounts())
+    tiles = []
+    monkeypatch.setattr(ops, "warpgroup_kernel", lambda *key: lambda a, b, cnt, idx, c: tiles.append(key[-1]))
+    for knobs in (None, None, ROWS_32):
+        assert ops.run_on_warpgroups(plan, A, B, out, index, knobs)
+    assert tiles == [Knobs(), replace(ROWS_64, block_n=64), ROWS_32]
