@@ -448,12 +448,12 @@ def run_on_warpgroups(plan: PITPlan, A, B, out, index: MicroTileIndex, knobs=Non
 
 
 def _recent_rows(plan: PITPlan, A, B, index: MicroTileIndex) -> int | None:
-    """Gathered rows listed by the newest earlier call of this signature whose count has
-    reached the host (:data:`RECENT_COUNTS`: no wait), or None before any has. Posts this
-    call's count where the dense fallback did not (it posts its own), outside graph capture."""
+    """Gathered rows listed by the newest call of this signature whose count has reached the
+    host (:data:`RECENT_COUNTS`: no wait; the dense fallback's first call reads its own), or
+    None before any has. Posts this call's count for the next, outside graph capture."""
     call = call_signature(plan, A, B)
     listed = RECENT_COUNTS.latest(call)
-    if not falls_back_on(A.device) and not capturing_graph(A.device):
+    if not capturing_graph(A.device):
         RECENT_COUNTS.post(call, index.counts)
     return None if listed is None else listed * plan.tile["m"]
 

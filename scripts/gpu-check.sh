@@ -11,9 +11,10 @@
 #   bash scripts/gpu-check.sh packed     # the narrow-chunk and no-wait gpu tests, then the 32x1 sweep (pack_a or not)
 #   bash scripts/gpu-check.sh rows       # every tuner setting's gpu test, the no-wait ones, then whole rows at every tile height
 #   bash scripts/gpu-check.sh auto       # benchmarks/tuning.py at 8192^3 (32x1, 64x64), then benchmarks/models.py
+#   bash scripts/gpu-check.sh recheck    # the packed 32x1 gpu tests, spmm of whole rows and 32x1, auto's profile (.proto2/tiles.json)
 # Logs and results are copied under $OUT when the device tool provides it.
 set -uo pipefail
-stage=${1:?usage: scripts/gpu-check.sh tests|kernels|spmm|tuning|sweep|warpgroup|hopper|tables|packed|rows|auto}
+stage=${1:?usage: scripts/gpu-check.sh tests|kernels|spmm|tuning|sweep|warpgroup|hopper|tables|packed|rows|auto|recheck}
 if ls .whl/*.whl > /dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
@@ -67,6 +68,16 @@ case "$stage" in
     timeout 330 python3 -P benchmarks/tuning.py --sizes 8192 --micro-tiles 32x1,64x64 --sparsities 0.5,0.95 \
       --patterns 32x1,64x64 --seeds 1 --trials 32 --repeat 5 --db "$out/tiles.json" 2>&1 | tee "$out/tuning.log" | tail -32
     timeout "${MODELS_TIMEOUT:-200}" python3 -P benchmarks/models.py 2>&1 | tee "$out/models.log" | grep -E "eager|pit " ;;
+  recheck)
+    t=tests/codegen/test_warpgroup.py
+    ids=("$t::test_every_setting_the_tuner_tries_is_correct[32-(32, 1)]" "$t::test_every_setting_the_tuner_tries_is_correct[128-(1, None)]")
+    for d in 1.0 0.1 0.0; do for dt in float16 bfloat16; do ids+=("$t::test_sparse_A_on_warpgroups[1000-520-776-$d-(32, 1)-torch.$dt]"); done; done
+    timeout 120 python3 -P -m pytest -q -p no:cacheprovider -m gpu --maxfail=5 "${ids[@]}" 2>&1 | tee "$out/gpu-recheck.log" | tail -3
+    cases=(--micro-tiles row,32x1 --sparsities 0,0.5,0.9,0.99 --merge)
+    timeout 100 python3 -P benchmarks/spmm.py --sizes 8192 --dtypes float16,bfloat16 "${cases[@]}" 2>&1 | tee "$out/spmm.log" \
+      | grep -E " (pit|pit_kernel|cublas) "
+    timeout 50 python3 -P benchmarks/spmm.py --sizes 4096 --dtypes float16 "${cases[@]}" 2>&1 | tee -a "$out/spmm.log" | grep -E " (pit|pit_kernel|cublas) "
+    timeout 100 python3 -P scripts/gpu_auto_profile.py --db .proto2/tiles.json 2>&1 | tee "$out/auto-profile.log" | tail -8 ;;
   sweep)
     timeout 540 python3 -P scripts/gpu_tile_sweep.py --json "$out/sweep.json" 2>&1 | tee "$out/sweep.log" | tail -80 ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;

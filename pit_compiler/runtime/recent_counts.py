@@ -44,6 +44,7 @@ class RecentCount:
         self._turn = 0
         self._value: int | None = None
         self._value_post = 0
+        self._serial = 0  # numbers posts in order
 
     def latest(self) -> int | None:
         """The newest count that has arrived, or None before any has."""
@@ -54,8 +55,12 @@ class RecentCount:
                     self._value, self._value_post = int(self._slots[slot].sum()), self._posted[slot]
         return self._value
 
-    def post(self, counts: torch.Tensor) -> None:
-        """Start copying ``counts`` (integers on the device, shaped as at construction) to the host."""
+    def post(self, counts: torch.Tensor, known: int | None = None) -> None:
+        """Start copying ``counts`` (integers on the device, shaped as at construction) to the
+        host; ``known``: their total, already read, so the newest at once."""
+        self._serial += 1
+        if known is not None:  # newer than any copy in flight: those no longer replace it
+            self._value, self._value_post = known, self._serial
         slot = self._turn
         if self._in_flight[slot] and not self._arrived[slot].query():
             return
@@ -63,7 +68,7 @@ class RecentCount:
         self._slots[slot].copy_(counts, non_blocking=True)  # on the current stream of counts' device
         self._arrived[slot].record(torch.cuda.current_stream(counts.device) if counts.is_cuda else None)
         self._in_flight[slot] = True
-        self._posted[slot] = max(self._posted) + 1
+        self._posted[slot] = self._serial
         self._turn = 1 - slot
 
 
@@ -88,22 +93,27 @@ class RecentCounts:
     def post(self, key, counts: torch.Tensor) -> None:
         """Start copying ``counts`` (integers on the device) to the host under ``key``; calls
         with one key post counts of one shape."""
+        self._post(key, counts, None)
+
+    def _post(self, key, counts: torch.Tensor, known: int | None) -> None:
         with self._lock:
             recent = self._counts.get(key)
             if recent is None:
                 recent = self._counts[key] = RecentCount(counts)
                 if len(self._counts) > self.capacity:
                     self._counts.popitem(last=False)
-            recent.post(counts)
+            recent.post(counts, known)
 
     def count(self, key, counts: torch.Tensor) -> int:
         """The listed count to decide this call by: the newest arrived total of an earlier call
-        with ``key``, else the sum of this call's own per-block ``counts`` (read now: one wait).
-        Posts ``counts`` for the calls that follow."""
+        with ``key``, else the sum of this call's own per-block ``counts`` (read now: one wait,
+        and from then on the newest count of ``key``). Posts ``counts`` for the calls that follow."""
         value = self.latest(key)
-        if value is None:
-            value = int(counts.sum())
-        self.post(key, counts)
+        if value is not None:
+            self.post(key, counts)
+            return value
+        value = int(counts.sum())
+        self._post(key, counts, value)
         return value
 
     def clear(self) -> None:

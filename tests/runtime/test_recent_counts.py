@@ -75,3 +75,23 @@ def test_recent_counts_can_be_shared_by_threads():
         results = [value for values in pool.map(calls, range(8)) for value in values]
     assert len(results) == 2400 and all(0 <= value <= 2 * 299 for value in results)
     assert len(counts._counts) == 3
+
+
+def test_a_count_read_by_the_first_call_is_the_newest_at_once():
+    """The first call of a signature reads its own count (one wait): later calls see it before
+    its copy arrives, and an older copy arriving after it does not replace it."""
+    counts = RecentCounts()
+    counts.post("call", torch.tensor([1, 1], dtype=torch.int32))  # a copy in flight
+    recent = counts._counts["call"]
+    copies = recent._arrived = [_Copy(), _Copy()]
+    recent._in_flight = [True, False]
+    recent._value = None
+    assert counts.latest("call") is None
+    assert counts.count("call", torch.tensor([4, 5], dtype=torch.int32)) == 9  # read now
+    assert counts.latest("call") == 9  # not waiting for its copy
+    copies[0].arrived = True
+    assert counts.latest("call") == 9  # the older copy does not replace it
+    counts.post("call", torch.tensor([2, 2], dtype=torch.int32))
+    for copy in copies:
+        copy.arrived = True
+    assert counts.latest("call") == 4  # a later post does

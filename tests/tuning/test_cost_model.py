@@ -183,6 +183,17 @@ def test_auto_decides_by_earlier_counts_and_detects_the_choice_and_one_rival(pro
         torch.testing.assert_close(pit.sparse_matmul(A, B, micro_tile="auto"), A @ B, rtol=1e-5, atol=1e-4)
 
 
+def test_auto_probes_a_rival_predicted_far_slower_one_call_in_eight(process_database, detections):
+    """Scattered pieces: 32x32 blocks could only win if the pattern changed (their bound is
+    below the pieces' time, their prediction far above): counted again every eighth call."""
+    A, B = operand((32, 1), 0.95), torch.randn(SHAPE[2], SHAPE[1])
+    assert cost_model.select_without_waiting(A, B).micro_tile == (32, 1)  # counts both
+    detections.clear()
+    for _ in range(16):
+        assert cost_model.select_without_waiting(A, B).micro_tile == (32, 1)
+    assert detections.count((32, 1)) == 16 and detections.count((32, 32)) == 2
+
+
 def test_auto_detects_nothing_where_dense_is_sure_to_win(process_database, detections):
     A, B = operand((32, 1), 0.5), torch.randn(SHAPE[2], SHAPE[1])
     cost_model.select_without_waiting(A, B)  # the first call counts every candidate
