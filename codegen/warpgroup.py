@@ -171,8 +171,9 @@ def warpgroup_knobs(plan, ndim: int, K: int, N: int, dtype: str, b_dtype: str, o
     It serves a 2-D float16 or bfloat16 A stored (m, k) with B stored (k, n) of the same dtype,
     K and N multiples of 8 (16-byte rows), on sm_90: the reduce form of blocks of 32 (the
     transposed tile), 64 or 128 rows (one thread block each), their chunks of k copied 8
-    columns at a time where they are multiples of 8, else element by element (32x1 pieces);
-    and whole rows (row gather). Asked on every call: answers are kept.
+    columns at a time where they are multiples of 8, else packed first (on 32 rows) or
+    element by element (32x1 pieces); and whole rows (row gather; the default tile is 128 rows,
+    :func:`row_gather_knobs` picks shorter ones for few rows). Asked on every call: answers are kept.
     """
     template = WarpgroupMatmul()
     applies = (
