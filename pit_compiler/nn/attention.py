@@ -11,6 +11,11 @@
 
 The score matrix is still stored densely (``sparse_matmul`` takes and returns dense tensors), so
 memory is that of eager attention; the two products skip the unlisted tiles.
+
+On a GPU where PIT has no tensor-core kernel for these products (today: every head is one
+product of a batch, which only the one-thread-per-output kernel takes), both run as dense
+batched cuBLAS instead, under the same masks: exact, as the tiles PIT would skip hold only
+masked scores and zero probabilities (see :func:`_dense_products`).
 """
 
 from __future__ import annotations
@@ -21,8 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pit_compiler import ops
 from pit_compiler.api import sparse_matmul
-from pit_compiler.ir import UnsupportedPattern
+from pit_compiler.ir import SparsityAttr, UnsupportedPattern, plan_pit
 
 from .attention_patterns import expand_grid, from_dense_mask, normalize_block
 
@@ -163,27 +169,41 @@ def sparse_attention(
     if 0 in (batch, heads, seq_q, seq_k, dim_v):
         return q.new_zeros(batch, heads, seq_q, dim_v)
     grid = grid.expand(grid_shape).reshape(batch * heads, *grid_shape[2:])
+    dense = _dense_products(q, seq_k, dim_v, block)  # (with nothing masked, the grid lists every tile)
 
-    scores = sparse_matmul(
-        q.reshape(batch * heads, seq_q, dim),
-        k.reshape(batch * heads, seq_k, dim).transpose(1, 2),
-        sparse="C",
-        micro_tile=block,
-        mask=grid,
-    )
+    q3, k3 = q.reshape(batch * heads, seq_q, dim), k.reshape(batch * heads, seq_k, dim).transpose(1, 2)
+    if dense:
+        scores = torch.bmm(q3, k3)
+    else:
+        scores = sparse_matmul(q3, k3, sparse="C", micro_tile=block, mask=grid)
     scores = scores.view(full).float() * scale
     if bias is not None:
         scores.add_(bias)
-    probs = _masked_softmax(scores, keep).to(q.dtype)
-    out = sparse_matmul(
-        probs.view(batch * heads, seq_q, seq_k),
-        v.reshape(batch * heads, seq_k, dim_v),
-        sparse="A",
-        micro_tile=block,
-        mask=grid,
-        form="reduce",
-    )
+    probs = _masked_softmax(scores, keep).to(q.dtype).view(batch * heads, seq_q, seq_k)
+    v3 = v.reshape(batch * heads, seq_k, dim_v)
+    if dense:
+        out = torch.bmm(probs, v3)
+    else:
+        out = sparse_matmul(probs, v3, sparse="A", micro_tile=block, mask=grid, form="reduce")
     return out.view(batch, heads, seq_q, dim_v)
+
+
+def _dense_products(q: torch.Tensor, seq_k: int, dim_v: int, block) -> bool:
+    """Whether attention's two products run as dense batched cuBLAS rather than on PIT.
+
+    Where PIT's only kernel for them is the one-thread-per-output one and the dense fallback
+    applies (a GPU; :func:`~pit_compiler.ops.falls_back_on`): on an NVIDIA H200 (float16) that
+    kernel made Longformer-base attention at 4096 tokens take 27.0 ms against 0.300 eager, and a
+    12-layer BERT-base on padded batches 402 ms against 5.32. Exact: a tile PIT skips holds only
+    disallowed scores (masked before the softmax either way) and zero probabilities.
+    """
+    if not ops.falls_back_on(q.device):
+        return False
+    sizes = {"m": q.shape[2], "n": dim_v, "k": seq_k}
+    plan = plan_pit(ops.matmul_contraction(3), SparsityAttr("A", block), sizes, "reduce")
+    probs = q.new_empty(()).expand(1, 1, seq_k)  # what the kernel choice reads: rank, K, dtype, device
+    out = q.new_empty(()).expand(1, 1, dim_v)
+    return ops.tensor_core_path(plan, probs, out, out) is None
 
 
 def _stay_unfused(module, args):

@@ -509,3 +509,36 @@ def test_module_refuses_what_it_does_not_support():
     with pytest.raises(ValueError, match="attn_mask"):
         sparse(x, x, x, attn_mask=torch.zeros(3, 5, 5, dtype=torch.bool))
     assert sparse(x, x, x)[0].shape == (5, 2, 16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ["element", "blocks", "padding", "additive", "none"])
+def test_dense_products_where_pit_has_no_tensor_core_kernel(case, dtype, monkeypatch):
+    """Where the dense fallback applies and no tensor-core kernel takes attention's batched
+    products (patched in here on the CPU, as on a GPU today), both run as dense batched
+    matmuls under the same masks: the same attention, and PIT is not called."""
+    from pit_compiler import ops
+    from pit_compiler.nn import attention
+
+    monkeypatch.setattr(ops, "falls_back_on", lambda device: True)
+    monkeypatch.setattr(attention, "sparse_matmul", lambda *a, **k: pytest.fail("ran on PIT"))
+    block, (q, k, v) = (16, 32), qkv(2, 3, 97, 50, 16, dtype, "cpu", seed=4)
+    generator = torch.Generator().manual_seed(6)
+    keep, kwargs, bias = torch.ones(2, 3, 97, 50, dtype=torch.bool), {}, None
+    if case == "element":
+        keep = torch.rand(2, 3, 97, 50, generator=generator) < 0.3
+        keep[0, 0, :20] = False  # rows with nothing allowed give zeros
+        kwargs = {"attn_mask": keep}
+    elif case == "blocks":
+        grid = torch.rand(2, 3, 7, 2, generator=generator) < 0.4
+        keep, kwargs = expand_grid(grid, block, 97, 50), {"block_mask": grid}
+    elif case == "padding":
+        padding = torch.arange(50).view(1, -1) >= torch.tensor([13, 40]).view(-1, 1)
+        keep, kwargs = ~padding[:, None, None, :], {"key_padding_mask": padding}
+    elif case == "additive":
+        keep = torch.rand(97, 50, generator=generator) < 0.5
+        bias = torch.full((97, 50), float("-inf")).masked_fill(keep, 0.0) + torch.randn(97, 50, generator=generator) * keep
+        kwargs = {"attn_mask": bias}
+        bias = bias.masked_fill(~keep, 0.0)
+    out = sparse_attention(q, k, v, block=block, **kwargs)
+    assert_close_to(out, reference_attention(q, k, v, keep, bias))
