@@ -285,21 +285,12 @@ def dense_crossover(plan: PITPlan, A, B, out) -> float:
     Hopper's warpgroup tile (same size, kernel alone on dense input): whole rows 0.79, blocks of
     128 rows 0.67, of 64 rows 0.44, of 32 rows 0.25 (transposed tile), less detection and, for
     rows, zeroing the output. The benchmark's lines through 50 and 100 % (rows) and 10 and 50 %
-    (64x64) listed cross cuBLAS at 0.71 and 0.44; through 10 and 50 %, 32x32 at 0.18.
+    (64x64) listed cross cuBLAS at 0.71 and 0.44; through 10 and 50 %, 32x32 at 0.18. On
+    Hopper, those of 8192^3 shrink for smaller products (:func:`_room_above_call_floor`).
     """
     facts = _call_facts(A, B, out)
     if warpgroup_knobs(plan, *facts) is not None:
-        if plan.form == "scatter":
-            return 0.70
-        crossover = {128: 0.60, 64: 0.40, 32: 0.18}[plan.tile["m"]]
-        if plan.tile["k"] % 8 == 0:
-            return crossover
-        # Chunks narrower than 8 columns: on 32 rows A's pieces are packed once per call, and
-        # the tile then took 1.00 ms at 10 % listed where 32x32 blocks took 0.71 (the 32x32
-        # line crosses cuBLAS at 18 %). Taller blocks gather them element by element in every
-        # thread block: the same ratio measured so on 32 rows (1.51 ms; 32x1 line crossing
-        # cuBLAS at 7 %) is assumed for them.
-        return 0.12 if plan.tile["m"] == 32 else round(crossover * 0.4, 2)
+        return round(_warpgroup_crossover(plan) * _room_above_call_floor(A.shape[-2], facts[1], facts[2]), 3)
     path = tensor_core_kernel(plan, *facts)
     if path == "row_gather":
         return 0.30
@@ -315,6 +306,36 @@ def dense_crossover(plan: PITPlan, A, B, out) -> float:
     # The one-thread-per-output kernel: measured with float16 against tensor-core cuBLAS;
     # float32 cuBLAS runs about ten times slower, so PIT keeps ten times the density (derived).
     return 0.01 if A.dtype == torch.float32 else 0.001
+
+
+def _warpgroup_crossover(plan: PITPlan) -> float:
+    """:func:`dense_crossover` of Hopper's warpgroup tile for products as large as 8192^3."""
+    if plan.form == "scatter":
+        return 0.70
+    crossover = {128: 0.60, 64: 0.40, 32: 0.18}[plan.tile["m"]]
+    if plan.tile["k"] % 8 == 0:
+        return crossover
+    # Chunks narrower than 8 columns: on 32 rows A's pieces are packed once per call, and the
+    # tile then took 1.00 ms at 10 % listed where 32x32 blocks took 0.71 (the 32x32 line
+    # crosses cuBLAS at 18 %). Taller blocks gather them element by element in every thread
+    # block: the same ratio measured so on 32 rows (1.51 ms; 32x1 line crossing cuBLAS at 7 %)
+    # is assumed for them.
+    return 0.12 if plan.tile["m"] == 32 else round(crossover * 0.4, 2)
+
+
+# A PIT call on Hopper costs about this much however little is listed (detection, launches,
+# host): H200, 4096^3 float16 at 99 % sparse, kernels alone 0.15-0.21 ms (32x32, 64x64, 32x1).
+CALL_FLOOR_MS = 0.15
+DENSE_FLOP_PER_MS = 7.5e11  # cuBLAS on an H200, 16-bit, 4096^3 to 8192^3 (0.17-0.23, 1.25-1.58 ms)
+
+
+def _room_above_call_floor(M: int, K: int, N: int) -> float:
+    """The share of a dense product's time left above PIT's per-call floor: the crossovers,
+    measured at 8192^3 (where it is 0.9), shrink by it for smaller products, whose cuBLAS time
+    nears what a PIT call costs at any density (4096^3: 0.18; the H200 run there had 32x1
+    pieces at 90 % take 0.315 ms on PIT's kernel against 0.176 on cuBLAS)."""
+    dense_ms = 2 * M * K * N / DENSE_FLOP_PER_MS
+    return max(0.0, 1.0 - CALL_FLOOR_MS / dense_ms) if dense_ms > 0 else 0.0
 
 
 def call_signature(plan: PITPlan, A: torch.Tensor, B: torch.Tensor) -> tuple:
