@@ -211,12 +211,18 @@ def row_gather_knobs(default: WarpgroupMatmul.Knobs, rows: int | None, N: int, s
     """
     if rows is None:
         return default
-    shorter = WarpgroupMatmul().default(64)
-    candidates = (default, shorter, replace(shorter, block_n=64))
+    candidates = (default, *_shorter_row_tiles())
     for knobs in candidates:
         if -(-rows // knobs.block_m) * -(-N // knobs.block_n) >= sms / 2:
             return knobs
     return candidates[-1]
+
+
+@functools.lru_cache(maxsize=None)
+def _shorter_row_tiles() -> tuple:
+    """64x128, then 64x64 (built once: knobs check themselves when made, on every call else)."""
+    shorter = WarpgroupMatmul().default(64)
+    return shorter, replace(shorter, block_n=64)
 
 
 def fitting_warpgroup_knobs(default: WarpgroupMatmul.Knobs, tuned, plan) -> WarpgroupMatmul.Knobs:
