@@ -16,9 +16,9 @@ from pit_compiler.codegen.gather_matmul import fits_tensor_cores, row_gather_ker
 from pit_compiler.codegen.reduce_matmul import ROW_BLOCKS, fitting_knobs, reduce_tile_kernel, reduce_tile_knobs
 from pit_compiler.codegen.warpgroup import (
     fitting_warpgroup_knobs,
-    row_gather_knobs,
     pack_kernel,
     packed_columns,
+    row_gather_knobs,
     warpgroup_kernel,
     warpgroup_knobs,
 )

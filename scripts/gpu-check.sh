@@ -1,7 +1,7 @@
 # Runner for the lent GPU machine, one stage per device call (each under 10 minutes).
 # After the TVM bundle is staged (../shared/gpu/README.md) and test wheels are in .whl/:
 #   bash scripts/gpu-check.sh tests      # the whole gpu suite, default kernels
-#   bash scripts/gpu-check.sh kernels    # the gpu tests of detection, the tensor-core tiles and sparse_matmul
+#   bash scripts/gpu-check.sh kernels    # the gpu tests of detection, the tensor-core tiles, sparse_matmul and attention's dense products
 #   bash scripts/gpu-check.sh spmm       # benchmarks/spmm.py: fp16, every case at 4096^3, some at 8192^3
 #   bash scripts/gpu-check.sh tuning     # benchmarks/tuning.py --quick at 4096^3 fp16
 #   bash scripts/gpu-check.sh sweep      # scripts/gpu_tile_sweep.py: the reduce tile's knobs at 8192^3
@@ -27,7 +27,8 @@ case "$stage" in
   tests) timeout 540 python3 -P -m pytest -q -p no:cacheprovider -m gpu --maxfail=15 --durations=8 2>&1 | tee "$out/gpu-tests.log" | tail -25 ;;
   kernels)
     timeout 540 python3 -P -m pytest -q -p no:cacheprovider -m gpu tests/codegen/test_detect_cuda.py \
-      tests/codegen/test_reduce_tensor_cores.py tests/test_sparse_matmul.py tests/tuning/test_tuning_gpu.py 2>&1 | tee "$out/gpu-kernels.log" | tail -25 ;;
+      tests/codegen/test_reduce_tensor_cores.py tests/test_sparse_matmul.py tests/tuning/test_tuning_gpu.py \
+      "tests/nn/test_attention.py::test_dense_products_where_pit_has_no_tensor_core_kernel" 2>&1 | tee "$out/gpu-kernels.log" | tail -25 ;;
   spmm)  # all cases at 4096^3, then the fast micro-tiles at 8192^3 merged into the same table
     timeout 200 python3 -P benchmarks/spmm.py --sizes 4096 --dtypes float16 2>&1 | tee "$out/spmm.log" | tail -40
     timeout 200 python3 -P benchmarks/spmm.py --sizes 8192 --dtypes float16 --micro-tiles row,32x1,32x32,64x64 \

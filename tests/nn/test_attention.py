@@ -511,18 +511,21 @@ def test_module_refuses_what_it_does_not_support():
     assert sparse(x, x, x)[0].shape == (5, 2, 16)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", ["element", "blocks", "padding", "additive", "none"])
-def test_dense_products_where_pit_has_no_tensor_core_kernel(case, dtype, monkeypatch):
+def test_dense_products_where_pit_has_no_tensor_core_kernel(case, dtype, device, monkeypatch):
     """Where the dense fallback applies and no tensor-core kernel takes attention's batched
-    products (patched in here on the CPU, as on a GPU today), both run as dense batched
-    matmuls under the same masks: the same attention, and PIT is not called."""
+    products (a GPU today; patched in on the CPU), both run as dense batched matmuls under the
+    same masks: the same attention, and PIT is not called."""
     from pit_compiler import ops
     from pit_compiler.nn import attention
 
-    monkeypatch.setattr(ops, "falls_back_on", lambda device: True)
+    monkeypatch.setattr(ops, "DENSE_FALLBACK", True)  # the tests' default is PIT's kernels only
+    if device == "cpu":
+        monkeypatch.setattr(ops, "falls_back_on", lambda device: True)
     monkeypatch.setattr(attention, "sparse_matmul", lambda *a, **k: pytest.fail("ran on PIT"))
-    block, (q, k, v) = (16, 32), qkv(2, 3, 97, 50, 16, dtype, "cpu", seed=4)
+    block, (q, k, v) = (16, 32), qkv(2, 3, 97, 50, 16, dtype, device, seed=4)
     generator = torch.Generator().manual_seed(6)
     keep, kwargs, bias = torch.ones(2, 3, 97, 50, dtype=torch.bool), {}, None
     if case == "element":
@@ -540,5 +543,6 @@ def test_dense_products_where_pit_has_no_tensor_core_kernel(case, dtype, monkeyp
         bias = torch.full((97, 50), float("-inf")).masked_fill(keep, 0.0) + torch.randn(97, 50, generator=generator) * keep
         kwargs = {"attn_mask": bias}
         bias = bias.masked_fill(~keep, 0.0)
+    kwargs = {name: mask.to(device) for name, mask in kwargs.items()}
     out = sparse_attention(q, k, v, block=block, **kwargs)
     assert_close_to(out, reference_attention(q, k, v, keep, bias))
