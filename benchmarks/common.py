@@ -26,9 +26,9 @@ def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
 
 
-def time_ms(fn, device: torch.device, *, warmup: int = 3, repeat: int = 20) -> dict:
+def time_ms(fn, device: torch.device, *, warmup: int = 3, repeat: int = 20, batch: int = 1) -> dict:
     """Median and 20/80 percentiles in ms (:func:`pit_compiler.testing.do_bench`), as a record."""
-    return dataclasses.asdict(do_bench(fn, device, warmup=warmup, repeat=repeat))
+    return dataclasses.asdict(do_bench(fn, device, warmup=warmup, repeat=repeat, batch=batch))
 
 
 def peak_memory_mb(fn, device: torch.device) -> float | None:

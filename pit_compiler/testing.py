@@ -24,9 +24,16 @@ class Timing:
         return f"{self.median_ms:.3f} ms [{self.p20_ms:.3f}, {self.p80_ms:.3f}]"
 
 
-def do_bench(fn, device=None, *, warmup: int = 3, repeat: int = 20) -> Timing:
-    """Time ``fn()`` on ``device`` (a torch device or its name; CPU when None)."""
+def do_bench(fn, device=None, *, warmup: int = 3, repeat: int = 20, batch: int = 1) -> Timing:
+    """Time ``fn()`` on ``device`` (a torch device or its name; CPU when None).
+
+    ``batch``: calls per sample, its time their mean. 1 times each call alone on an idle GPU,
+    so the host's time to issue it counts in full; more queue that many calls before one wait,
+    host and GPU overlapping as they do along a model's forward.
+    """
     device = torch.device(device or "cpu")
+    if batch < 1:
+        raise ValueError(f"batch must be at least 1, got {batch!r}")
     for _ in range(warmup):
         fn()
     times = []
@@ -34,14 +41,16 @@ def do_bench(fn, device=None, *, warmup: int = 3, repeat: int = 20) -> Timing:
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            fn()
+            for _ in range(batch):
+                fn()
             end.record()
             end.synchronize()
-            times.append(start.elapsed_time(end))
+            times.append(start.elapsed_time(end) / batch)
         else:
             begin = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - begin) * 1e3)
+            for _ in range(batch):
+                fn()
+            times.append((time.perf_counter() - begin) * 1e3 / batch)
     if len(times) == 1:
         return Timing(times[0], times[0], times[0])
     deciles = statistics.quantiles(times, n=10, method="inclusive")

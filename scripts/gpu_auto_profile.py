@@ -4,7 +4,7 @@ Development tool for the lent GPU machine (``python3 -P scripts/gpu_auto_profile
 tiles.json``, a database ``benchmarks/tuning.py`` tuned): per pattern it times, as the tuning
 benchmark does (CUDA events around each call, the GPU idle before it), every fixed micro-tile,
 dense and auto; then auto's parts: the selection alone on the host, each candidate's detection,
-and the choices of consecutive calls; and calls issued back to back (one sync per 20 calls).
+and the choices of consecutive calls; and calls issued back to back (20 per timed sample).
 """
 
 from __future__ import annotations
@@ -24,17 +24,6 @@ from tuning import pattern  # noqa: E402
 import pit_compiler as pit  # noqa: E402
 from pit_compiler.testing import do_bench  # noqa: E402
 from pit_compiler.tuning import TileDatabase, cost_model, set_tile_database  # noqa: E402
-
-
-def back_to_back(fn, calls: int = 20) -> float:
-    """ms per call with ``calls`` calls queued before one sync (host and GPU overlapping)."""
-    fn()
-    torch.cuda.synchronize()
-    begin = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - begin) * 1e3 / calls
 
 
 def host_ms(fn, calls: int = 50) -> float:
@@ -66,7 +55,8 @@ def main() -> None:
         fns["auto"] = lambda: pit.sparse_matmul(A, B, micro_tile="auto")
         for fn in fns.values():
             fn(), fn()
-        line = [f"{label} {do_bench(fn, device, repeat=20).median_ms:.3f}/{back_to_back(fn):.3f}" for label, fn in fns.items()]
+        line = [f"{label} {do_bench(fn, device, repeat=20).median_ms:.3f}/{do_bench(fn, device, repeat=5, batch=20).median_ms:.3f}"
+                for label, fn in fns.items()]
         print(f"{name} {sparsity}: ms one call / back to back: " + ", ".join(line), flush=True)
         choices = [cost_model.select_without_waiting(A, B).label for _ in range(16)]
         torch.cuda.synchronize()
