@@ -24,6 +24,23 @@ class Timing:
         return f"{self.median_ms:.3f} ms [{self.p20_ms:.3f}, {self.p80_ms:.3f}]"
 
 
+def elapsed_ms(fn, device: torch.device, calls: int = 1) -> float:
+    """ms that ``calls`` calls of ``fn`` take, issued back to back: CUDA events around them on a
+    GPU (waited for), ``time.perf_counter`` on the CPU."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    begin = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - begin) * 1e3
+
+
 def do_bench(fn, device=None, *, warmup: int = 3, repeat: int = 20, batch: int = 1) -> Timing:
     """Time ``fn()`` on ``device`` (a torch device or its name; CPU when None).
 
@@ -36,21 +53,7 @@ def do_bench(fn, device=None, *, warmup: int = 3, repeat: int = 20, batch: int =
         raise ValueError(f"batch must be at least 1, got {batch!r}")
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeat):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(batch):
-                fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / batch)
-        else:
-            begin = time.perf_counter()
-            for _ in range(batch):
-                fn()
-            times.append((time.perf_counter() - begin) * 1e3 / batch)
+    times = [elapsed_ms(fn, device, batch) / batch for _ in range(repeat)]
     if len(times) == 1:
         return Timing(times[0], times[0], times[0])
     deciles = statistics.quantiles(times, n=10, method="inclusive")

@@ -45,6 +45,7 @@ from pit_compiler.ops import (
 )
 from pit_compiler.schedules import template_for
 from pit_compiler.targets import target_for
+from pit_compiler.testing import elapsed_ms
 from pit_compiler.validation import normalize_micro_tile
 
 from .cost_model import best_knobs, kernel_model, kernel_template, tile_label
@@ -106,19 +107,7 @@ def time_callable(fn, device: torch.device, config: EvaluatorConfig = DEFAULT_EV
     for _ in range(max(1, config.repeat)):
         while True:
             _synchronize(device)
-            if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                for _ in range(number):
-                    fn()
-                end.record()
-                end.synchronize()
-                elapsed = start.elapsed_time(end)
-            else:
-                t0 = time.perf_counter()
-                for _ in range(number):
-                    fn()
-                elapsed = (time.perf_counter() - t0) * 1e3
+            elapsed = elapsed_ms(fn, device, number)
             if elapsed >= config.min_repeat_ms or number >= 1 << 20:
                 break
             # Grow the batch until it lasts min_repeat_ms, as time_evaluator does.
