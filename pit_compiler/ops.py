@@ -444,7 +444,7 @@ def run_on_warpgroups(plan: PITPlan, A, B, out, index: MicroTileIndex, knobs=Non
     if knobs is None:
         knobs = _database_knobs(plan, A, B, facts, WarpgroupMatmul())
     if knobs is None and plan.form != "reduce":
-        knobs = row_gather_knobs(default, _recent_rows(plan, A, B, index), N, _sm_count(A.device))
+        knobs = _row_tile(plan, A, B, index, default)
     knobs = fitting_warpgroup_knobs(default, knobs, plan)
     A, B = _aligned(A), _aligned(B)
     C = out if _warpgroup_ready(out) else torch.empty_like(out, memory_format=torch.contiguous_format)
@@ -468,15 +468,26 @@ def run_on_warpgroups(plan: PITPlan, A, B, out, index: MicroTileIndex, knobs=Non
     return True
 
 
-def _recent_rows(plan: PITPlan, A, B, index: MicroTileIndex) -> int | None:
-    """Gathered rows listed by the newest call of this signature whose count has reached the
-    host (:data:`RECENT_COUNTS`: no wait; the dense fallback's first call reads its own), or
-    None before any has. Posts this call's count for the next, outside graph capture."""
+_ROW_TILES: dict = {}  # call signature -> the tile its newest call outside graph capture ran
+
+
+def _row_tile(plan: PITPlan, A, B, index: MicroTileIndex, default):
+    """The warpgroup tile for gathered rows (:func:`row_gather_knobs`), by the rows listed in the
+    newest call of this signature whose count has reached the host (:data:`RECENT_COUNTS`: no
+    wait; the dense fallback's first call reads its own); posts this call's count for the next.
+    While a CUDA graph is captured: the tile of the signature's last call before (its kernel
+    built then: none is loaded during a capture), and nothing is posted."""
     call = call_signature(plan, A, B)
+    if capturing_graph(A.device):
+        return _ROW_TILES.get(call, default)
     listed = RECENT_COUNTS.latest(call)
-    if not capturing_graph(A.device):
-        RECENT_COUNTS.post(call, index.counts)
-    return None if listed is None else listed * plan.tile["m"]
+    RECENT_COUNTS.post(call, index.counts)
+    rows = None if listed is None else listed * plan.tile["m"]
+    knobs = row_gather_knobs(default, rows, B.shape[-1], _sm_count(A.device))
+    if len(_ROW_TILES) > 4096:  # signatures of shapes long gone
+        _ROW_TILES.clear()
+    _ROW_TILES[call] = knobs
+    return knobs
 
 
 @functools.lru_cache(maxsize=None)

@@ -423,3 +423,24 @@ def test_gathered_rows_pick_their_tile_from_an_earlier_calls_count(monkeypatch):
     for knobs in (None, None, ROWS_32):
         assert ops.run_on_warpgroups(plan, A, B, out, index, knobs)
     assert tiles == [Knobs(), replace(ROWS_64, block_n=64), ROWS_32]
+
+
+def test_under_graph_capture_gathered_rows_keep_the_tile_built_before(monkeypatch):
+    """During a CUDA graph capture no kernel may be loaded and nothing read back: the captured
+    call runs the tile of the signature's last call before it, and posts no count."""
+    M, K, N = 512, 64, 4096
+    A, B, out = torch.randn(M, K).half(), torch.randn(K, N).half(), torch.empty(M, N).half()
+    A[40:] = 0
+    plan = plan_for((1, None), M=M, K=K, N=N)
+    index = ops.index_for(plan, A, None, (1, K), None)
+    many = ops.index_for(plan, torch.randn(M, K).half(), None, (1, K), None)  # every row listed
+    monkeypatch.setattr(ops, "target_for", lambda device: SM90)
+    monkeypatch.setattr(ops, "RECENT_COUNTS", RecentCounts())
+    monkeypatch.setattr(ops, "_ROW_TILES", {})
+    tiles = []
+    monkeypatch.setattr(ops, "warpgroup_kernel", lambda *key: lambda a, b, cnt, idx, c: tiles.append(key[-1]))
+    ops.run_on_warpgroups(plan, A, B, out, index)  # rows not known yet: the default tile, built
+    monkeypatch.setattr(ops, "capturing_graph", lambda device: True)
+    monkeypatch.setattr(ops.RECENT_COUNTS, "post", lambda *a: pytest.fail("posted during a capture"))
+    ops.run_on_warpgroups(plan, A, B, out, many)  # the 40 rows counted before would pick 64x64
+    assert tiles == [Knobs(), Knobs()]
