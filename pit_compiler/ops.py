@@ -16,6 +16,7 @@ from pit_compiler.codegen.gather_matmul import fits_tensor_cores, row_gather_ker
 from pit_compiler.codegen.reduce_matmul import ROW_BLOCKS, fitting_knobs, reduce_tile_kernel, reduce_tile_knobs
 from pit_compiler.codegen.warpgroup import (
     fitting_warpgroup_knobs,
+    narrow_chunk_knobs,
     pack_kernel,
     packed_columns,
     row_gather_knobs,
@@ -443,8 +444,8 @@ def run_on_warpgroups(plan: PITPlan, A, B, out, index: MicroTileIndex, knobs=Non
         return False
     if knobs is None:
         knobs = _database_knobs(plan, A, B, facts, WarpgroupMatmul())
-    if knobs is None and plan.form != "reduce":
-        knobs = _row_tile(plan, A, B, index, default)
+    if knobs is None:
+        knobs = _tile_by_count(plan, A, B, index, default, N)
     knobs = fitting_warpgroup_knobs(default, knobs, plan)
     A, B = _aligned(A), _aligned(B)
     C = out if _warpgroup_ready(out) else torch.empty_like(out, memory_format=torch.contiguous_format)
@@ -468,25 +469,34 @@ def run_on_warpgroups(plan: PITPlan, A, B, out, index: MicroTileIndex, knobs=Non
     return True
 
 
-_ROW_TILES: dict = {}  # call signature -> the tile its newest call outside graph capture ran
+_COUNTED_TILES: dict = {}  # call signature -> the tile its newest call outside graph capture ran
 
 
-def _row_tile(plan: PITPlan, A, B, index: MicroTileIndex, default):
-    """The warpgroup tile for gathered rows (:func:`row_gather_knobs`), by the rows listed in the
-    newest call of this signature whose count has reached the host (:data:`RECENT_COUNTS`: no
-    wait; the dense fallback's first call reads its own); posts this call's count for the next.
+def _tile_by_count(plan: PITPlan, A, B, index: MicroTileIndex, default, N: int):
+    """The warpgroup tile for what an earlier call listed: gathered rows by their number
+    (:func:`row_gather_knobs`), 32-row blocks of narrow chunks by the share listed
+    (:func:`narrow_chunk_knobs`); other blocks keep ``default``.
+
+    The count is the newest of this signature that has reached the host (:data:`RECENT_COUNTS`:
+    no wait; the dense fallback's first call reads its own); this call's is posted for the next.
     While a CUDA graph is captured: the tile of the signature's last call before (its kernel
-    built then: none is loaded during a capture), and nothing is posted."""
+    built then: none is loaded during a capture), and nothing is posted.
+    """
+    rows = plan.form != "reduce"
+    if not rows and default != WarpgroupMatmul().default(32, narrow_k=True):
+        return default
     call = call_signature(plan, A, B)
     if capturing_graph(A.device):
-        return _ROW_TILES.get(call, default)
+        return _COUNTED_TILES.get(call, default)
     listed = RECENT_COUNTS.latest(call)
     RECENT_COUNTS.post(call, index.counts)
-    rows = None if listed is None else listed * plan.tile["m"]
-    knobs = row_gather_knobs(default, rows, B.shape[-1], _sm_count(A.device))
-    if len(_ROW_TILES) > 4096:  # signatures of shapes long gone
-        _ROW_TILES.clear()
-    _ROW_TILES[call] = knobs
+    if rows:
+        knobs = row_gather_knobs(default, None if listed is None else listed * plan.tile["m"], N, _sm_count(A.device))
+    else:
+        knobs = narrow_chunk_knobs(default, listed, index.counts.numel() * index.indices.shape[-1])
+    if len(_COUNTED_TILES) > 4096:  # signatures of shapes long gone
+        _COUNTED_TILES.clear()
+    _COUNTED_TILES[call] = knobs
     return knobs
 
 

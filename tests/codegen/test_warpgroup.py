@@ -436,7 +436,7 @@ def test_under_graph_capture_gathered_rows_keep_the_tile_built_before(monkeypatc
     many = ops.index_for(plan, torch.randn(M, K).half(), None, (1, K), None)  # every row listed
     monkeypatch.setattr(ops, "target_for", lambda device: SM90)
     monkeypatch.setattr(ops, "RECENT_COUNTS", RecentCounts())
-    monkeypatch.setattr(ops, "_ROW_TILES", {})
+    monkeypatch.setattr(ops, "_COUNTED_TILES", {})
     tiles = []
     monkeypatch.setattr(ops, "warpgroup_kernel", lambda *key: lambda a, b, cnt, idx, c: tiles.append(key[-1]))
     ops.run_on_warpgroups(plan, A, B, out, index)  # rows not known yet: the default tile, built
@@ -444,3 +444,26 @@ def test_under_graph_capture_gathered_rows_keep_the_tile_built_before(monkeypatc
     monkeypatch.setattr(ops.RECENT_COUNTS, "post", lambda *a: pytest.fail("posted during a capture"))
     ops.run_on_warpgroups(plan, A, B, out, many)  # the 40 rows counted before would pick 64x64
     assert tiles == [Knobs(), Knobs()]
+
+
+@pytest.mark.parametrize("density, second", [(0.01, GATHERED_32), (0.1, NARROW_32)], ids=str)
+def test_narrow_chunks_run_gathered_and_wide_when_very_few_are_listed(density, second, monkeypatch):
+    """32x1 pieces: packed and 64 wide by default; where an earlier call listed under 3.2 % of
+    them, gathered and 256 wide (the H200's faster tile there); tuned knobs are kept."""
+    from pit_compiler.codegen.warpgroup import narrow_chunk_knobs
+
+    assert narrow_chunk_knobs(NARROW_32, None, 100) == NARROW_32
+    assert narrow_chunk_knobs(NARROW_32, 3, 100) == GATHERED_32 and narrow_chunk_knobs(NARROW_32, 4, 100) == NARROW_32
+    M, K, N = 256, 1024, 64
+    A, _ = micro_tile_sparse((M, K), (32, 1), density, torch.float16, seed=3)
+    B, out = torch.randn(K, N).half(), torch.empty(M, N).half()
+    plan = plan_for((32, 1), M=M, K=K, N=N)
+    index = ops.index_for(plan, A, None, (32, 1), None)
+    monkeypatch.setattr(ops, "target_for", lambda device: SM90)
+    monkeypatch.setattr(ops, "RECENT_COUNTS", RecentCounts())
+    monkeypatch.setattr(ops, "pack_kernel", lambda *key: lambda a, cnt, idx, ap: None)
+    tiles = []
+    monkeypatch.setattr(ops, "warpgroup_kernel", lambda *key: lambda a, b, cnt, idx, c: tiles.append(key[-1]))
+    for knobs in (None, None, replace(NARROW_32, stages=3)):
+        assert ops.run_on_warpgroups(plan, A, B, out, index, knobs)
+    assert tiles == [NARROW_32, second, replace(NARROW_32, stages=3)]
