@@ -483,7 +483,7 @@ def _tile_by_count(plan: PITPlan, A, B, index: MicroTileIndex, default, N: int):
     built then: none is loaded during a capture), and nothing is posted.
     """
     rows = plan.form != "reduce"
-    if not rows and default != WarpgroupMatmul().default(32, narrow_k=True):
+    if not rows and not default.pack_a:  # only 32-row blocks of narrow chunks default to packing
         return default
     call = call_signature(plan, A, B)
     if capturing_graph(A.device):
