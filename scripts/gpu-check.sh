@@ -12,9 +12,10 @@
 #   bash scripts/gpu-check.sh rows       # every tuner setting's gpu test, the no-wait ones, then whole rows at every tile height
 #   bash scripts/gpu-check.sh auto       # benchmarks/tuning.py at 8192^3 (32x1, 64x64), then benchmarks/models.py
 #   bash scripts/gpu-check.sh recheck    # the packed 32x1 gpu tests, spmm of whole rows and 32x1, auto's profile (.proto2/tiles.json)
+#   bash scripts/gpu-check.sh measure    # spmm where session 7's unmeasured changes act (4096^3, 99 %), then models.py
 # Logs and results are copied under $OUT when the device tool provides it.
 set -uo pipefail
-stage=${1:?usage: scripts/gpu-check.sh tests|kernels|spmm|tuning|sweep|warpgroup|hopper|tables|packed|rows|auto|recheck}
+stage=${1:?usage: scripts/gpu-check.sh tests|kernels|spmm|tuning|sweep|warpgroup|hopper|tables|packed|rows|auto|recheck|measure}
 if ls .whl/*.whl > /dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
@@ -79,6 +80,13 @@ case "$stage" in
       | grep -E " (pit|pit_kernel|cublas) "
     timeout 50 python3 -P benchmarks/spmm.py --sizes 4096 --dtypes float16 "${cases[@]}" 2>&1 | tee -a "$out/spmm.log" | grep -E " (pit|pit_kernel|cublas) "
     timeout 100 python3 -P scripts/gpu_auto_profile.py --db .proto2/tiles.json 2>&1 | tee "$out/auto-profile.log" | tail -8 ;;
+  measure)  # the size-aware crossover (4096^3), the count-chosen 32x1 tile (99 %), attention's dense products (models)
+    cases=(--micro-tiles row,32x1,32x32,64x64 --sparsities 0,0.5,0.9,0.99 --merge)
+    timeout 90 python3 -P benchmarks/spmm.py --sizes 4096 --dtypes float16 "${cases[@]}" 2>&1 | tee "$out/spmm.log" \
+      | grep -E " (pit|cublas) "
+    timeout 60 python3 -P benchmarks/spmm.py --sizes 8192 --dtypes float16 --micro-tiles 32x1,row --sparsities 0.9,0.99 --merge 2>&1 \
+      | tee -a "$out/spmm.log" | grep -E " (pit|pit_kernel|cublas) "
+    timeout "${MODELS_TIMEOUT:-150}" python3 -P benchmarks/models.py 2>&1 | tee "$out/models.log" | grep -E "eager|pit " ;;
   sweep)
     timeout 540 python3 -P scripts/gpu_tile_sweep.py --json "$out/sweep.json" 2>&1 | tee "$out/sweep.log" | tail -80 ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
