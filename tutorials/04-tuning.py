@@ -78,8 +78,9 @@ for key, entry in sorted(db.entries().items(), key=lambda item: item[1]["workloa
 # next to the measured dense time. We try three patterns of A: scattered 32x1 pieces, 32x32
 # blocks, and no zeros at all. ``sparse_matmul(..., micro_tile="auto")`` makes the same choice
 # without waiting for the device: from a shape's second call on it predicts from the counts
-# of earlier calls, detecting only the micro-tile it runs and one rival, so it follows a changed
-# pattern one call late (its product is exact all along).
+# of earlier calls, detecting only the micro-tile it runs and, in turn, one rival (one call in
+# eight where every rival is predicted far slower), so it follows a changed pattern a few calls
+# late (its product is exact all along).
 
 
 def pattern(tile, sparsity, shape=SHAPE[::2], seed=0):
