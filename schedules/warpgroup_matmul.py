@@ -358,23 +358,20 @@ def _kernel(knobs, K: int, N: int, dtype: str, out_dtype: str, access: Access):
                     first = T.meta_var(s == AHEAD and kk == 0)
                     a_rows = T.meta_var(smem.ptr_to([u * A_TILE + group * WARPGROUP_ROWS * BLOCK_K + kk * MMA_K]))
                     T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc_a), a_rows, 1, a_sdo, SWIZZLE_128B)
-                    if TRANSPOSED:  # per panel: B^T's 64 columns (MN-major, M side) times A^T (K-major, N side)
-                        for panel in T.unroll(PANELS):
-                            T.cuda.wgmma.encode_matrix_descriptor(
-                                T.address_of(desc_b),
-                                smem.ptr_to([S * A_TILE + u * B_TILE + panel * BLOCK_K * 64 + kk * MMA_K * 64]),
-                                b_ldo, a_sdo, SWIZZLE_128B,
-                            )
+                    # Transposed, one MMA per panel: B^T's 64 columns (MN-major, M side) times A^T
+                    # (K-major, N side); else one over all of B's panels.
+                    for panel in T.unroll(PANELS if TRANSPOSED else 1):
+                        T.cuda.wgmma.encode_matrix_descriptor(
+                            T.address_of(desc_b),
+                            smem.ptr_to([S * A_TILE + u * B_TILE + panel * BLOCK_K * 64 + kk * MMA_K * 64]),
+                            b_ldo, a_sdo, SWIZZLE_128B,
+                        )
+                        if TRANSPOSED:
                             T.ptx[wgmma](
                                 *[acc[panel * PANEL_ACC + i] for i in range(PANEL_ACC)], desc_b, desc_a, T.Not(first), 1, 1, 1, 0
                             )
-                    else:
-                        T.cuda.wgmma.encode_matrix_descriptor(
-                            T.address_of(desc_b),
-                            smem.ptr_to([S * A_TILE + u * B_TILE + kk * MMA_K * 64]),
-                            b_ldo, a_sdo, SWIZZLE_128B,
-                        )
-                        T.ptx[wgmma](*[acc[i] for i in range(ACC)], desc_a, desc_b, T.Not(first), 1, 1, 0, 1)
+                        else:
+                            T.ptx[wgmma](*[acc[i] for i in range(ACC)], desc_a, desc_b, T.Not(first), 1, 1, 0, 1)
                 T.ptx.wgmma.commit_group.sync.aligned()
                 T.ptx.wgmma.wait_group.sync.aligned(IN_FLIGHT)
                 T.cuda.cta_sync()  # every warpgroup is done with the buffer the next copies refill
