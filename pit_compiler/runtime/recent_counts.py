@@ -45,6 +45,7 @@ class RecentCount:
         self._value: int | None = None
         self._value_post = 0
         self._serial = 0  # numbers posts in order
+        self._newest: torch.Tensor | None = None  # the counts last copied (one call may post twice)
 
     def latest(self) -> int | None:
         """The newest count that has arrived, or None before any has."""
@@ -57,7 +58,10 @@ class RecentCount:
 
     def post(self, counts: torch.Tensor, known: int | None = None) -> None:
         """Start copying ``counts`` (integers on the device, shaped as at construction) to the
-        host; ``known``: their total, already read, so the newest at once."""
+        host; ``known``: their total, already read, so the newest at once. The very tensor
+        posted last is not copied again (the fallback and the tile choice of one call both post)."""
+        if counts is self._newest and known is None:
+            return
         self._serial += 1
         if known is not None:  # newer than any copy in flight: those no longer replace it
             self._value, self._value_post = known, self._serial
@@ -70,6 +74,7 @@ class RecentCount:
         self._in_flight[slot] = True
         self._posted[slot] = self._serial
         self._turn = 1 - slot
+        self._newest = counts
 
 
 class RecentCounts:

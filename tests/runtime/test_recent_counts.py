@@ -95,3 +95,17 @@ def test_a_count_read_by_the_first_call_is_the_newest_at_once():
     for copy in copies:
         copy.arrived = True
     assert counts.latest("call") == 4  # a later post does
+
+
+def test_the_same_counts_posted_twice_are_copied_once():
+    """One call's counts posted by the fallback and again by the tile choice: one copy."""
+    recent = RecentCount(torch.zeros(2, dtype=torch.int32))
+    copies = recent._arrived = [_Copy(), _Copy()]
+    counts = torch.tensor([1, 2], dtype=torch.int32)
+    recent.post(counts)
+    recent.post(counts)
+    assert recent._in_flight == [True, False]
+    recent.post(torch.tensor([3, 4], dtype=torch.int32))  # another call's counts are copied
+    assert recent._in_flight == [True, True]
+    copies[1].arrived = True
+    assert recent.latest() == 7
