@@ -8,7 +8,8 @@ tiles, where it imports). Last, over random patterns of several granularities, i
 ``micro_tile="auto"`` with the best fixed micro-tile (or dense) for that pattern and reports
 how often auto picked the fastest and was within 5 % of it, timing each call alone on an idle
 GPU (its host time in full) and calls queued back to back (host and GPU overlapping, as along a
-model's forward). Every output is checked against the dense product before it is timed. Writes ``benchmarks/results/tuning-<gpu>.json`` and, with matplotlib, a PNG.
+model's forward). Every output is checked against the dense product before it is timed.
+Writes ``benchmarks/results/tuning-<gpu>.json`` and, with matplotlib, a PNG.
 ``--quick --sizes 128`` smoke-tests it on a CPU in seconds.
 """
 

@@ -352,6 +352,19 @@ def test_packed_chunks_form_the_product(tile, M, K, N, density, tmp_path):
     assert_matches_reference(result.float(), A.double() @ B.double())
 
 
+def stub_warpgroup_tiles(monkeypatch) -> list:
+    """From here on ops sees an sm_90 target with its kernels stubbed and fresh per-signature
+    state: returns the knobs of each tile launched (the pack kernel does nothing). Called after
+    the test's indices are detected (on the CPU)."""
+    monkeypatch.setattr(ops, "target_for", lambda device: SM90)
+    monkeypatch.setattr(ops, "RECENT_COUNTS", RecentCounts())
+    monkeypatch.setattr(ops, "_COUNTED_TILES", {})
+    monkeypatch.setattr(ops, "pack_kernel", lambda *key: lambda a, cnt, idx, ap: None)
+    tiles = []
+    monkeypatch.setattr(ops, "warpgroup_kernel", lambda *key: lambda a, b, cnt, idx, c: tiles.append(key[-1]))
+    return tiles
+
+
 @pytest.mark.parametrize("pack", [False, True])
 def test_a_packed_setting_hands_the_tile_the_packed_copy(pack, monkeypatch):
     """Plumbing of ``pack_a`` (kernels stubbed, an sm_90 target): the pack kernel runs first on
@@ -362,7 +375,7 @@ def test_a_packed_setting_hands_the_tile_the_packed_copy(pack, monkeypatch):
     A, B, out = torch.randn(M, K).half(), torch.randn(K, N).half(), torch.empty(M, N).half()
     plan = plan_for((32, 1), M=M, K=K, N=N)
     index = ops.index_for(plan, A, None, (32, 1), None)  # detected on the CPU
-    monkeypatch.setattr(ops, "target_for", lambda device: SM90)
+    stub_warpgroup_tiles(monkeypatch)
     packs, tiles = [], []
     monkeypatch.setattr(ops, "pack_kernel", lambda *key: lambda a, cnt, idx, ap: packs.append((a, cnt, idx, ap)))
     monkeypatch.setattr(ops, "warpgroup_kernel", lambda *key: lambda a, b, cnt, idx, c: tiles.append((key, a)))
@@ -385,11 +398,9 @@ def test_a_product_too_large_to_pack_gathers_A(monkeypatch):
     A, B, out = torch.randn(M, K).half(), torch.randn(K, N).half(), torch.empty(M, N).half()
     plan = plan_for((32, 1), M=M, K=K, N=N)
     index = ops.index_for(plan, A, None, (32, 1), None)
-    monkeypatch.setattr(ops, "target_for", lambda device: SM90)
+    tiles = stub_warpgroup_tiles(monkeypatch)
     monkeypatch.setattr(ops, "MAX_ELEMENTS", M * 64 - 1)
     monkeypatch.setattr(ops, "pack_kernel", lambda *key: pytest.fail("packed a copy too large"))
-    tiles = []
-    monkeypatch.setattr(ops, "warpgroup_kernel", lambda *key: lambda a, b, cnt, idx, c: tiles.append(key[-1]))
     tuned = replace(NARROW_32, stages=3)
     for knobs in (None, tuned):
         assert ops.run_on_warpgroups(plan, A, B, out, index, knobs)
@@ -416,10 +427,7 @@ def test_gathered_rows_pick_their_tile_from_an_earlier_calls_count(monkeypatch):
     A[40:] = 0  # 40 rows listed: 1 x 16 blocks of 128x256, 40 blocks of 64x64
     plan = plan_for((1, None), M=M, K=K, N=N)
     index = ops.index_for(plan, A, None, (1, K), None)
-    monkeypatch.setattr(ops, "target_for", lambda device: SM90)
-    monkeypatch.setattr(ops, "RECENT_COUNTS", RecentCounts())
-    tiles = []
-    monkeypatch.setattr(ops, "warpgroup_kernel", lambda *key: lambda a, b, cnt, idx, c: tiles.append(key[-1]))
+    tiles = stub_warpgroup_tiles(monkeypatch)
     for knobs in (None, None, ROWS_32):
         assert ops.run_on_warpgroups(plan, A, B, out, index, knobs)
     assert tiles == [Knobs(), replace(ROWS_64, block_n=64), ROWS_32]
@@ -434,11 +442,7 @@ def test_under_graph_capture_gathered_rows_keep_the_tile_built_before(monkeypatc
     plan = plan_for((1, None), M=M, K=K, N=N)
     index = ops.index_for(plan, A, None, (1, K), None)
     many = ops.index_for(plan, torch.randn(M, K).half(), None, (1, K), None)  # every row listed
-    monkeypatch.setattr(ops, "target_for", lambda device: SM90)
-    monkeypatch.setattr(ops, "RECENT_COUNTS", RecentCounts())
-    monkeypatch.setattr(ops, "_COUNTED_TILES", {})
-    tiles = []
-    monkeypatch.setattr(ops, "warpgroup_kernel", lambda *key: lambda a, b, cnt, idx, c: tiles.append(key[-1]))
+    tiles = stub_warpgroup_tiles(monkeypatch)
     ops.run_on_warpgroups(plan, A, B, out, index)  # rows not known yet: the default tile, built
     monkeypatch.setattr(ops, "capturing_graph", lambda device: True)
     monkeypatch.setattr(ops.RECENT_COUNTS, "post", lambda *a: pytest.fail("posted during a capture"))
@@ -459,11 +463,7 @@ def test_narrow_chunks_run_gathered_and_wide_when_very_few_are_listed(density, s
     B, out = torch.randn(K, N).half(), torch.empty(M, N).half()
     plan = plan_for((32, 1), M=M, K=K, N=N)
     index = ops.index_for(plan, A, None, (32, 1), None)
-    monkeypatch.setattr(ops, "target_for", lambda device: SM90)
-    monkeypatch.setattr(ops, "RECENT_COUNTS", RecentCounts())
-    monkeypatch.setattr(ops, "pack_kernel", lambda *key: lambda a, cnt, idx, ap: None)
-    tiles = []
-    monkeypatch.setattr(ops, "warpgroup_kernel", lambda *key: lambda a, b, cnt, idx, c: tiles.append(key[-1]))
+    tiles = stub_warpgroup_tiles(monkeypatch)
     for knobs in (None, None, replace(NARROW_32, stages=3)):
         assert ops.run_on_warpgroups(plan, A, B, out, index, knobs)
     assert tiles == [NARROW_32, second, replace(NARROW_32, stages=3)]
