@@ -4,7 +4,9 @@ The router (linear, softmax, top-k) stays in PyTorch. Its choices become an on-d
 each expert's tokens; one gather kernel computes every expert's first linear over its gathered
 tokens at once, the activation runs in torch on the packed result, and one scatter kernel
 computes the second linear and adds each row, scaled by its router weight, back to its token.
-No token is dropped unless the model's own capacity rule drops it.
+On a GPU the same packed form runs its two linears as batched cuBLAS products instead (the
+grouped kernels compute one output per thread, without tensor cores). No token is dropped
+unless the model's own capacity rule drops it.
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pit_compiler import ops
 from pit_compiler.errors import UnsupportedPattern
 
 from .moe_ops import ExpertIndex, GroupedGatherMatmul, GroupedScatterMatmul, expert_index
 from .moe_reference import MixtralMoE, SwitchMoE, expert_capacity, route_top_k
 
 SLOT_POLICIES = ("fullest", "capacity")
+EXPERT_PATHS = ("auto", "grouped", "batched")
 
 
 class SparseMoE(nn.Module):
@@ -39,13 +43,22 @@ class SparseMoE(nn.Module):
         sync per call); ``"capacity"`` uses the bound known without a sync (the capacity, or every
         token when the model has none): CUDA-graph friendly, but without a capacity it holds
         ``E / top_k`` times the activations a model needs.
+
+        ``experts``: what computes the experts' linears on the packed tokens. ``"grouped"``:
+        PIT's grouped gather and scatter kernels; ``"batched"``: the packed tokens gathered by the
+        same index, then batched cuBLAS products (``torch.baddbmm``) and one ``index_add``;
+        ``"auto"``: batched on a GPU (while the dense fallback is on,
+        :data:`pit_compiler.ops.DENSE_FALLBACK`), grouped elsewhere.
         """
 
         slots: str = "fullest"
+        experts: str = "auto"
 
         def __post_init__(self):
             if self.slots not in SLOT_POLICIES:
                 raise ValueError(f"Knobs.slots must be one of {SLOT_POLICIES}, got {self.slots!r}")
+            if self.experts not in EXPERT_PATHS:
+                raise ValueError(f"Knobs.experts must be one of {EXPERT_PATHS}, got {self.experts!r}")
 
     def __init__(
         self,
@@ -143,12 +156,35 @@ class SparseMoE(nn.Module):
         slots = bound if self.knobs.slots == "capacity" else int(index.counts.max())
         slots = max(slots, 1)
         gate = _pack_gates(weights, experts, index.slots, self.num_experts, slots)
+        if self._batched(x.device):
+            return self._batched_experts(x2d, index, gate, slots).view(x.shape)
         h = GroupedGatherMatmul.apply(x2d, self.w1, self.b1, index.counts, index.indices, slots)
         h = self.activation(h)
         if self.w3 is not None:
             h = h * GroupedGatherMatmul.apply(x2d, self.w3, None, index.counts, index.indices, slots)
         y = GroupedScatterMatmul.apply(h, self.w2, self.b2, gate, index.counts, index.indices, tokens)
         return y.view(x.shape)
+
+    def _batched(self, device: torch.device) -> bool:
+        if self.knobs.experts == "auto":
+            return ops.DENSE_FALLBACK and device.type == "cuda"
+        return self.knobs.experts == "batched"
+
+    def _batched_experts(self, x2d, index: ExpertIndex, gate: torch.Tensor, slots: int) -> torch.Tensor:
+        """The experts on the packed tokens as batched dense products: gather, two (or three)
+        ``baddbmm``, scale by the gate, ``index_add`` back. Slots past an expert's count read
+        and write one spare row past the tokens, which is cut off."""
+        tokens = x2d.shape[0]
+        listed = torch.arange(slots, device=x2d.device) < index.counts[:, None]
+        rows = torch.where(listed, index.indices[:, :slots], tokens).long()
+        packed = torch.cat([x2d, x2d.new_zeros(1, self.d_model)])[rows]
+        h = self.activation(_linear_batched(packed, self.w1, self.b1))
+        if self.w3 is not None:
+            h = h * _linear_batched(packed, self.w3, None)
+        y = _linear_batched(h, self.w2, self.b2) * gate[..., None]
+        out = x2d.new_zeros(tokens + 1, self.d_model, dtype=torch.float32)
+        out = out.index_add(0, rows.flatten(), y.reshape(-1, self.d_model).float())
+        return out[:tokens].to(x2d.dtype)
 
     def _check_input(self, x) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
@@ -164,6 +200,13 @@ class SparseMoE(nn.Module):
                 f"{self.w1.device}; convert one with .to()"
             )
         return x
+
+
+def _linear_batched(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x[e] @ w[e]^T (+ bias[e])`` for every expert: ``(E, S, K)`` by nn.Linear-layout ``(E, F, K)``."""
+    if bias is None:
+        return torch.bmm(x, w.transpose(1, 2))
+    return torch.baddbmm(bias[:, None, :], x, w.transpose(1, 2))
 
 
 def _pack_gates(weights, experts, slot_of, num_experts: int, slots: int) -> torch.Tensor:

@@ -16,6 +16,8 @@ D_MODEL, D_FF = 32, 48
 # Relative to the largest reference entry. Both sides round every linear's output to the dtype,
 # at the same points; they differ in summation order, and PIT adds top-k rows in float32.
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+# PIT's grouped kernels, and the same packed tokens through batched dense products.
+EXPERT_PATHS = ["grouped", "batched"]
 
 
 def reference_module(structure: str, num_experts: int, dtype=torch.float32, device="cpu", seed=0, **options):
@@ -59,9 +61,10 @@ def route_all_to(module: nn.Module, expert: int) -> None:
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("tokens", [1, 37, 130])
 @pytest.mark.parametrize("num_experts", [1, 4, 8])
-def test_forward_matches_eager(structure, dtype, tokens, num_experts, device):
+@pytest.mark.parametrize("experts", EXPERT_PATHS)
+def test_forward_matches_eager(structure, dtype, tokens, num_experts, experts, device):
     reference = reference_module(structure, num_experts, dtype, device)
-    moe = SparseMoE.from_module(reference)
+    moe = SparseMoE.from_module(reference, SparseMoE.Knobs(experts=experts))
     x = tokens_of(tokens, dtype, device)
     with torch.no_grad():
         assert_close_to(moe(x), reference(x))
@@ -69,12 +72,13 @@ def test_forward_matches_eager(structure, dtype, tokens, num_experts, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("structure", ["switch", "mixtral"])
-def test_experts_with_no_tokens_and_all_tokens_on_one(structure, device):
+@pytest.mark.parametrize("experts", EXPERT_PATHS)
+def test_experts_with_no_tokens_and_all_tokens_on_one(structure, experts, device):
     reference = reference_module(structure, 8, device=device, capacity_factor=None) if structure == "switch" else (
         reference_module(structure, 8, device=device)
     )
     route_all_to(reference, 5)
-    moe = SparseMoE.from_module(reference)
+    moe = SparseMoE.from_module(reference, SparseMoE.Knobs(experts=experts))
     x = tokens_of(37, torch.float32, device).abs()
     _, _, index = moe.route(x)
     assert index.counts[5].item() == 37
@@ -86,12 +90,13 @@ def test_experts_with_no_tokens_and_all_tokens_on_one(structure, device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("slots", ["fullest", "capacity"])
 @pytest.mark.parametrize("skew", [False, True])
-def test_capacity_drops_exactly_the_reference_tokens(slots, skew, device):
+@pytest.mark.parametrize("experts", EXPERT_PATHS)
+def test_capacity_drops_exactly_the_reference_tokens(slots, skew, experts, device):
     """Tokens past an expert's capacity (in token order) give zero; every other token is kept."""
     reference = reference_module("switch", 4, device=device, capacity_factor=1.0)
     if skew:
         route_all_to(reference, 2)
-    moe = SparseMoE.from_module(reference, SparseMoE.Knobs(slots=slots))
+    moe = SparseMoE.from_module(reference, SparseMoE.Knobs(slots=slots, experts=experts))
     x = tokens_of(130, torch.float32, device).abs()
     weights, experts, index = moe.route(x)
     expected_kept = kept_by_capacity(experts, 4, expert_capacity(130, 4, 1.0))
@@ -110,10 +115,12 @@ def test_capacity_drops_exactly_the_reference_tokens(slots, skew, device):
     [("switch", {}), ("switch", {"bias": False, "capacity_factor": None}), ("mixtral", {}), ("mixtral", {"top_k": 3})],
     ids=["switch-capacity", "switch-no-bias", "mixtral-top2", "mixtral-top3"],
 )
-def test_gradients_match_eager(structure, options, device):
-    """d(input), d(every expert weight and bias) and d(router) through the PIT backward kernels."""
+@pytest.mark.parametrize("experts", EXPERT_PATHS)
+def test_gradients_match_eager(structure, options, experts, device):
+    """d(input), d(every expert weight and bias) and d(router) through the PIT backward kernels
+    (or, batched, through torch's autograd of the same packed products)."""
     reference = reference_module(structure, 4, device=device, **options)
-    moe = SparseMoE.from_module(reference)
+    moe = SparseMoE.from_module(reference, SparseMoE.Knobs(experts=experts))
     x = tokens_of(38, torch.float32, device, requires_grad=True)
     grad_out = torch.randn(x.shape, generator=torch.Generator().manual_seed(2)).to(device)
     parameters = [x, *reference.parameters()]
@@ -123,6 +130,20 @@ def test_gradients_match_eager(structure, options, device):
     for name, got, want in zip(names, result, expected):
         scale = max(want.abs().max().item(), 1e-3)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * scale, msg=lambda m: f"d{name}: {m}")
+
+
+@pytest.mark.parametrize("device,fallback,batched", [("cuda", True, True), ("cuda", False, False), ("cpu", True, False)])
+def test_auto_batches_the_experts_on_a_gpu(device, fallback, batched, monkeypatch):
+    """``experts="auto"`` runs batched cuBLAS products where the dense fallback applies (a GPU),
+    PIT's grouped kernels elsewhere (and in the kernels' own tests, which turn the fallback off)."""
+    from pit_compiler import ops
+
+    monkeypatch.setattr(ops, "DENSE_FALLBACK", fallback)
+    moe = SparseMoE.from_module(reference_module("switch", 4))
+    assert moe._batched(torch.device(device)) is batched
+    assert SparseMoE.from_module(reference_module("switch", 4), SparseMoE.Knobs(experts="grouped"))._batched(
+        torch.device(device)
+    ) is False
 
 
 def test_parameters_are_shared_not_copied():
@@ -161,3 +182,5 @@ def test_bad_inputs_raise_clear_errors():
         SparseMoE(nn.Conv1d(1, 1, 1), torch.zeros(4, 48, 32), torch.zeros(4, 32, 48))
     with pytest.raises(ValueError, match="Knobs.slots"):
         SparseMoE.Knobs(slots="max")
+    with pytest.raises(ValueError, match="Knobs.experts must be one of"):
+        SparseMoE.Knobs(experts="cublas")
