@@ -100,6 +100,16 @@ def pit_longformer(model):
     return run
 
 
+def kernel_table(fn, device, calls=10) -> str:
+    """torch.profiler's table of the GPU kernels and host time of ``calls`` calls of ``fn``."""
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as profile:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize(device)
+    return profile.key_averages().table(sort_by="cuda_time_total", row_limit=10, max_name_column_width=50)
+
+
 def plot(records, path):
     """Latency per model, eager against PIT, on a log scale (needs matplotlib)."""
     plt = pyplot()
@@ -132,6 +142,7 @@ def main(argv=None) -> int:
     parser.add_argument("--longformer-seq", type=int, default=4096)
     parser.add_argument("--opt-bias-shift", type=float, default=2.0)
     parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--profile", action="store_true", help="print each implementation's top GPU kernels")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -157,6 +168,8 @@ def main(argv=None) -> int:
                                 "sparsity": sparsity})
                 log.info("%-32s %-6s %9.3f ms  peak %s MiB  checked=%s (rel. err %.1e)", case, impl,
                          timing["median_ms"], f"{memory:.0f}" if memory is not None else "-", checked, error)
+                if args.profile and device.type == "cuda":
+                    log.info("%s", kernel_table(lambda: fn(*inputs), device))
     plot(records, write_json(records, "models", device).with_suffix(".png"))
     return 0
 

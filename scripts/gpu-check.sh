@@ -1,7 +1,7 @@
 # Runner for the lent GPU machine, one stage per device call (each under 10 minutes).
 # After the TVM bundle is staged (../shared/gpu/README.md) and test wheels are in .whl/:
 #   bash scripts/gpu-check.sh tests      # the whole gpu suite, default kernels
-#   bash scripts/gpu-check.sh kernels    # the gpu tests of detection, the tensor-core tiles, sparse_matmul and attention's dense products
+#   bash scripts/gpu-check.sh kernels    # the gpu tests of detection, the tensor-core tiles, sparse_matmul, attention's dense products and SparseMoE
 #   bash scripts/gpu-check.sh spmm       # benchmarks/spmm.py: fp16, every case at 4096^3, some at 8192^3
 #   bash scripts/gpu-check.sh tuning     # benchmarks/tuning.py --quick at 4096^3 fp16
 #   bash scripts/gpu-check.sh sweep      # scripts/gpu_tile_sweep.py: the reduce tile's knobs at 8192^3
@@ -12,10 +12,11 @@
 #   bash scripts/gpu-check.sh rows       # every tuner setting's gpu test, the no-wait ones, then whole rows at every tile height
 #   bash scripts/gpu-check.sh auto       # benchmarks/tuning.py at 8192^3 (32x1, 64x64), then benchmarks/models.py
 #   bash scripts/gpu-check.sh recheck    # the packed 32x1 gpu tests, spmm of whole rows and 32x1, auto's profile (.proto2/tiles.json)
+#   bash scripts/gpu-check.sh verify     # the gpu tests of attention's dense products, batched MoE and the fallback
 #   bash scripts/gpu-check.sh measure    # spmm where session 7's unmeasured changes act (4096^3, 99 %), then models.py
 # Logs and results are copied under $OUT when the device tool provides it.
 set -uo pipefail
-stage=${1:?usage: scripts/gpu-check.sh tests|kernels|spmm|tuning|sweep|warpgroup|hopper|tables|packed|rows|auto|recheck|measure}
+stage=${1:?usage: scripts/gpu-check.sh tests|kernels|spmm|tuning|sweep|warpgroup|hopper|tables|packed|rows|auto|recheck|verify|measure}
 if ls .whl/*.whl > /dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
@@ -29,7 +30,7 @@ case "$stage" in
   kernels)
     timeout 540 python3 -P -m pytest -q -p no:cacheprovider -m gpu tests/codegen/test_detect_cuda.py \
       tests/codegen/test_reduce_tensor_cores.py tests/test_sparse_matmul.py tests/tuning/test_tuning_gpu.py \
-      "tests/nn/test_attention.py::test_dense_products_where_pit_has_no_tensor_core_kernel" 2>&1 | tee "$out/gpu-kernels.log" | tail -25 ;;
+      "tests/nn/test_attention.py::test_dense_products_where_pit_has_no_tensor_core_kernel" tests/nn/test_moe.py 2>&1 | tee "$out/gpu-kernels.log" | tail -25 ;;
   spmm)  # all cases at 4096^3, then the fast micro-tiles at 8192^3 merged into the same table
     timeout 200 python3 -P benchmarks/spmm.py --sizes 4096 --dtypes float16 2>&1 | tee "$out/spmm.log" | tail -40
     timeout 200 python3 -P benchmarks/spmm.py --sizes 8192 --dtypes float16 --micro-tiles row,32x1,32x32,64x64 \
@@ -86,7 +87,12 @@ case "$stage" in
       | grep -E " (pit|cublas) "
     timeout 60 python3 -P benchmarks/spmm.py --sizes 8192 --dtypes float16 --micro-tiles 32x1,row --sparsities 0.9,0.99 --merge 2>&1 \
       | tee -a "$out/spmm.log" | grep -E " (pit|pit_kernel|cublas) "
-    timeout "${MODELS_TIMEOUT:-150}" python3 -P benchmarks/models.py 2>&1 | tee "$out/models.log" | grep -E "eager|pit " ;;
+    timeout "${MODELS_TIMEOUT:-150}" python3 -P benchmarks/models.py --profile 2>&1 | tee "$out/models.log" | grep -E "eager|pit " ;;
+  verify)  # the gpu tests of what no GPU has run yet: attention's dense products, batched MoE, the fallback's choices
+    timeout 300 python3 -P -m pytest -q -p no:cacheprovider -m gpu --maxfail=10 tests/nn/test_moe.py tests/runtime/test_recent_counts.py \
+      "tests/nn/test_attention.py::test_dense_products_where_pit_has_no_tensor_core_kernel" tests/test_sparse_matmul.py \
+      -k "moe or MoE or eager or experts or capacity or gradients or recent or dense_products or fallback or crossover or wait" \
+      2>&1 | tee "$out/gpu-verify.log" | tail -15 ;;
   sweep)
     timeout 540 python3 -P scripts/gpu_tile_sweep.py --json "$out/sweep.json" 2>&1 | tee "$out/sweep.log" | tail -80 ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
