@@ -26,7 +26,7 @@ from pit_compiler.codegen.warpgroup import (
 from pit_compiler.schedules.tensor_core_matmul import TensorCoreMatmul
 from pit_compiler.schedules.warpgroup_matmul import WarpgroupMatmul
 from pit_compiler.ir import Contraction, PITPlan, SparsityAttr, as_contraction, plan_pit
-from pit_compiler.runtime import KernelCache, MicroTileIndex, RecentCounts, default_cache_dir
+from pit_compiler.runtime import CompactCopies, KernelCache, MicroTileIndex, RecentCounts, default_cache_dir
 from pit_compiler.targets import mma_sync_dtypes, target_for
 from pit_compiler.validation import MAX_ELEMENTS
 
@@ -206,6 +206,24 @@ def operand_grid(plan: PITPlan, index: MicroTileIndex) -> torch.Tensor:
     return grid if plan.blocked == _LOGICAL_ROLES[plan.sparse][0] else grid.transpose(-1, -2)
 
 
+# Transposed B (an nn.Linear weight's W.t()) copied to the layout the warpgroup tile reads, one
+# copy per weight while it is unchanged: at most this many bytes of copies are kept.
+COMPACT_COPIES = CompactCopies(limit_bytes=4 << 30)
+
+
+def _compact_b_reaches_tensor_cores(A, a_transposed: bool, logical_b, out, tile, sizes: dict, form) -> bool:
+    """Whether a tensor-core tile reads B stored ``(k, n)`` where none reads it as stored,
+    transposed: then B is read from its compact copy (:data:`COMPACT_COPIES`). On Hopper an
+    ``nn.Linear`` weight otherwise takes the one-thread-per-output kernel, so its product
+    falls back to cuBLAS nearly always."""
+
+    def path(b_transposed: bool):
+        contraction = matmul_contraction(A.dim(), a_transposed, b_transposed)
+        return tensor_core_path(plan_pit(contraction, SparsityAttr("A", tile), sizes, form), A, logical_b, out)
+
+    return path(True) is None and path(False) is not None
+
+
 def pit_matmul(
     A: torch.Tensor,
     B: torch.Tensor,
@@ -242,8 +260,11 @@ def pit_matmul(
     if {"A": a_transposed, "B": b_transposed, "C": False}[sparse]:
         tile, grid_shape = tile[::-1], grid_shape[::-1]
         mask = mask.transpose(-1, -2) if mask is not None else None
+    sizes = {"m": M, "n": N, "k": K}
+    if b_transposed and sparse == "A" and _compact_b_reaches_tensor_cores(A, a_transposed, logical_b, out, tile, sizes, form):
+        B, b_transposed = COMPACT_COPIES.get(logical_b), False
     contraction = matmul_contraction(A.dim(), a_transposed, b_transposed)
-    plan = plan_pit(contraction, SparsityAttr(sparse, tile), {"m": M, "n": N, "k": K}, form)
+    plan = plan_pit(contraction, SparsityAttr(sparse, tile), sizes, form)
     covered = tensor_core_cover(plan, A, B, out) if cover and mask is None and form is None else plan
     if covered is not plan:
         plan, tile = covered, (covered.tile["m"], covered.tile["k"])  # A stored (m, k)

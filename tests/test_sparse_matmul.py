@@ -185,6 +185,37 @@ def test_transposed_storage_is_read_in_place(sparse, tile, form, transposed, wit
     assert_matches_reference(out, A.double() @ B.double())
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_linear_weight_read_from_a_compact_copy_where_only_that_reaches_tensor_cores(device, monkeypatch):
+    """``x @ W.t()`` with sparse x: where a tensor-core tile reads B stored (k, n) and none
+    reads the transposed view (Hopper's warpgroup tile; patched in on the CPU), B comes from
+    one kept compact copy of W, made anew once W is written."""
+    from pit_compiler import ops
+    from pit_compiler.runtime import CompactCopies
+
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    if device == "cpu":
+        def compact_only(plan, A, B, out):
+            return "reduce" if plan.contraction.order("b") == ("k", "n") else None
+
+        monkeypatch.setattr(ops, "tensor_core_path", compact_only)
+    copies = CompactCopies(1 << 30)
+    monkeypatch.setattr(ops, "COMPACT_COPIES", copies)
+    made = []
+    original = copies.get
+    monkeypatch.setattr(copies, "get", lambda view: made.append(original(view)) or made[-1])
+    x, _ = micro_tile_sparse((300, 520), (32, 1), 0.3, dtype, device, seed=5)
+    W = dense_operand((776, 520), dtype, device, seed=6)  # nn.Linear layout (out, in)
+    for step in range(3):
+        out = poisoned((300, 776), dtype, device)
+        pit.sparse_matmul(x, W.t(), micro_tile=(32, 1), out=out)
+        assert_matches_reference(out, x.double() @ W.double().t())
+        if step == 1:
+            with torch.no_grad():
+                W.mul_(-0.5)  # an optimizer step: the next call copies again
+    assert len(made) == 3 and made[0] is made[1] and made[2] is not made[1]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("tile", [(1, None), (4, None)], ids=str)
 @pytest.mark.parametrize("density", [1.0, 0.5, 0.1, 0.0])

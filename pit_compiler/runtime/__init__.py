@@ -2,7 +2,8 @@
 (torch and tvm.runtime only)."""
 
 from .cache import ENV_CACHE_DIR, KernelCache, default_cache_dir
+from .compact_copies import CompactCopies
 from .index import MicroTileIndex
 from .recent_counts import RecentCounts
 
-__all__ = ["ENV_CACHE_DIR", "KernelCache", "MicroTileIndex", "RecentCounts", "default_cache_dir"]
+__all__ = ["CompactCopies", "ENV_CACHE_DIR", "KernelCache", "MicroTileIndex", "RecentCounts", "default_cache_dir"]
