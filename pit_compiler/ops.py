@@ -217,11 +217,13 @@ def _compact_b_reaches_tensor_cores(A, a_transposed: bool, logical_b, out, tile,
     ``nn.Linear`` weight otherwise takes the one-thread-per-output kernel, so its product
     falls back to cuBLAS nearly always."""
 
-    def path(b_transposed: bool):
-        contraction = matmul_contraction(A.dim(), a_transposed, b_transposed)
-        return tensor_core_path(plan_pit(contraction, SparsityAttr("A", tile), sizes, form), A, logical_b, out)
+    facts = _call_facts(A, logical_b, out)
 
-    return path(True) is None and path(False) is not None
+    def kernel(b_transposed: bool):
+        contraction = matmul_contraction(A.dim(), a_transposed, b_transposed)
+        return tensor_core_kernel(plan_pit(contraction, SparsityAttr("A", tile), sizes, form), *facts)
+
+    return kernel(True) is None and kernel(False) is not None
 
 
 def pit_matmul(
