@@ -13,10 +13,11 @@
 #   bash scripts/gpu-check.sh auto       # benchmarks/tuning.py at 8192^3 (32x1, 64x64), then benchmarks/models.py
 #   bash scripts/gpu-check.sh recheck    # the packed 32x1 gpu tests, spmm of whole rows and 32x1, auto's profile (.proto2/tiles.json)
 #   bash scripts/gpu-check.sh verify     # the gpu tests of attention's dense products, batched MoE and the fallback
+#   bash scripts/gpu-check.sh session8   # verify, then measure
 #   bash scripts/gpu-check.sh measure    # spmm where session 7's unmeasured changes act (4096^3, 99 %), then models.py
 # Logs and results are copied under $OUT when the device tool provides it.
 set -uo pipefail
-stage=${1:?usage: scripts/gpu-check.sh tests|kernels|spmm|tuning|sweep|warpgroup|hopper|tables|packed|rows|auto|recheck|verify|measure}
+stage=${1:?usage: scripts/gpu-check.sh tests|kernels|spmm|tuning|sweep|warpgroup|hopper|tables|packed|rows|auto|recheck|verify|measure|session8}
 if ls .whl/*.whl > /dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
@@ -81,15 +82,19 @@ case "$stage" in
       | grep -E " (pit|pit_kernel|cublas) "
     timeout 50 python3 -P benchmarks/spmm.py --sizes 4096 --dtypes float16 "${cases[@]}" 2>&1 | tee -a "$out/spmm.log" | grep -E " (pit|pit_kernel|cublas) "
     timeout 100 python3 -P scripts/gpu_auto_profile.py --db .proto2/tiles.json 2>&1 | tee "$out/auto-profile.log" | tail -8 ;;
-  measure)  # the size-aware crossover (4096^3), the count-chosen 32x1 tile (99 %), attention's dense products (models)
+  measure)  # models (attention's dense products, batched MoE, linears' compact weights), the size-aware crossover
+    # (4096^3), the count-chosen 32x1 tile (99 %)
+    timeout "${MODELS_TIMEOUT:-150}" python3 -P benchmarks/models.py --profile 2>&1 | tee "$out/models.log" | grep -E "eager|pit "
     cases=(--micro-tiles row,32x1,32x32,64x64 --sparsities 0,0.5,0.9,0.99 --merge)
     timeout 90 python3 -P benchmarks/spmm.py --sizes 4096 --dtypes float16 "${cases[@]}" 2>&1 | tee "$out/spmm.log" \
       | grep -E " (pit|cublas) "
     timeout 60 python3 -P benchmarks/spmm.py --sizes 8192 --dtypes float16 --micro-tiles 32x1,row --sparsities 0.9,0.99 --merge 2>&1 \
-      | tee -a "$out/spmm.log" | grep -E " (pit|pit_kernel|cublas) "
-    timeout "${MODELS_TIMEOUT:-150}" python3 -P benchmarks/models.py --profile 2>&1 | tee "$out/models.log" | grep -E "eager|pit " ;;
+      | tee -a "$out/spmm.log" | grep -E " (pit|pit_kernel|cublas) " ;;
+  session8)  # verify, then measure, in one call
+    VERIFY_TIMEOUT=180 bash "$0" verify
+    bash "$0" measure ;;
   verify)  # the gpu tests of what no GPU has run yet: attention's dense products, batched MoE, the fallback's choices
-    timeout 300 python3 -P -m pytest -q -p no:cacheprovider -m gpu --maxfail=10 tests/nn/test_moe.py tests/runtime/test_recent_counts.py tests/runtime/test_compact_copies.py \
+    timeout "${VERIFY_TIMEOUT:-300}" python3 -P -m pytest -q -p no:cacheprovider -m gpu --maxfail=10 tests/nn/test_moe.py tests/runtime/test_recent_counts.py tests/runtime/test_compact_copies.py \
       "tests/nn/test_attention.py::test_dense_products_where_pit_has_no_tensor_core_kernel" tests/test_sparse_matmul.py \
       -k "moe or MoE or eager or experts or capacity or gradients or recent or dense_products or fallback or crossover or wait or compact" \
       2>&1 | tee "$out/gpu-verify.log" | tail -15 ;;
