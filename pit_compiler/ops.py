@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import replace
+from typing import NamedTuple
 
 import torch
 
@@ -200,10 +201,20 @@ def run_matmul(plan: PITPlan, A: torch.Tensor, B: torch.Tensor, out: torch.Tenso
         out.copy_(result)
 
 
-def operand_grid(plan: PITPlan, index: MicroTileIndex) -> torch.Tensor:
+class Computed(NamedTuple):
+    """What :func:`pit_matmul` ran: its plan and index, and whether it computed ``C^T``
+    (a sparse B as the sparse A of ``B^T @ A^T``), whose index lists ``B^T``'s micro-tiles."""
+
+    plan: PITPlan
+    index: MicroTileIndex
+    transposed: bool = False
+
+
+def operand_grid(plan: PITPlan, index: MicroTileIndex, transposed: bool = False) -> torch.Tensor:
     """The listed micro-tiles as a ``(batch, rows, cols)`` grid of the logical sparse operand."""
     grid = index.to_mask()
-    return grid if plan.blocked == _LOGICAL_ROLES[plan.sparse][0] else grid.transpose(-1, -2)
+    flip = (plan.blocked != _LOGICAL_ROLES[plan.sparse][0]) != transposed
+    return grid.transpose(-1, -2) if flip else grid
 
 
 # Transposed B (an nn.Linear weight's W.t()) copied to the layout the warpgroup tile reads, one
@@ -226,6 +237,20 @@ def _compact_b_reaches_tensor_cores(A, a_transposed: bool, logical_b, out, tile,
     return kernel(True) is None and kernel(False) is not None
 
 
+def _sparse_b_reaches_tensor_cores_as_a(A, B, out, tile) -> bool:
+    """Whether ``C = A @ B`` with B sparse has no tensor-core kernel (none takes a sparse B)
+    but ``C^T = B^T @ A^T`` with ``B^T`` the sparse A has one: a pruned ``nn.Linear`` weight W
+    (B is ``W.t()``) is then read in place, as a sparse A stored ``(n, k)``."""
+    if A.dim() != 2 or not is_transposed_view(B):
+        return False
+    a_t = B.transpose(-1, -2)
+    b_t = A.new_empty(()).expand(A.shape[-1], A.shape[-2])  # A^T as it will be copied: compact (k, m)
+    out_t = out.new_empty(()).expand(out.shape[-1], out.shape[-2])
+    sizes = {"m": B.shape[-1], "k": A.shape[-1], "n": A.shape[-2]}
+    plan = plan_pit(matmul_contraction(2), SparsityAttr("A", tuple(tile[::-1])), sizes, None)
+    return tensor_core_kernel(plan, *_call_facts(a_t, b_t, out_t)) is not None
+
+
 def pit_matmul(
     A: torch.Tensor,
     B: torch.Tensor,
@@ -239,10 +264,12 @@ def pit_matmul(
     cover: bool = False,
     dense_fallback: bool = False,
     detected: MicroTileIndex | None = None,
-) -> tuple[PITPlan, MicroTileIndex] | None:
+) -> Computed | None:
     """Write ``A @ B`` (with ``sparse``'s unlisted micro-tiles taken as zero) into ``out``.
 
-    Returns the plan and index it used, or None where there was nothing to compute. ``cover``
+    Returns the plan and index it used (:class:`Computed`), or None where there was nothing to
+    compute. A sparse B that only the transposed product takes to tensor cores
+    (:func:`_sparse_b_reaches_tensor_cores_as_a`) runs as that product. ``cover``
     lets a detected micro-tile that has no tensor-core kernel run as a taller one that has
     (:func:`tensor_core_cover`); the index returned is then the cover's. ``dense_fallback``
     lets a detected operand too dense for PIT to win run as ``torch.matmul`` (:func:`dense_wins`).
@@ -257,6 +284,16 @@ def pit_matmul(
     if K == 0:
         out.zero_()
         return None
+    if sparse == "B" and form is None and detected is None and _sparse_b_reaches_tensor_cores_as_a(A, B, out, tile):
+        # C^T = B^T A^T, B^T the sparse A (stored (n, k) when B is W.t()); A^T made compact.
+        out_t = torch.empty((N, M), dtype=out.dtype, device=out.device)
+        mask_t = mask.transpose(-1, -2) if mask is not None else None
+        used = pit_matmul(
+            B.transpose(-1, -2), A.transpose(-1, -2).contiguous(), out_t, "A", tile[::-1], grid_shape[::-1], mask_t,
+            None, cover=cover, dense_fallback=dense_fallback,
+        )  # fmt: skip
+        out.copy_(out_t.t())
+        return used if used is None else Computed(used.plan, used.index, transposed=True)
     A, a_transposed = storage(A)
     B, b_transposed = storage(B)
     if {"A": a_transposed, "B": b_transposed, "C": False}[sparse]:
@@ -277,10 +314,10 @@ def pit_matmul(
     weigh_dense = dense_fallback and mask is None and falls_back_on(A.device)
     if weigh_dense and dense_wins(index, dense_crossover(plan, A, B, out), call_signature(plan, A, B)):
         torch.matmul(logical_a, logical_b, out=out)  # exact: the unlisted micro-tiles are zero
-        return plan, index
+        return Computed(plan, index)
     if not run_on_tensor_cores(plan, A, B, out, index):
         run_matmul(plan, batched(A), batched(B), batched(out), index)
-    return plan, index
+    return Computed(plan, index)
 
 
 DENSE_FALLBACK = True  # the kernels' own tests turn it off, to check them at every density

@@ -216,6 +216,36 @@ def test_linear_weight_read_from_a_compact_copy_where_only_that_reaches_tensor_c
     assert len(made) == 3 and made[0] is made[1] and made[2] is not made[1]
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("with_mask", [False, True])
+@pytest.mark.parametrize("grad", [False, True])
+def test_pruned_weight_runs_as_the_sparse_a_of_the_transposed_product(with_mask, grad, device, monkeypatch):
+    """``x @ W.t()`` with W pruned (sparse B): no tensor-core kernel takes a sparse B, but W
+    stored (n, k) is a sparse A as the warpgroup tile reads one, so ``C^T = W @ x^T`` runs
+    (patched in on the CPU), with the index and the backward's grid still W's."""
+    from pit_compiler import ops
+
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    if device == "cpu":
+        def sparse_a_only(plan, *facts):
+            return "reduce" if plan.sparse == "a" and plan.contraction.order("b") == ("k", "n") else None
+
+        monkeypatch.setattr(ops, "tensor_core_kernel", sparse_a_only)
+    ran = []
+    original = ops.pit_matmul
+    monkeypatch.setattr(ops, "pit_matmul", lambda A, B, out, sparse, *a, **k: ran.append(sparse) or original(A, B, out, sparse, *a, **k))
+    W, grid = micro_tile_sparse((776, 520), (64, 32), 0.3, dtype, device, seed=8)  # (out, in), 64x32 blocks
+    x = dense_operand((304, 520), dtype, device, seed=9).requires_grad_(grad)  # tokens: the N of C^T, a multiple of 8
+    mask = grid.t() if with_mask else None
+    result = pit.sparse_matmul(x, W.t(), sparse="B", micro_tile=(32, 64), mask=mask)
+    assert ran == ["A"], "the transposed product should have run"
+    assert_matches_reference(result, x.detach().double() @ W.double().t())
+    if grad:
+        dy = dense_operand((304, 776), dtype, device, seed=10)
+        (dx,) = torch.autograd.grad(result, x, dy)
+        assert_matches_reference(dx, dy.double() @ W.double())
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("tile", [(1, None), (4, None)], ids=str)
 @pytest.mark.parametrize("density", [1.0, 0.5, 0.1, 0.0])
