@@ -241,14 +241,33 @@ def _sparse_b_reaches_tensor_cores_as_a(A, B, out, tile) -> bool:
     """Whether ``C = A @ B`` with B sparse has no tensor-core kernel (none takes a sparse B)
     but ``C^T = B^T @ A^T`` with ``B^T`` the sparse A has one: a pruned ``nn.Linear`` weight W
     (B is ``W.t()``) is then read in place, as a sparse A stored ``(n, k)``."""
+    transposed = _transposed_product(A, B, out, tile)
+    return transposed is not None and tensor_core_kernel(transposed[0], *_call_facts(*transposed[1:])) is not None
+
+
+def _transposed_product(A, B, out, tile):
+    """``(plan, B^T, A^T, C^T)`` of :func:`_sparse_b_reaches_tensor_cores_as_a`'s product, with
+    A^T and C^T as stand-ins of their compact shapes (nothing is allocated); None where B is
+    not a transposed view of a 2-D weight."""
     if A.dim() != 2 or not is_transposed_view(B):
-        return False
-    a_t = B.transpose(-1, -2)
+        return None
     b_t = A.new_empty(()).expand(A.shape[-1], A.shape[-2])  # A^T as it will be copied: compact (k, m)
     out_t = out.new_empty(()).expand(out.shape[-1], out.shape[-2])
     sizes = {"m": B.shape[-1], "k": A.shape[-1], "n": A.shape[-2]}
     plan = plan_pit(matmul_contraction(2), SparsityAttr("A", tuple(tile[::-1])), sizes, None)
-    return tensor_core_kernel(plan, *_call_facts(a_t, b_t, out_t)) is not None
+    return plan, B.transpose(-1, -2), b_t, out_t
+
+
+def pruned_weight_beats_dense(x2: torch.Tensor, weight: torch.Tensor, tile, listed: float) -> bool:
+    """Whether ``x2 @ weight.t()`` with ``listed`` of the weight's micro-tiles ``tile`` (over
+    ``(out, in)``) listed is predicted to finish first on PIT: on a tensor-core tile (as the
+    transposed product) and below its :func:`dense_crossover`. Else an ``nn.Linear`` with a
+    pruned weight runs dense cuBLAS, exact as the weight's own zeros are computed."""
+    out = x2.new_empty(()).expand(x2.shape[0], weight.shape[0])
+    transposed = _transposed_product(x2, weight.t(), out, tuple(tile[::-1]))
+    if transposed is None or tensor_core_kernel(transposed[0], *_call_facts(*transposed[1:])) is None:
+        return False
+    return listed <= dense_crossover(*transposed)
 
 
 def pit_matmul(

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from pit_compiler import ops
 from pit_compiler.api import detect_micro_tiles
 from pit_compiler.validation import input_micro_tile_option, normalize_micro_tile
 
@@ -16,7 +18,9 @@ class SparseLinear(nn.Linear):
 
     A subclass, so ``isinstance(m, nn.Linear)``, ``state_dict`` keys and optimizers see the
     module they expect. With ``weight_micro_tile`` the weight's index is built once and
-    rebuilt only when the weight changes (an optimizer step, a new pruning mask).
+    rebuilt only when the weight changes (an optimizer step, a new pruning mask); on a GPU,
+    where no tensor-core tile takes the pruned weight or it is too dense to win
+    (:func:`~pit_compiler.ops.pruned_weight_beats_dense`), the layer runs dense cuBLAS.
     """
 
     def __init__(
@@ -54,6 +58,7 @@ class SparseLinear(nn.Linear):
         )
         self._weight_index_key = None
         self._weight_grid = None
+        self._weight_listed = 1.0
 
     def weight_grid(self) -> torch.Tensor | None:
         """The weight's non-empty micro-tiles, rebuilt when the weight's storage or version moves."""
@@ -63,16 +68,22 @@ class SparseLinear(nn.Linear):
         if key != self._weight_index_key:
             with torch.no_grad():
                 self._weight_grid = detect_micro_tiles(self.weight.detach(), self.weight_micro_tile).to_mask()[0]
+                self._weight_listed = self._weight_grid.float().mean().item() if self._weight_grid.numel() else 0.0
             self._weight_index_key = key
         return self._weight_grid
 
     def forward(self, x: torch.Tensor, row_mask: torch.Tensor | None = None) -> torch.Tensor:
+        grid = self.weight_grid()
+        if grid is not None and ops.falls_back_on(x.device) and x.numel():
+            x2 = x.reshape(-1, self.in_features)
+            if not ops.pruned_weight_beats_dense(x2, self.weight, self.weight_micro_tile, self._weight_listed):
+                return F.linear(x, self.weight, self.bias)  # exact: the grid lists every non-zero piece
         return sparse_linear(
             x,
             self.weight,
             self.bias,
             input_micro_tile=self.input_micro_tile,
-            weight_grid=self.weight_grid(),
+            weight_grid=grid,
             weight_micro_tile=self.weight_micro_tile,
             row_mask=row_mask,
         )

@@ -51,6 +51,45 @@ def test_pruned_weight_index_is_built_once(dtype, device):
     assert_matches_reference(module(x), reference(linear, x))
 
 
+@pytest.mark.parametrize("beats_dense", [False, True])
+def test_pruned_weight_runs_dense_where_pit_would_lose(beats_dense, monkeypatch):
+    """Where the dense fallback applies (a GPU; patched in here), a pruned layer that no
+    tensor-core tile takes, or too dense to win, runs F.linear: exact, the grid lists every
+    non-zero piece of the weight."""
+    from pit_compiler import ops
+    from pit_compiler.nn import linear as linear_module
+
+    monkeypatch.setattr(ops, "falls_back_on", lambda device: True)
+    monkeypatch.setattr(ops, "pruned_weight_beats_dense", lambda x2, weight, tile, listed: beats_dense)
+    ran_pit = []
+    original = linear_module.sparse_linear
+    monkeypatch.setattr(linear_module, "sparse_linear", lambda *a, **k: ran_pit.append(1) or original(*a, **k))
+    linear = make_linear(96, 64, torch.float32, "cpu")
+    _, grid = micro_tile_sparse((64, 96), (32, 32), 0.5, torch.float32, "cpu", seed=4)
+    with torch.no_grad():
+        linear.weight.mul_(expand_mask(grid, (32, 32), (64, 96)))
+    module = pit.nn.SparseLinear.from_module(linear, weight_micro_tile=(32, 32))
+    x = torch.randn(3, 19, 96)
+    assert_matches_reference(module(x), reference(linear, x))
+    assert ran_pit == ([1] if beats_dense else [])
+
+
+def test_pruned_weight_prediction_needs_a_tensor_core_tile_and_low_density(monkeypatch):
+    """``pruned_weight_beats_dense``: False without a tensor-core tile for the transposed
+    product (the CPU), else listed density against that tile's crossover."""
+    from pit_compiler import ops
+
+    x2, weight = torch.randn(64, 96), torch.randn(128, 96)
+    assert not ops.pruned_weight_beats_dense(x2, weight, (64, 32), 0.01)
+
+    def sparse_a_only(plan, *facts):
+        return "reduce" if plan.sparse == "a" and plan.contraction.order("b") == ("k", "n") else None
+
+    monkeypatch.setattr(ops, "tensor_core_kernel", sparse_a_only)  # 64-row blocks: crossover 0.35
+    assert ops.pruned_weight_beats_dense(x2, weight, (64, 32), 0.2)
+    assert not ops.pruned_weight_beats_dense(x2, weight, (64, 32), 0.5)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_padded_rows_are_skipped(device):
     """Variable-length batches: rows outside row_mask come out as the bias alone."""
