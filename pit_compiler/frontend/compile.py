@@ -11,7 +11,7 @@ from torch import fx, nn
 from pit_compiler.nn import SparseAttention, SparseLinear, SparseMoE, SparseTransformerEncoderLayer
 from pit_compiler.validation import input_micro_tile_option
 
-from .modules import ModuleOptions, replace_modules
+from .modules import ModuleOptions, replace_modules, replacement
 from .rewrite import rewrite_sparse_consumers
 
 log = logging.getLogger("pit_compiler")
@@ -64,6 +64,10 @@ def compile(
     input_micro_tile = input_micro_tile_option(input_micro_tile, 1)  # validated early
 
     replaced_model = _shared_copy(model)
+    whole = replacement(replaced_model, options)
+    if whole is not None:  # the model is itself a block PIT replaces (an MoE block, attention ...)
+        log.info("pit.compile(%s): the model itself replaced by %s", type(model).__name__, type(whole).__name__)
+        return _built(whole, example_inputs)
     replaced = replace_modules(replaced_model, options)
     compiled = replaced_model
     try:
@@ -84,6 +88,11 @@ def compile(
             type(model).__name__, type(error).__name__, str(error).splitlines()[0], len(replaced),
         )
         compiled = torch.compile(replaced_model, backend=pit_backend, options={"input_micro_tile": input_micro_tile})
+    return _built(compiled, example_inputs)
+
+
+def _built(compiled, example_inputs):
+    """``compiled``, run once on ``example_inputs`` (when given) to build its kernels."""
     if example_inputs is not None:
         with torch.no_grad():
             compiled(*example_inputs)

@@ -37,7 +37,8 @@ def weight_sparsity(weight: torch.Tensor, micro_tile) -> float:
     return 1.0 - listed / index.indices.numel()
 
 
-def _replacement(module: nn.Module, options: ModuleOptions) -> nn.Module | None:
+def replacement(module: nn.Module, options: ModuleOptions) -> nn.Module | None:
+    """PIT's drop-in for ``module`` itself, or None where ``options`` match none."""
     if options.attention and type(module) is nn.TransformerEncoderLayer:
         from pit_compiler.nn.encoder import SparseTransformerEncoderLayer
 
@@ -68,7 +69,7 @@ def replace_modules(root: nn.Module, options: ModuleOptions) -> dict[str, str]:
     """Swap matched submodules of ``root`` in place; return ``{qualified name: new type}``."""
     replaced = {}
     for name, child in list(root.named_children()):
-        new = _replacement(child, options)
+        new = replacement(child, options)
         if new is not None:
             setattr(root, name, new)
             replaced[name] = type(new).__name__

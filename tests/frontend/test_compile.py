@@ -183,3 +183,33 @@ def test_moe_block_is_replaced(kind, device):
     x = torch.randn(3, 19, 32, device=device)
     with torch.no_grad():
         assert_matches_reference(compiled(x), double_forward(model, x))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["switch", "attention", "pruned"])
+def test_a_model_that_is_itself_a_replaced_block_is_replaced(kind, device, caplog):
+    """``pit.compile(moe_block)`` (not only a model holding one) returns the block's drop-in,
+    sharing its parameters, and tracing nothing further."""
+    from pit_compiler.nn.moe_reference import SwitchMoE
+
+    torch.manual_seed(6)
+    x = torch.randn(3, 19, 32, device=device)
+    if kind == "switch":
+        model, expected_type, args = SwitchMoE(32, 64, 4), pit.nn.SparseMoE, (x,)
+    elif kind == "attention":
+        model, expected_type, args = nn.MultiheadAttention(32, 4, batch_first=True), pit.nn.SparseAttention, (x, x, x)
+    else:
+        model, expected_type, args = nn.Linear(32, 48), pit.nn.SparseLinear, (x,)
+        with torch.no_grad():
+            model.weight[:40] = 0  # 40 of 48 rows, i.e. of its 1x32 pieces, pruned
+    model = model.to(device)
+    with caplog.at_level("WARNING", logger="pit_compiler"):
+        compiled = pit.compile(model, args)
+    assert type(compiled) is expected_type
+    assert {id(p) for p in compiled.parameters()} == {id(p) for p in model.parameters()}
+    assert "could not trace" not in caplog.text
+    with torch.no_grad():
+        result, expected = compiled(*args), model(*args)
+    if kind == "attention":
+        result, expected = result[0], expected[0]
+    torch.testing.assert_close(result, expected, rtol=1e-4, atol=1e-4)
