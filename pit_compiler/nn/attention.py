@@ -13,9 +13,9 @@ The score matrix is still stored densely (``sparse_matmul`` takes and returns de
 memory is that of eager attention; the two products skip the unlisted tiles.
 
 On a GPU where PIT has no tensor-core kernel for these products (today: every head is one
-product of a batch, which only the one-thread-per-output kernel takes), both run as dense
-batched cuBLAS instead, under the same masks: exact, as the tiles PIT would skip hold only
-masked scores and zero probabilities (see :func:`_dense_products`).
+product of a batch, which only the one-thread-per-output kernel takes), attention runs as
+PyTorch's fused ``scaled_dot_product_attention`` instead, under the same masks: exact, as the
+tiles PIT would skip hold only masked scores and zero probabilities (see :func:`_dense_products`).
 """
 
 from __future__ import annotations
@@ -168,34 +168,42 @@ def sparse_attention(
         grid = torch.ones((1, 1) + grid_shape[2:], dtype=torch.bool, device=q.device)
     if 0 in (batch, heads, seq_q, seq_k, dim_v):
         return q.new_zeros(batch, heads, seq_q, dim_v)
-    grid = grid.expand(grid_shape).reshape(batch * heads, *grid_shape[2:])
-    dense = _dense_products(q, seq_k, dim_v, block)  # (with nothing masked, the grid lists every tile)
+    if _dense_products(q, seq_k, dim_v, block):
+        return _fused_attention(q, k, v, keep, bias, scale)
+    grid = grid.expand(grid_shape).reshape(batch * heads, *grid_shape[2:])  # (nothing masked: every tile)
 
     q3, k3 = q.reshape(batch * heads, seq_q, dim), k.reshape(batch * heads, seq_k, dim).transpose(1, 2)
-    if dense:
-        scores = torch.bmm(q3, k3)
-    else:
-        scores = sparse_matmul(q3, k3, sparse="C", micro_tile=block, mask=grid)
+    scores = sparse_matmul(q3, k3, sparse="C", micro_tile=block, mask=grid)
     scores = scores.view(full).float() * scale
     if bias is not None:
         scores.add_(bias)
     probs = _masked_softmax(scores, keep).to(q.dtype).view(batch * heads, seq_q, seq_k)
     v3 = v.reshape(batch * heads, seq_k, dim_v)
-    if dense:
-        out = torch.bmm(probs, v3)
-    else:
-        out = sparse_matmul(probs, v3, sparse="A", micro_tile=block, mask=grid, form="reduce")
+    out = sparse_matmul(probs, v3, sparse="A", micro_tile=block, mask=grid, form="reduce")
     return out.view(batch, heads, seq_q, dim_v)
 
 
-def _dense_products(q: torch.Tensor, seq_k: int, dim_v: int, block) -> bool:
-    """Whether attention's two products run as dense batched cuBLAS rather than on PIT.
+def _fused_attention(q, k, v, keep: torch.Tensor | None, bias: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """The same attention as one fused ``scaled_dot_product_attention`` under the same masks
+    (a query row with no allowed key gives zeros here too, where SDPA gives NaN)."""
+    mask = keep
+    if bias is not None:
+        mask = bias.to(q.dtype) if keep is None else bias.to(q.dtype).masked_fill(~keep, float("-inf"))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    if keep is None:
+        return out
+    return out.masked_fill(~keep.any(-1, keepdim=True), 0.0)
 
-    Where PIT's only kernel for them is the one-thread-per-output one and the dense fallback
-    applies (a GPU; :func:`~pit_compiler.ops.falls_back_on`): on an NVIDIA H200 (float16) that
-    kernel made Longformer-base attention at 4096 tokens take 27.0 ms against 0.300 eager, and a
-    12-layer BERT-base on padded batches 402 ms against 5.32. Exact: a tile PIT skips holds only
-    disallowed scores (masked before the softmax either way) and zero probabilities.
+
+def _dense_products(q: torch.Tensor, seq_k: int, dim_v: int, block) -> bool:
+    """Whether attention runs as PyTorch's fused SDPA under the same masks rather than on PIT.
+
+    Where PIT's only kernel for its two (batched) products is the one-thread-per-output one and
+    the dense fallback applies (a GPU; :func:`~pit_compiler.ops.falls_back_on`): on an NVIDIA
+    H200 (float16) that kernel made Longformer-base attention at 4096 tokens take 27.0 ms
+    against 0.300 eager, and the two products as dense batched cuBLAS with the softmax between
+    them in float32 still took 5.43 ms on an H100 (eager SDPA: 0.298). Exact: a tile PIT skips
+    holds only disallowed scores (masked before the softmax either way) and zero probabilities.
     """
     if not ops.falls_back_on(q.device):
         return False

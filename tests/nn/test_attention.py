@@ -516,8 +516,8 @@ def test_module_refuses_what_it_does_not_support():
 @pytest.mark.parametrize("case", ["element", "blocks", "padding", "additive", "none"])
 def test_dense_products_where_pit_has_no_tensor_core_kernel(case, dtype, device, monkeypatch):
     """Where the dense fallback applies and no tensor-core kernel takes attention's batched
-    products (a GPU today; patched in on the CPU), both run as dense batched matmuls under the
-    same masks: the same attention, and PIT is not called."""
+    products (a GPU today; patched in on the CPU), attention runs as fused SDPA under the same
+    masks: the same attention (zeros for rows with nothing allowed), and PIT is not called."""
     from pit_compiler import ops
     from pit_compiler.nn import attention
 
