@@ -399,8 +399,11 @@ def _warpgroup_crossover(plan: PITPlan) -> float:
     # tile then took 1.00 ms at 10 % listed where 32x32 blocks took 0.71 (the 32x32 line
     # crosses cuBLAS at 18 %). Taller blocks gather them element by element in every thread
     # block: the same ratio measured so on 32 rows (1.51 ms; 32x1 line crossing cuBLAS at 7 %)
-    # is assumed for them.
-    return 0.12 if plan.tile["m"] == 32 else round(crossover * 0.4, 2)
+    # is assumed for them. Packed 32x1 pieces at 8192^3 crossed cuBLAS at 12 % listed on an H200
+    # but at 7.4 % on an H100 (1.515 ms at 10 % and 0.598 at 1 %, cuBLAS 1.25): the lower is
+    # kept (0.08 x the 0.9 of 8192^3's call floor), as running dense where PIT would have won
+    # by a few percent costs less than the reverse.
+    return 0.08 if plan.tile["m"] == 32 else round(crossover * 0.4, 2)
 
 
 # A PIT call on Hopper costs about this much however little is listed (detection, launches,
