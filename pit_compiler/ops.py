@@ -227,7 +227,6 @@ def _compact_b_reaches_tensor_cores(A, a_transposed: bool, logical_b, out, tile,
     transposed: then B is read from its compact copy (:data:`COMPACT_COPIES`). On Hopper an
     ``nn.Linear`` weight otherwise takes the one-thread-per-output kernel, so its product
     falls back to cuBLAS nearly always."""
-
     facts = _call_facts(A, logical_b, out)
 
     def kernel(b_transposed: bool):
