@@ -222,15 +222,15 @@ def operand_grid(plan: PITPlan, index: MicroTileIndex, transposed: bool = False)
 COMPACT_COPIES = CompactCopies(limit_bytes=4 << 30)
 
 
-def _compact_b_reaches_tensor_cores(A, a_transposed: bool, logical_b, out, tile, sizes: dict, form) -> bool:
+def compact_b_reaches_tensor_cores(facts: tuple, a_transposed: bool, tile, sizes: dict, form=None) -> bool:
     """Whether a tensor-core tile reads B stored ``(k, n)`` where none reads it as stored,
-    transposed: then B is read from its compact copy (:data:`COMPACT_COPIES`). On Hopper an
-    ``nn.Linear`` weight otherwise takes the one-thread-per-output kernel, so its product
-    falls back to cuBLAS nearly always."""
-    facts = _call_facts(A, logical_b, out)
+    transposed: then B is read from its compact copy (:data:`COMPACT_COPIES`; the tuner tunes
+    that kernel). On Hopper an ``nn.Linear`` weight otherwise takes the one-thread-per-output
+    kernel, so its product falls back to cuBLAS nearly always. ``facts``: :func:`_call_facts`
+    of the call (B logical), ``tile`` A's micro-tile in its storage order."""
 
     def kernel(b_transposed: bool):
-        contraction = matmul_contraction(A.dim(), a_transposed, b_transposed)
+        contraction = matmul_contraction(facts[0], a_transposed, b_transposed)
         return tensor_core_kernel(plan_pit(contraction, SparsityAttr("A", tile), sizes, form), *facts)
 
     return kernel(True) is None and kernel(False) is not None
@@ -318,8 +318,9 @@ def pit_matmul(
         tile, grid_shape = tile[::-1], grid_shape[::-1]
         mask = mask.transpose(-1, -2) if mask is not None else None
     sizes = {"m": M, "n": N, "k": K}
-    if b_transposed and sparse == "A" and _compact_b_reaches_tensor_cores(A, a_transposed, logical_b, out, tile, sizes, form):
-        B, b_transposed = COMPACT_COPIES.get(logical_b), False
+    if b_transposed and sparse == "A":
+        if compact_b_reaches_tensor_cores(_call_facts(A, logical_b, out), a_transposed, tile, sizes, form):
+            B, b_transposed = COMPACT_COPIES.get(logical_b), False
     contraction = matmul_contraction(A.dim(), a_transposed, b_transposed)
     plan = plan_pit(contraction, SparsityAttr(sparse, tile), sizes, form)
     covered = tensor_core_cover(plan, A, B, out) if cover and mask is None and form is None else plan

@@ -276,6 +276,7 @@ class _Task:
     needs_detect: bool
     dedicated: str | None  # the dedicated kernel run time uses (ops.tensor_core_path): time that one
     summary: KernelSummary
+    compact_b: bool = False  # B transposed, read from its compact copy as run time does (ops.COMPACT_COPIES)
 
 
 @dataclass
@@ -315,7 +316,8 @@ class _Run:
     def plan(self, number: int, micro_tile: tuple, trials: int, report: TuneReport) -> _Task:
         M, N, K = self.shape
         tile = normalize_micro_tile(micro_tile, self.operand_shape)
-        contraction = matmul_contraction(2, *self.transposed)
+        compact_b = self._reads_compact_b(tile)
+        contraction = matmul_contraction(2, self.transposed[0], self.transposed[1] and not compact_b)
         plan = plan_pit(contraction, SparsityAttr(self.sparse, self._storage_tile(tile)), {"m": M, "n": N, "k": K})
         dedicated = tensor_core_kernel(plan, 2, K, N, self.dtype, self.dtype, self.dtype, self.target)
         template = kernel_template(plan, self.shape, self.dtype, self.target)
@@ -336,7 +338,16 @@ class _Run:
                 report.measurements.append(reused)
                 summary.reused += 1
         needs_detect = shape_text(self.shape) not in entry.get("detect", {})
-        return _Task(number, tile, plan, workload, todo, needs_detect, dedicated, summary)
+        return _Task(number, tile, plan, workload, todo, needs_detect, dedicated, summary, compact_b)
+
+    def _reads_compact_b(self, tile: tuple) -> bool:
+        """Whether run time reads this layout's transposed B from a compact copy for ``tile``
+        (a tensor-core tile takes only that layout): then that is what is tuned."""
+        if self.sparse != "A" or not self.transposed[1]:
+            return False
+        M, N, K = self.shape
+        facts = (2, K, N, self.dtype, self.dtype, self.dtype, self.target)
+        return ops.compact_b_reaches_tensor_cores(facts, self.transposed[0], self._storage_tile(tile), {"m": M, "n": N, "k": K})
 
     def _space(self, dedicated: str | None, plan) -> list:
         """The knob settings to measure: the target template's space, or the dedicated kernel's."""
@@ -369,7 +380,8 @@ class _Run:
             )
             operand = self._stored(operand, self.sparse == "B")
             index = self.detect(task, operand)
-            A, B = (operand, self.dense_operand) if self.sparse == "A" else (self.dense_operand, operand)
+            dense = self.dense_operand.contiguous() if task.compact_b else self.dense_operand
+            A, B = (operand, dense) if self.sparse == "A" else (dense, operand)
             cache[sparsity] = (A, B, index, listed, tiles)
         return cache[sparsity]
 

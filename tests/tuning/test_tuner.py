@@ -157,6 +157,19 @@ def test_a_transposed_layout_is_tuned_for_its_own_kernel_and_selected_for_it(tmp
     torch.testing.assert_close(out, A @ B, rtol=1e-5, atol=1e-4)
 
 
+def test_nt_is_tuned_as_run_time_reads_it_where_b_comes_from_its_compact_copy(tmp_path, monkeypatch):
+    """Where a tensor-core tile reads only B stored (k, n) (Hopper; patched in here), run time
+    reads an nn.Linear weight from its compact copy, so "nt" tunes that kernel ("nn")."""
+    def compact_only(plan, *facts):
+        return "reduce" if plan.contraction.order("b") == ("k", "n") else None
+
+    monkeypatch.setattr(ops, "tensor_core_kernel", compact_only)  # ops' decision only: the CPU kernels still run
+    report = tune(TileDatabase(tmp_path / "tiles.json"), micro_tiles=[(32, 1)], layout="nt")
+    plain = tune(TileDatabase(tmp_path / "plain.json"), micro_tiles=[(32, 1)])
+    assert report.kernels[0].measured > 0 and report.kernels[0].failed == 0
+    assert report.kernels[0].key == plain.kernels[0].key  # the compact layout's kernel
+
+
 def test_tuned_knobs_is_none_without_a_database(tmp_path):
     plan = plan_pit(ops.matmul_contraction(2), SparsityAttr("A", (32, 1)), {"m": 64, "n": 64, "k": 64})
     A, B = torch.zeros(1, 64, 64), torch.zeros(1, 64, 64)
