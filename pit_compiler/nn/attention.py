@@ -188,7 +188,8 @@ def _fused_attention(q, k, v, keep: torch.Tensor | None, bias: torch.Tensor | No
     (a query row with no allowed key gives zeros here too, where SDPA gives NaN)."""
     mask = keep
     if bias is not None:
-        mask = bias.to(q.dtype) if keep is None else bias.to(q.dtype).masked_fill(~keep, float("-inf"))
+        bias = bias.to(q.dtype)
+        mask = bias if keep is None else torch.where(keep, bias, float("-inf"))  # (either may broadcast)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     if keep is None:
         return out

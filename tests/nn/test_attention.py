@@ -513,7 +513,7 @@ def test_module_refuses_what_it_does_not_support():
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", ["element", "blocks", "padding", "additive", "none"])
+@pytest.mark.parametrize("case", ["element", "blocks", "padding", "additive", "additive+padding", "none"])
 def test_dense_products_where_pit_has_no_tensor_core_kernel(case, dtype, device, monkeypatch):
     """Where the dense fallback applies and no tensor-core kernel takes attention's batched
     products (a GPU today; patched in on the CPU), attention runs as fused SDPA under the same
@@ -538,11 +538,15 @@ def test_dense_products_where_pit_has_no_tensor_core_kernel(case, dtype, device,
     elif case == "padding":
         padding = torch.arange(50).view(1, -1) >= torch.tensor([13, 40]).view(-1, 1)
         keep, kwargs = ~padding[:, None, None, :], {"key_padding_mask": padding}
-    elif case == "additive":
+    elif case.startswith("additive"):
         keep = torch.rand(97, 50, generator=generator) < 0.5
         bias = torch.full((97, 50), float("-inf")).masked_fill(keep, 0.0) + torch.randn(97, 50, generator=generator) * keep
         kwargs = {"attn_mask": bias}
         bias = bias.masked_fill(~keep, 0.0)
+        if case.endswith("padding"):  # the float mask broadcasts against the bigger padding mask
+            padding = torch.arange(50).view(1, -1) >= torch.tensor([13, 40]).view(-1, 1)
+            keep = keep & ~padding[:, None, None, :]
+            kwargs["key_padding_mask"] = padding
     kwargs = {name: mask.to(device) for name, mask in kwargs.items()}
     out = sparse_attention(q, k, v, block=block, **kwargs)
     assert_close_to(out, reference_attention(q, k, v, keep, bias))
