@@ -241,7 +241,7 @@ def _sparse_b_reaches_tensor_cores_as_a(A, B, out, tile) -> bool:
     but ``C^T = B^T @ A^T`` with ``B^T`` the sparse A has one: a pruned ``nn.Linear`` weight W
     (B is ``W.t()``) is then read in place, as a sparse A stored ``(n, k)``."""
     transposed = _transposed_product(A, B, out, tile)
-    return transposed is not None and tensor_core_kernel(transposed[0], *_call_facts(*transposed[1:])) is not None
+    return transposed is not None and tensor_core_path(*transposed) is not None
 
 
 def _transposed_product(A, B, out, tile):
@@ -264,7 +264,7 @@ def pruned_weight_beats_dense(x2: torch.Tensor, weight: torch.Tensor, tile, list
     pruned weight runs dense cuBLAS, exact as the weight's own zeros are computed."""
     out = x2.new_empty(()).expand(x2.shape[0], weight.shape[0])
     transposed = _transposed_product(x2, weight.t(), out, tuple(tile[::-1]))
-    if transposed is None or tensor_core_kernel(transposed[0], *_call_facts(*transposed[1:])) is None:
+    if transposed is None or tensor_core_path(*transposed) is None:
         return False
     return listed <= dense_crossover(*transposed)
 
