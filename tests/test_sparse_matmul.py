@@ -186,7 +186,8 @@ def test_transposed_storage_is_read_in_place(sparse, tile, form, transposed, wit
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_linear_weight_read_from_a_compact_copy_where_only_that_reaches_tensor_cores(device, monkeypatch):
+@pytest.mark.parametrize("density", [1.0, 0.3, 0.0])
+def test_linear_weight_read_from_a_compact_copy_where_only_that_reaches_tensor_cores(density, device, monkeypatch):
     """``x @ W.t()`` with sparse x: where a tensor-core tile reads B stored (k, n) and none
     reads the transposed view (Hopper's warpgroup tile; patched in on the CPU), B comes from
     one kept compact copy of W, made anew once W is written."""
@@ -204,7 +205,7 @@ def test_linear_weight_read_from_a_compact_copy_where_only_that_reaches_tensor_c
     made = []
     original = copies.get
     monkeypatch.setattr(copies, "get", lambda view: made.append(original(view)) or made[-1])
-    x, _ = micro_tile_sparse((300, 520), (32, 1), 0.3, dtype, device, seed=5)
+    x, _ = micro_tile_sparse((300, 520), (32, 1), density, dtype, device, seed=5)
     W = dense_operand((776, 520), dtype, device, seed=6)  # nn.Linear layout (out, in)
     for step in range(3):
         out = poisoned((300, 776), dtype, device)
@@ -219,7 +220,8 @@ def test_linear_weight_read_from_a_compact_copy_where_only_that_reaches_tensor_c
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("with_mask", [False, True])
 @pytest.mark.parametrize("grad", [False, True])
-def test_pruned_weight_runs_as_the_sparse_a_of_the_transposed_product(with_mask, grad, device, monkeypatch):
+@pytest.mark.parametrize("density", [1.0, 0.3, 0.0])
+def test_pruned_weight_runs_as_the_sparse_a_of_the_transposed_product(density, with_mask, grad, device, monkeypatch):
     """``x @ W.t()`` with W pruned (sparse B): no tensor-core kernel takes a sparse B, but W
     stored (n, k) is a sparse A as the warpgroup tile reads one, so ``C^T = W @ x^T`` runs
     (patched in on the CPU), with the index and the backward's grid still W's."""
@@ -234,7 +236,7 @@ def test_pruned_weight_runs_as_the_sparse_a_of_the_transposed_product(with_mask,
     ran = []
     original = ops.pit_matmul
     monkeypatch.setattr(ops, "pit_matmul", lambda A, B, out, sparse, *a, **k: ran.append(sparse) or original(A, B, out, sparse, *a, **k))
-    W, grid = micro_tile_sparse((776, 520), (64, 32), 0.3, dtype, device, seed=8)  # (out, in), 64x32 blocks
+    W, grid = micro_tile_sparse((776, 520), (64, 32), density, dtype, device, seed=8)  # (out, in), 64x32 blocks
     x = dense_operand((304, 520), dtype, device, seed=9).requires_grad_(grad)  # tokens: the N of C^T, a multiple of 8
     mask = grid.t() if with_mask else None
     result = pit.sparse_matmul(x, W.t(), sparse="B", micro_tile=(32, 64), mask=mask)
