@@ -342,10 +342,17 @@ def pit_matmul(
 DENSE_FALLBACK = True  # the kernels' own tests turn it off, to check them at every density
 
 
+def weighs_dense_kernels(device: torch.device) -> bool:
+    """Whether choices made from shapes alone (no host read) weigh PyTorch's dense kernels
+    against PIT's on ``device``: GPUs, where the crossovers were measured."""
+    return DENSE_FALLBACK and device.type == "cuda"
+
+
 def falls_back_on(device: torch.device) -> bool:
-    """Whether calls on ``device`` weigh dense cuBLAS: GPUs, where the crossovers were measured,
-    except while a CUDA graph is being captured (the host read would break the capture)."""
-    return DENSE_FALLBACK and device.type == "cuda" and not capturing_graph(device)
+    """Whether calls on ``device`` weigh dense cuBLAS by what detection found: as
+    :func:`weighs_dense_kernels`, except while a CUDA graph is being captured (the host read
+    would break the capture)."""
+    return weighs_dense_kernels(device) and not capturing_graph(device)
 
 
 def capturing_graph(device: torch.device) -> bool:

@@ -96,8 +96,8 @@ case "$stage" in
   verify)  # the gpu tests of what no GPU has run yet: attention's dense products, batched MoE, the fallback's choices
     timeout "${VERIFY_TIMEOUT:-300}" python3 -P -m pytest -v -p no:cacheprovider -m gpu --maxfail=10 tests/test_sparse_matmul.py \
       "tests/nn/test_attention.py::test_dense_products_where_pit_has_no_tensor_core_kernel" tests/nn/test_linear.py \
-      tests/runtime/test_recent_counts.py tests/nn/test_moe.py \
-      -k "moe or MoE or eager or experts or capacity or gradients or recent or dense_products or fallback or crossover or wait or compact or pruned or linear or Linear" \
+      "tests/nn/test_attention.py::test_torch_compile_traces_attention_in_one_graph" tests/runtime/test_recent_counts.py tests/nn/test_moe.py \
+      -k "moe or MoE or eager or experts or capacity or gradients or recent or dense_products or fallback or crossover or wait or compact or pruned or linear or Linear or torch_compile" \
       2>&1 | tee "$out/gpu-verify.log" | tail -15 ;;
   sweep)
     timeout 540 python3 -P scripts/gpu_tile_sweep.py --json "$out/sweep.json" 2>&1 | tee "$out/sweep.log" | tail -80 ;;

@@ -167,7 +167,7 @@ class SparseMoE(nn.Module):
 
     def _batched(self, device: torch.device) -> bool:
         if self.knobs.experts == "auto":
-            return ops.DENSE_FALLBACK and device.type == "cuda"
+            return ops.weighs_dense_kernels(device)
         return self.knobs.experts == "batched"
 
     def _batched_experts(self, x2d, index: ExpertIndex, gate: torch.Tensor, slots: int) -> torch.Tensor:

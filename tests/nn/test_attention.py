@@ -523,7 +523,7 @@ def test_dense_products_where_pit_has_no_tensor_core_kernel(case, dtype, device,
 
     monkeypatch.setattr(ops, "DENSE_FALLBACK", True)  # the tests' default is PIT's kernels only
     if device == "cpu":
-        monkeypatch.setattr(ops, "falls_back_on", lambda device: True)
+        monkeypatch.setattr(ops, "weighs_dense_kernels", lambda device: True)
     monkeypatch.setattr(attention, "sparse_matmul", lambda *a, **k: pytest.fail("ran on PIT"))
     block, (q, k, v) = (16, 32), qkv(2, 3, 97, 50, 16, dtype, device, seed=4)
     generator = torch.Generator().manual_seed(6)
@@ -550,3 +550,45 @@ def test_dense_products_where_pit_has_no_tensor_core_kernel(case, dtype, device,
     kwargs = {name: mask.to(device) for name, mask in kwargs.items()}
     out = sparse_attention(q, k, v, block=block, **kwargs)
     assert_close_to(out, reference_attention(q, k, v, keep, bias))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fused", [False, True], ids=["pit", "fused"])
+def test_torch_compile_traces_attention_in_one_graph(fused, device, monkeypatch):
+    """Under ``torch.compile(fullgraph=True)`` the encoder layer with PIT's attention is one
+    graph on either path (PIT's products, or fused SDPA where a GPU has no tensor-core kernel
+    for them; patched in on the CPU): the choice is made once while tracing, not by tracing the
+    planner (which broke BERT-base into dozens of graphs). With sizes that change, Dynamo makes
+    it when the graph runs instead: still the same attention."""
+    import torch._dynamo
+
+    from pit_compiler import ops
+    from pit_compiler.nn import attention
+
+    if device == "cpu":
+        monkeypatch.setattr(ops, "weighs_dense_kernels", lambda device: fused)
+    elif not fused:
+        monkeypatch.setattr(ops, "DENSE_FALLBACK", False)
+    ran_pit = []
+    original = attention.sparse_matmul
+    monkeypatch.setattr(attention, "sparse_matmul", lambda *a, **k: ran_pit.append(1) or original(*a, **k))
+    torch.manual_seed(5)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True).to(device).eval()
+    layer.self_attn = SparseAttention.from_module(layer.self_attn, block=(16, 16))
+
+    def run(x, padding):
+        return layer(x, src_key_padding_mask=padding)
+
+    torch._dynamo.reset()
+    whole = torch.compile(run, backend="eager", fullgraph=True, dynamic=False)
+    dynamic = torch.compile(run, backend="eager", dynamic=True)
+    with torch.no_grad():
+        for seq, compiled in ((20, whole), (20, dynamic), (27, dynamic)):
+            x = torch.randn(2, seq, 32, device=device)
+            padding = torch.arange(seq, device=device).view(1, -1) >= torch.tensor([[seq], [12]], device=device)
+            expected = run(x, padding)
+            ran_pit.clear()
+            out = compiled(x, padding)
+            assert bool(ran_pit) != fused
+            torch.testing.assert_close(out[~padding], expected[~padding], rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
