@@ -110,6 +110,24 @@ def kernel_table(fn, device, calls=10) -> str:
     return profile.key_averages().table(sort_by="cuda_time_total", row_limit=10, max_name_column_width=50)
 
 
+def host_profile(fn, device, calls=10, rows=30) -> str:
+    """cProfile's table (by own time) of the Python host work of ``calls`` calls of ``fn``: where
+    a model is host-bound, what of PIT's dispatch costs the time."""
+    import cProfile
+    import io
+    import pstats
+
+    profile = cProfile.Profile()
+    profile.enable()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize(device)
+    profile.disable()
+    stream = io.StringIO()
+    pstats.Stats(profile, stream=stream).sort_stats("tottime").print_stats(rows)
+    return stream.getvalue()
+
+
 def plot(records, path):
     """Latency per model, eager against PIT, on a log scale (needs matplotlib)."""
     plt = pyplot()
@@ -143,6 +161,7 @@ def main(argv=None) -> int:
     parser.add_argument("--opt-bias-shift", type=float, default=2.0)
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--profile", action="store_true", help="print each implementation's top GPU kernels")
+    parser.add_argument("--host-profile", action="store_true", help="print cProfile's table of PIT's host work")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -170,6 +189,8 @@ def main(argv=None) -> int:
                          timing["median_ms"], f"{memory:.0f}" if memory is not None else "-", checked, error)
                 if args.profile and device.type == "cuda":
                     log.info("%s", kernel_table(lambda: fn(*inputs), device))
+                if args.host_profile and impl == "pit" and device.type == "cuda":
+                    log.info("%s", host_profile(lambda: fn(*inputs), device))
     plot(records, write_json(records, "models", device).with_suffix(".png"))
     return 0
 

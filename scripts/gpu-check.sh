@@ -14,10 +14,11 @@
 #   bash scripts/gpu-check.sh recheck    # the packed 32x1 gpu tests, spmm of whole rows and 32x1, auto's profile (.proto2/tiles.json)
 #   bash scripts/gpu-check.sh verify     # the gpu tests of attention's dense products, batched MoE and the fallback
 #   bash scripts/gpu-check.sh session8   # verify, then measure
+#   bash scripts/gpu-check.sh host       # the compile test, models.py with the host's cProfile table
 #   bash scripts/gpu-check.sh measure    # spmm where session 7's unmeasured changes act (4096^3, 99 %), then models.py
 # Logs and results are copied under $OUT when the device tool provides it.
 set -uo pipefail
-stage=${1:?usage: scripts/gpu-check.sh tests|kernels|spmm|tuning|sweep|warpgroup|hopper|tables|packed|rows|auto|recheck|verify|measure|session8}
+stage=${1:?usage: scripts/gpu-check.sh tests|kernels|spmm|tuning|sweep|warpgroup|hopper|tables|packed|rows|auto|recheck|verify|measure|session8|host}
 if ls .whl/*.whl > /dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
@@ -99,6 +100,11 @@ case "$stage" in
       "tests/nn/test_attention.py::test_torch_compile_traces_attention_in_one_graph" tests/runtime/test_recent_counts.py tests/nn/test_moe.py \
       -k "moe or MoE or eager or experts or capacity or gradients or recent or dense_products or fallback or crossover or wait or compact or pruned or linear or Linear or torch_compile" \
       2>&1 | tee "$out/gpu-verify.log" | tail -15 ;;
+  host)  # the compile test, then where the host time of PIT's models goes (cProfile) beside their GPU kernels
+    timeout 100 python3 -P -m pytest -q -p no:cacheprovider -m gpu "tests/nn/test_attention.py::test_torch_compile_traces_attention_in_one_graph" \
+      2>&1 | tee "$out/gpu-host.log" | tail -3
+    timeout "${MODELS_TIMEOUT:-200}" python3 -P benchmarks/models.py --cases "${MODELS:-opt,bert,longformer}" --profile --host-profile 2>&1 \
+      | tee "$out/models.log" | grep -E "eager|pit " ;;
   sweep)
     timeout 540 python3 -P scripts/gpu_tile_sweep.py --json "$out/sweep.json" 2>&1 | tee "$out/sweep.log" | tail -80 ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;

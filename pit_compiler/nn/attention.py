@@ -163,15 +163,15 @@ def sparse_attention(
         grid = block_mask
         tiles = expand_grid(block_mask, block, seq_q, seq_k)
         keep = tiles if keep is None else keep & tiles
+    if 0 in (batch, heads, seq_q, seq_k, dim_v):
+        return q.new_zeros(batch, heads, seq_q, dim_v)
+    if _runs_fused(q, seq_k, dim_v, block):
+        return _fused_attention(q, k, v, keep, bias, scale)  # (no tile grid needed)
     if allowed is not None:
         reachable = from_dense_mask(allowed, block)
         grid = reachable if grid is None else grid & reachable
     if grid is None:
         grid = torch.ones((1, 1) + grid_shape[2:], dtype=torch.bool, device=q.device)
-    if 0 in (batch, heads, seq_q, seq_k, dim_v):
-        return q.new_zeros(batch, heads, seq_q, dim_v)
-    if _runs_fused(q, seq_k, dim_v, block):
-        return _fused_attention(q, k, v, keep, bias, scale)
     grid = grid.expand(grid_shape).reshape(batch * heads, *grid_shape[2:])  # (nothing masked: every tile)
 
     q3, k3 = q.reshape(batch * heads, seq_q, dim), k.reshape(batch * heads, seq_k, dim).transpose(1, 2)

@@ -567,8 +567,7 @@ def test_torch_compile_traces_attention_in_one_graph(fused, device, monkeypatch)
 
     if device == "cpu":
         monkeypatch.setattr(ops, "weighs_dense_kernels", lambda device: fused)
-    elif not fused:
-        monkeypatch.setattr(ops, "DENSE_FALLBACK", False)
+    monkeypatch.setattr(ops, "DENSE_FALLBACK", fused)  # the tests' default is PIT's kernels only
     ran_pit = []
     original = attention.sparse_matmul
     monkeypatch.setattr(attention, "sparse_matmul", lambda *a, **k: ran_pit.append(1) or original(*a, **k))
