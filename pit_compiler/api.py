@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from pit_compiler.autograd import grid_shape_of, sparse_matmul_op
+from pit_compiler.autograd import grid_shape_of, sparse_matmul_forward_op, sparse_matmul_op
 from pit_compiler.ops import detect_grid_pieces, pit_matmul
 from pit_compiler.runtime import MicroTileIndex
 from pit_compiler.validation import (
@@ -87,12 +87,15 @@ def sparse_matmul(
             ``torch.matmul`` instead (exact: the rest are zero). Judged without waiting for the
             GPU, by the newest count of an earlier call of the same shapes that has reached
             the host; the first such call reads its own (one sync). Off while a CUDA graph is
-            captured; False skips it. Not with ``mask``.
+            captured; False skips it. Not with ``mask``. A product that cuBLAS finishes within
+            PIT's per-call floor (``ops.below_call_floor``) runs as ``torch.matmul`` at once,
+            without detection, with ``mask`` too (the micro-tiles it leaves out as zero).
             Calls that need a gradient or run inside ``torch.compile`` always weigh it.
 
     Differentiable in A and B: the sparse operand's gradient keeps its micro-tiles, and each
     gradient is itself a PIT matmul. Inside ``torch.compile`` it is one opaque operator,
-    ``torch.ops.pit.sparse_matmul`` (:mod:`pit_compiler.autograd`).
+    ``torch.ops.pit.sparse_matmul`` (:mod:`pit_compiler.autograd`), or where no gradient is
+    needed ``torch.ops.pit.sparse_matmul_forward``, which builds no grid for a backward.
     """
     check_matmul_operands(A, B)
     sparse = check_sparse(sparse)
@@ -118,8 +121,10 @@ def _sparse_matmul(A, B, sparse, micro_tile, mask, out, form, dense_fallback, de
         raise ValueError("sparse='C' needs mask=: the output's non-empty micro-tiles are not known before it exists")
 
     if out is None:
-        if _needs_operator(A, B):
+        if needs_grad(A, B):
             return sparse_matmul_op(A, B, sparse, list(tile), list(grid_shape), mask, form)[0]
+        if _traced(A, B):
+            return sparse_matmul_forward_op(A, B, sparse, list(tile), list(grid_shape), mask, form)
         out = torch.empty(out_shape, dtype=A.dtype, device=A.device)
     else:
         check_out_without_grad(out, A, B)
@@ -132,11 +137,15 @@ def _sparse_matmul(A, B, sparse, micro_tile, mask, out, form, dense_fallback, de
 
 
 def _needs_operator(A: torch.Tensor, B: torch.Tensor) -> bool:
-    """Whether the call must go through ``torch.ops.pit.sparse_matmul``: for autograd (it keeps
-    the micro-tile grid for the backward) and for tracing (``torch.compile``, fake tensors).
-    Other eager calls run the kernels directly, without the operator's dispatch and grid."""
-    traced = torch.compiler.is_compiling() or type(A) is not torch.Tensor or type(B) is not torch.Tensor
-    return needs_grad(A, B) or traced
+    """Whether the call must go through an operator: ``torch.ops.pit.sparse_matmul`` for
+    autograd (it keeps the micro-tile grid for the backward), ``pit.sparse_matmul_forward`` for
+    tracing without gradients (``torch.compile``, fake tensors). Other eager calls run the
+    kernels directly, without an operator's dispatch."""
+    return needs_grad(A, B) or _traced(A, B)
+
+
+def _traced(A: torch.Tensor, B: torch.Tensor) -> bool:
+    return torch.compiler.is_compiling() or type(A) is not torch.Tensor or type(B) is not torch.Tensor
 
 
 def select_micro_tile(

@@ -50,7 +50,7 @@ def sparse_matmul_op(
     """``(A @ B with sparse's unlisted micro-tiles as zero, the listed micro-tiles' grid)``."""
     out_shape, grid_full = _shapes(A, B, grid_shape)
     out = torch.empty(out_shape, dtype=A.dtype, device=A.device)
-    used = pit_matmul(A, B, out, sparse, tuple(tile), tuple(grid_shape), mask, form, dense_fallback=True)
+    used = pit_matmul(A, B, out, sparse, tuple(tile), tuple(grid_shape), mask, form, dense_fallback=True, keep_index=True)
     grid = operand_grid(*used) if used is not None else torch.zeros(grid_full, dtype=torch.bool, device=A.device)
     return out, grid
 
@@ -59,6 +59,29 @@ def sparse_matmul_op(
 def _(A, B, sparse, tile, grid_shape, mask, form):
     out_shape, grid_full = _shapes(A, B, grid_shape)
     return A.new_empty(out_shape), A.new_empty(grid_full, dtype=torch.bool)
+
+
+@torch.library.custom_op("pit::sparse_matmul_forward", mutates_args=())
+def sparse_matmul_forward_op(
+    A: torch.Tensor,
+    B: torch.Tensor,
+    sparse: str,
+    tile: list[int],
+    grid_shape: list[int],
+    mask: Optional[torch.Tensor],
+    form: Optional[str],
+) -> torch.Tensor:
+    """:func:`sparse_matmul_op`'s product alone, for traced calls that need no gradient: no grid
+    is built for a backward, and the call runs as an eager one does (taller micro-tiles that
+    reach tensor cores, dense where PIT cannot win)."""
+    out = torch.empty(_shapes(A, B, grid_shape)[0], dtype=A.dtype, device=A.device)
+    pit_matmul(A, B, out, sparse, tuple(tile), tuple(grid_shape), mask, form, cover=True, dense_fallback=True)
+    return out
+
+
+@sparse_matmul_forward_op.register_fake
+def _(A, B, sparse, tile, grid_shape, mask, form):
+    return A.new_empty(_shapes(A, B, grid_shape)[0])
 
 
 def _t(x: torch.Tensor) -> torch.Tensor:

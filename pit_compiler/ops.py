@@ -281,6 +281,7 @@ def pit_matmul(
     *,
     cover: bool = False,
     dense_fallback: bool = False,
+    keep_index: bool = False,
     detected: MicroTileIndex | None = None,
 ) -> Computed | None:
     """Write ``A @ B`` (with ``sparse``'s unlisted micro-tiles taken as zero) into ``out``.
@@ -290,7 +291,9 @@ def pit_matmul(
     (:func:`_sparse_b_reaches_tensor_cores_as_a`) runs as that product. ``cover``
     lets a detected micro-tile that has no tensor-core kernel run as a taller one that has
     (:func:`tensor_core_cover`); the index returned is then the cover's. ``dense_fallback``
-    lets a detected operand too dense for PIT to win run as ``torch.matmul`` (:func:`dense_wins`).
+    lets a detected operand too dense for PIT to win run as ``torch.matmul`` (:func:`dense_wins`),
+    and a product too small for PIT to win at any density run so without detection
+    (:func:`below_call_floor`; then None is returned, unless ``keep_index`` asks for the index).
     ``detected``: the sparse operand's pieces as :func:`detect_grid_pieces` lists them on its
     storage (``micro_tile="auto"`` has them), used instead of detecting again where the plan's
     kernel reads that very index.
@@ -301,6 +304,9 @@ def pit_matmul(
         return None
     if K == 0:
         out.zero_()
+        return None
+    if dense_fallback and not keep_index and weighs_dense_kernels(A.device) and below_call_floor(A, B):
+        dense_product(A, B, out, sparse, tile, grid_shape, mask)
         return None
     if sparse == "B" and form is None and detected is None and _sparse_b_reaches_tensor_cores_as_a(A, B, out, tile):
         # C^T = B^T A^T, B^T the sparse A (stored (n, k) when B is W.t()); A^T made compact.
@@ -426,6 +432,54 @@ def _room_above_call_floor(M: int, K: int, N: int) -> float:
     pieces at 90 % take 0.315 ms on PIT's kernel against 0.176 on cuBLAS)."""
     dense_ms = 2 * M * K * N / DENSE_FLOP_PER_MS
     return max(0.0, 1.0 - CALL_FLOOR_MS / dense_ms) if dense_ms > 0 else 0.0
+
+
+def below_call_floor(A: torch.Tensor, B: torch.Tensor) -> bool:
+    """Whether dense cuBLAS finishes ``A @ B`` within PIT's per-call floor (:data:`CALL_FLOOR_MS`):
+    then PIT loses at any density, and calls that weigh dense kernels run dense without detecting
+    (each BERT-base feed-forward product at 4096 tokens is about 26 us of dense work, where one
+    PIT call cost about 0.5 ms of host time on an H100 machine). float32 cuBLAS runs about ten
+    times slower than 16-bit (as in :func:`dense_crossover`)."""
+    batch = A.shape[0] if A.dim() == 3 else 1
+    rate = DENSE_FLOP_PER_MS / (10 if A.dtype == torch.float32 else 1)
+    return 2 * batch * A.shape[-2] * A.shape[-1] * B.shape[-1] / rate <= CALL_FLOOR_MS
+
+
+def dense_product(A, B, out, sparse: str, tile, grid_shape, mask: torch.Tensor | None) -> None:
+    """``out = A @ B`` by ``torch.matmul``, the micro-tiles of ``sparse`` that ``mask`` leaves out
+    taken as zero (as PIT's kernels take them): exact."""
+    if mask is None:
+        torch.matmul(A, B, out=out)
+        return
+    operand = {"A": A, "B": B, "C": out}[sparse]
+    keep = expand_micro_tiles(listed_micro_tiles(mask, tile, grid_shape), tile, *operand.shape[-2:])
+    zero = torch.zeros((), dtype=A.dtype, device=A.device)
+    if sparse == "A":
+        torch.matmul(torch.where(keep, A, zero), B, out=out)
+    elif sparse == "B":
+        torch.matmul(A, torch.where(keep, B, zero), out=out)
+    else:
+        torch.matmul(A, B, out=out)
+        out.masked_fill_(~keep, 0)
+
+
+def listed_micro_tiles(mask: torch.Tensor, tile, grid_shape) -> torch.Tensor:
+    """The bool micro-tile grid of a mask shaped like the grid or like the operand (a micro-tile
+    is listed where any of its elements is non-zero)."""
+    listed = mask != 0
+    if tuple(listed.shape[-2:]) == tuple(grid_shape):
+        return listed
+    (rows, cols), (grid_rows, grid_cols) = listed.shape[-2:], grid_shape
+    padded = listed.new_zeros((*listed.shape[:-2], grid_rows * tile[0], grid_cols * tile[1]))
+    padded[..., :rows, :cols] = listed
+    return padded.view(*listed.shape[:-2], grid_rows, tile[0], grid_cols, tile[1]).any(-1).any(-2)
+
+
+def expand_micro_tiles(grid: torch.Tensor, tile, rows: int, cols: int) -> torch.Tensor:
+    """The element mask of a micro-tile grid: every element of a listed micro-tile, tails cut off."""
+    row_tiles = torch.arange(rows, device=grid.device) // tile[0]
+    col_tiles = torch.arange(cols, device=grid.device) // tile[1]
+    return grid.index_select(-2, row_tiles).index_select(-1, col_tiles)
 
 
 def call_signature(plan: PITPlan, A: torch.Tensor, B: torch.Tensor) -> tuple:

@@ -10,7 +10,14 @@ from hypothesis import strategies as st
 
 import pit_compiler as pit
 from pit_compiler.runtime import RecentCounts
-from sparse_data import assert_matches_reference, dense_operand, expand_mask, micro_tile_sparse, poisoned
+from sparse_data import (
+    assert_matches_reference,
+    block_mask,
+    dense_operand,
+    expand_mask,
+    micro_tile_sparse,
+    poisoned,
+)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -361,6 +368,90 @@ def test_dense_fallback_runs_torch_matmul_exactly(sparse, tile, fallback, monkey
     pit.sparse_matmul(A, B, sparse=sparse, micro_tile=tile, out=out, dense_fallback=fallback)
     assert_matches_reference(out, A.double() @ B.double())
     assert ran_pit == ([] if fallback else [True])
+
+
+@pytest.mark.parametrize(
+    "sparse,tile,mask_kind",
+    [("A", (32, 1), None), ("A", (32, 1), "grid"), ("A", (1, None), "grid"), ("A", (8, 8), "operand"),
+     ("B", (1, 32), "grid"), ("B", (16, 1), "operand"), ("C", (8, 8), "grid"), ("C", (16, 16), "operand")],
+    ids=str,
+)  # fmt: skip
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("density", [1.0, 0.3, 0.0])
+def test_products_below_the_call_floor_run_dense_without_detecting(sparse, tile, mask_kind, dtype, density, monkeypatch):
+    """Where dense kernels are weighed (a GPU; patched in here), a product cuBLAS finishes within
+    PIT's per-call floor runs torch.matmul without detecting, the micro-tiles a mask leaves out
+    as zero (exact); dense_fallback=False keeps PIT's kernels, for the same product."""
+    from pit_compiler import ops
+
+    monkeypatch.setattr(ops, "weighs_dense_kernels", lambda device: True)
+    detected = []
+    original = ops.detect
+    monkeypatch.setattr(ops, "detect", lambda *a: detected.append(1) or original(*a))
+    M, K, N = 70, 45, 33
+    shapes = {"A": (M, K), "B": (K, N), "C": (M, N)}
+    rows, cols = (size if t is None else t for t, size in zip(tile, shapes[sparse]))
+    generator = torch.Generator().manual_seed(12)
+    A, B = dense_operand((M, K), dtype, seed=13), dense_operand((K, N), dtype, seed=14)
+    grid = block_mask((-(-shapes[sparse][0] // rows), -(-shapes[sparse][1] // cols)), density, generator)
+    mask = grid
+    if mask_kind == "operand":  # one element per listed micro-tile marks it
+        mask = torch.zeros(shapes[sparse], dtype=torch.bool)
+        for i, j in grid.nonzero().tolist():
+            mask[min(i * rows + min(3, rows - 1), shapes[sparse][0] - 1), min(j * cols + min(1, cols - 1), shapes[sparse][1] - 1)] = True
+    elif mask_kind is None:
+        A = A * expand_mask(grid, (rows, cols), (M, K))
+    keep = expand_mask(grid, (rows, cols), shapes[sparse]).double()
+    a, b = A.double(), B.double()
+    expected = {"A": lambda: (a * keep) @ b, "B": lambda: a @ (b * keep), "C": lambda: (a @ b) * keep}[sparse]()
+    for fallback in (True, False):
+        detected.clear()
+        out = poisoned((M, N), dtype)
+        pit.sparse_matmul(A, B, sparse=sparse, micro_tile=tile, mask=mask, out=out, dense_fallback=fallback)
+        assert_matches_reference(out, expected)
+        assert bool(detected) != fallback
+
+
+def test_the_call_floor_scales_with_the_dense_work():
+    from pit_compiler import ops
+
+    def below(M, K, N, dtype=torch.float16, batch=()):
+        return ops.below_call_floor(_huge_shaped((*batch, M, K), dtype), _huge_shaped((*batch, K, N), dtype))
+
+    assert below(4096, 768, 3072)  # BERT-base's feed-forward at 4096 tokens: about 26 us dense
+    assert not below(8192, 8192, 8192) and not below(4096, 4096, 4096)
+    assert not below(2048, 2048, 2048, torch.float32)  # float32 cuBLAS: about ten times slower
+    assert below(2048, 2048, 2048) and not below(2048, 2048, 2048, batch=(8,))
+
+
+def _huge_shaped(shape, dtype):
+    return torch.zeros((1,) * len(shape), dtype=dtype).expand(shape)
+
+
+def test_traced_calls_without_gradients_build_no_grid():
+    """Under torch.compile a call that needs no gradient is ``pit.sparse_matmul_forward`` (no
+    micro-tile grid for a backward); one that needs it is ``pit.sparse_matmul``."""
+    import torch._dynamo
+
+    graphs = []
+
+    def backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    A, _ = micro_tile_sparse((40, 64), (32, 1), 0.5, torch.float32, seed=15)
+    B = dense_operand((64, 24), torch.float32, seed=16)
+    expected = A.double() @ B.double()
+    for grad in (False, True):
+        torch._dynamo.reset()
+        graphs.clear()
+        operand = B.clone().requires_grad_(grad)
+        out = torch.compile(lambda A, B: pit.sparse_matmul(A, B, micro_tile=(32, 1)), backend=backend, fullgraph=True)(A, operand)
+        assert_matches_reference(out.detach(), expected)
+        ops_called = {str(node.target) for g in graphs for node in g.graph.nodes if node.op == "call_function"}
+        assert ("pit.sparse_matmul.default" in ops_called) == grad
+        assert ("pit.sparse_matmul_forward.default" in ops_called) != grad
+    torch._dynamo.reset()
 
 
 def test_dense_fallback_must_be_a_bool():

@@ -20,6 +20,7 @@ from typing import Sequence
 import torch
 
 from pit_compiler.api import detect_micro_tiles
+from pit_compiler.ops import expand_micro_tiles
 
 __all__ = [
     "bigbird",
@@ -228,6 +229,4 @@ def from_dense_mask(mask: torch.Tensor, block=(32, 32)) -> torch.Tensor:
 
 def expand_grid(grid: torch.Tensor, block: Sequence[int], seq_q: int, seq_k: int) -> torch.Tensor:
     """The element mask of a tile grid: every element of a listed tile, tails cut off."""
-    rows = torch.arange(seq_q, device=grid.device) // block[0]
-    cols = torch.arange(seq_k, device=grid.device) // block[1]
-    return grid.index_select(-2, rows).index_select(-1, cols)
+    return expand_micro_tiles(grid, block, seq_q, seq_k)
