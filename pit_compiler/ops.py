@@ -452,7 +452,14 @@ def dense_product(A, B, out, sparse: str, tile, grid_shape, mask: torch.Tensor |
         torch.matmul(A, B, out=out)
         return
     operand = {"A": A, "B": B, "C": out}[sparse]
-    keep = expand_micro_tiles(listed_micro_tiles(mask, tile, grid_shape), tile, *operand.shape[-2:])
+    listed = listed_micro_tiles(mask, tile, grid_shape)
+    if (sparse, grid_shape[1 if sparse == "A" else 0]) in (("A", 1), ("B", 1)):
+        # Whole rows of A (columns of B): their rows (columns) of the product are zero instead.
+        rows, cols = (operand.shape[-2], 1) if sparse == "A" else (1, operand.shape[-1])
+        torch.matmul(A, B, out=out)
+        out.masked_fill_(~expand_micro_tiles(listed, tile, rows, cols), 0)
+        return
+    keep = expand_micro_tiles(listed, tile, *operand.shape[-2:])
     zero = torch.zeros((), dtype=A.dtype, device=A.device)
     if sparse == "A":
         torch.matmul(torch.where(keep, A, zero), B, out=out)
@@ -476,10 +483,13 @@ def listed_micro_tiles(mask: torch.Tensor, tile, grid_shape) -> torch.Tensor:
 
 
 def expand_micro_tiles(grid: torch.Tensor, tile, rows: int, cols: int) -> torch.Tensor:
-    """The element mask of a micro-tile grid: every element of a listed micro-tile, tails cut off."""
-    row_tiles = torch.arange(rows, device=grid.device) // tile[0]
-    col_tiles = torch.arange(cols, device=grid.device) // tile[1]
-    return grid.index_select(-2, row_tiles).index_select(-1, col_tiles)
+    """The element mask of a micro-tile grid: every element of a listed micro-tile, tails cut off
+    (no copy along an axis of one micro-tile, or of micro-tiles one element long)."""
+    for axis, size, step in ((-2, rows, tile[0]), (-1, cols, tile[1])):
+        if grid.shape[axis] == 1 or (step == 1 and grid.shape[axis] == size):
+            continue
+        grid = grid.index_select(axis, torch.arange(size, device=grid.device) // step)
+    return grid.expand(*grid.shape[:-2], rows, cols)
 
 
 def call_signature(plan: PITPlan, A: torch.Tensor, B: torch.Tensor) -> tuple:

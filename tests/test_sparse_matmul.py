@@ -373,7 +373,8 @@ def test_dense_fallback_runs_torch_matmul_exactly(sparse, tile, fallback, monkey
 @pytest.mark.parametrize(
     "sparse,tile,mask_kind",
     [("A", (32, 1), None), ("A", (32, 1), "grid"), ("A", (1, None), "grid"), ("A", (8, 8), "operand"),
-     ("B", (1, 32), "grid"), ("B", (16, 1), "operand"), ("C", (8, 8), "grid"), ("C", (16, 16), "operand")],
+     ("B", (1, 32), "grid"), ("B", (16, 1), "operand"), ("B", (None, 1), "operand"), ("C", (8, 8), "grid"),
+     ("C", (16, 16), "operand")],
     ids=str,
 )  # fmt: skip
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
