@@ -162,6 +162,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--profile", action="store_true", help="print each implementation's top GPU kernels")
     parser.add_argument("--host-profile", action="store_true", help="print cProfile's table of PIT's host work")
+    parser.add_argument("--compiler", default="eager", choices=["eager", "inductor"],
+                        help="what runs pit.compile's rewritten graph (results go to models-<compiler>-<gpu>.json)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -171,7 +173,7 @@ def main(argv=None) -> int:
     for name in args.cases.split(","):
         torch.manual_seed(0)
         case, model, inputs, sparsity = CASES[name](device, dtype, args)
-        compiled = pit_longformer(model) if name == "longformer" else pit.compile(model)
+        compiled = pit_longformer(model) if name == "longformer" else pit.compile(model, compiler=args.compiler)
         with torch.no_grad():
             expected, result = model(*inputs), compiled(*inputs)
             if name == "bert":
@@ -184,14 +186,15 @@ def main(argv=None) -> int:
                 memory = peak_memory_mb(lambda: fn(*inputs), device)
                 records.append({"gpu": gpu, "model": case, "dtype": args.dtype, "impl": impl, **timing,
                                 "peak_memory_mib": memory, "checked": checked, "relative_error": error,
-                                "sparsity": sparsity})
+                                "sparsity": sparsity, **({"graph_compiler": args.compiler} if impl == "pit" else {})})
                 log.info("%-32s %-6s %9.3f ms  peak %s MiB  checked=%s (rel. err %.1e)", case, impl,
                          timing["median_ms"], f"{memory:.0f}" if memory is not None else "-", checked, error)
                 if args.profile and device.type == "cuda":
                     log.info("%s", kernel_table(lambda: fn(*inputs), device))
                 if args.host_profile and impl == "pit" and device.type == "cuda":
                     log.info("%s", host_profile(lambda: fn(*inputs), device))
-    plot(records, write_json(records, "models", device).with_suffix(".png"))
+    name = "models" if args.compiler == "eager" else f"models-{args.compiler}"
+    plot(records, write_json(records, name, device).with_suffix(".png"))
     return 0
 
 

@@ -15,11 +15,21 @@ from dataclasses import dataclass
 log = logging.getLogger("pit_compiler")
 
 
+COMPILERS = ("eager", "inductor")
+
+
 @dataclass(frozen=True)
 class PITOptions:
     """Options of the ``pit`` backend: ``torch.compile(..., backend="pit", options={...})``."""
 
     input_micro_tile: tuple | str = "auto"  # or a pair; see pit_compiler.compile
+    # What runs the rewritten graph: "eager" (op by op, as captured) or "inductor" (PyTorch's
+    # default compiler: fused elementwise kernels, less host time per op; slower to compile).
+    compiler: str = "eager"
+
+    def __post_init__(self):
+        if self.compiler not in COMPILERS:
+            raise ValueError(f"pit backend option compiler must be one of {COMPILERS}, got {self.compiler!r}")
 
     @classmethod
     def from_dict(cls, options: dict | None) -> "PITOptions":
@@ -42,4 +52,8 @@ def pit(gm, example_inputs, *, options: dict | PITOptions | None = None):
         log.warning("pit backend: graph left to PyTorch (%s: %s)", type(error).__name__, error)
         return gm.forward
     log.info("pit backend: %d sparse values, %d operators on PIT", report.sparse_values, report.rewritten)
+    if opts.compiler == "inductor":
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx(gm, example_inputs)
     return gm.forward

@@ -8,6 +8,7 @@ import logging
 import torch
 from torch import fx, nn
 
+from pit_compiler.backend import PITOptions
 from pit_compiler.nn import SparseAttention, SparseLinear, SparseMoE, SparseTransformerEncoderLayer
 from pit_compiler.validation import input_micro_tile_option
 
@@ -40,6 +41,7 @@ def compile(
     moe: bool = True,
     weight_micro_tile=(1, 32),
     min_weight_sparsity: float = 0.5,
+    compiler: str = "eager",
 ) -> nn.Module:
     """Return ``model`` with its sparse operators replaced by PIT kernels.
 
@@ -54,6 +56,10 @@ def compile(
     whose ``.code`` shows the rewrite; a model torch.fx cannot trace (data-dependent control
     flow, as in most HuggingFace models) is captured by ``torch.compile(backend="pit")``
     instead, around its graph breaks, and that is logged once, never raised.
+    ``compiler`` runs the rewritten graph: ``"eager"`` op by op, or ``"inductor"`` (PyTorch's
+    default ``torch.compile`` compiler: fused elementwise kernels and less host time per op,
+    for host-bound models; compiling takes longer). A model that is itself a replaced block
+    is returned as that block.
     ``example_inputs`` (a tuple), when given, runs the result once to build its kernels.
     """
     if not isinstance(model, nn.Module):
@@ -62,6 +68,8 @@ def compile(
         raise ValueError(f"min_weight_sparsity must be in [0, 1], got {min_weight_sparsity!r}")
     options = ModuleOptions(attention, moe, tuple(weight_micro_tile), min_weight_sparsity)
     input_micro_tile = input_micro_tile_option(input_micro_tile, 1)  # validated early
+    backend_options = {"input_micro_tile": input_micro_tile, "compiler": compiler}
+    PITOptions.from_dict(backend_options)  # validated early too
 
     replaced_model = _shared_copy(model)
     whole = replacement(replaced_model, options)
@@ -74,7 +82,7 @@ def compile(
         graph = _Tracer().trace(replaced_model)
         traced = fx.GraphModule(replaced_model, graph, type(model).__name__)
         report = rewrite_sparse_consumers(traced, input_micro_tile)
-        compiled = traced
+        compiled = torch.compile(traced) if compiler == "inductor" else traced
         log.info(
             "pit.compile(%s): %d modules replaced %s; %d sparse values, %d linears and %d matmuls on PIT",
             type(model).__name__, len(replaced), replaced, report.sparse_values, report.linears, report.matmuls,
@@ -87,7 +95,7 @@ def compile(
             "torch.compile(backend='pit') instead, %d modules replaced",
             type(model).__name__, type(error).__name__, str(error).splitlines()[0], len(replaced),
         )
-        compiled = torch.compile(replaced_model, backend=pit_backend, options={"input_micro_tile": input_micro_tile})
+        compiled = torch.compile(replaced_model, backend=pit_backend, options=backend_options)
     return _built(compiled, example_inputs)
 
 

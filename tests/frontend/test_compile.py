@@ -113,6 +113,8 @@ def test_example_inputs_warm_up_and_bad_arguments():
         pit.compile(model, min_weight_sparsity=2.0)
     with pytest.raises(ValueError, match="micro_tile"):
         pit.compile(model, input_micro_tile=(0, 1))
+    with pytest.raises(ValueError, match="compiler must be one of"):
+        pit.compile(model, compiler="tvm")
 
 
 def test_dynamo_backend_is_registered_by_entry_point():
@@ -168,6 +170,34 @@ def test_encoder_with_padding_mask(norm_first, device):
         result = compiled(x, src_key_padding_mask=padding)
         expected = model(x, src_key_padding_mask=padding)
     torch.testing.assert_close(result[~padding], expected[~padding], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_inductor_runs_the_rewritten_graph(device):
+    """``compiler="inductor"``: the graph PIT rewrote (fx-traced, or captured by Dynamo around
+    the encoder's untraceable code) is compiled by inductor, PIT's operators kept opaque, and
+    computes what eager does."""
+    import torch._dynamo
+
+    torch.manual_seed(6)
+    torch._dynamo.reset()
+    try:
+        ffn = OPTStyleFFN().to(device)
+        x = torch.randn(3, 29, 48, device=device)
+        compiled = pit.compile(ffn, input_micro_tile=(32, 1), compiler="inductor")
+        assert isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule)
+        with torch.no_grad():
+            assert_matches_reference(compiled(x), double_forward(ffn, x))
+        layer = nn.TransformerEncoderLayer(48, 4, dim_feedforward=96, dropout=0.0, batch_first=True)
+        encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).to(device).eval()
+        padding = torch.arange(40, device=device).view(1, -1) >= torch.tensor([40, 9], device=device).view(-1, 1)
+        x = torch.randn(2, 40, 48, device=device)
+        with torch.no_grad():
+            result = pit.compile(encoder, compiler="inductor")(x, src_key_padding_mask=padding)
+            expected = encoder(x, src_key_padding_mask=padding)
+        torch.testing.assert_close(result[~padding], expected[~padding], rtol=1e-4, atol=1e-4)
+    finally:
+        torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("device", DEVICES)
