@@ -56,10 +56,11 @@ def compile(
     whose ``.code`` shows the rewrite; a model torch.fx cannot trace (data-dependent control
     flow, as in most HuggingFace models) is captured by ``torch.compile(backend="pit")``
     instead, around its graph breaks, and that is logged once, never raised.
-    ``compiler`` runs the rewritten graph: ``"eager"`` op by op, or ``"inductor"`` (PyTorch's
-    default ``torch.compile`` compiler: fused elementwise kernels and less host time per op,
-    for host-bound models; compiling takes longer). A model that is itself a replaced block
-    is returned as that block.
+    ``compiler`` runs the graph Dynamo captures: ``"eager"`` op by op, or ``"inductor"``
+    (PyTorch's default compiler: fused elementwise kernels, less host time per op; compiling
+    takes longer). On an H100 it took BERT-base (12 layers, 4096 padded tokens) from 15.4 to
+    6.6 ms. An fx-traced model always runs op by op: under inductor its ``"auto"`` micro-tile
+    choice (host reads) split the OPT feed-forward into 14 graphs, 0.78 ms became 1.59.
     ``example_inputs`` (a tuple), when given, runs the result once to build its kernels.
     """
     if not isinstance(model, nn.Module):
@@ -82,7 +83,7 @@ def compile(
         graph = _Tracer().trace(replaced_model)
         traced = fx.GraphModule(replaced_model, graph, type(model).__name__)
         report = rewrite_sparse_consumers(traced, input_micro_tile)
-        compiled = torch.compile(traced) if compiler == "inductor" else traced
+        compiled = traced
         log.info(
             "pit.compile(%s): %d modules replaced %s; %d sparse values, %d linears and %d matmuls on PIT",
             type(model).__name__, len(replaced), replaced, report.sparse_values, report.linears, report.matmuls,
