@@ -21,8 +21,6 @@ C        (dC ⊙ M) @ Bᵀ: sparse A           Aᵀ @ (dC ⊙ M): sparse B
 from __future__ import annotations
 
 import math
-from typing import Optional
-
 import torch
 
 from pit_compiler.ops import operand_grid, pit_matmul
@@ -37,16 +35,13 @@ def _shapes(A: torch.Tensor, B: torch.Tensor, grid_shape):
     return (*batch, A.shape[-2], B.shape[-1]), (*(batch or (1,)), *grid_shape)
 
 
-@torch.library.custom_op("pit::sparse_matmul", mutates_args=())
-def sparse_matmul_op(
-    A: torch.Tensor,
-    B: torch.Tensor,
-    sparse: str,
-    tile: list[int],
-    grid_shape: list[int],
-    mask: Optional[torch.Tensor],
-    form: Optional[str],
-) -> tuple[torch.Tensor, torch.Tensor]:
+# The arguments of both operators: the operands, the sparse one, its micro-tile and grid, the
+# optional mask and form.
+_ARGUMENTS = "(Tensor A, Tensor B, str sparse, int[] tile, int[] grid_shape, Tensor? mask, str? form)"
+
+
+@torch.library.custom_op("pit::sparse_matmul", mutates_args=(), schema=_ARGUMENTS + " -> (Tensor, Tensor)")
+def sparse_matmul_op(A, B, sparse, tile, grid_shape, mask, form):
     """``(A @ B with sparse's unlisted micro-tiles as zero, the listed micro-tiles' grid)``."""
     out_shape, grid_full = _shapes(A, B, grid_shape)
     out = torch.empty(out_shape, dtype=A.dtype, device=A.device)
@@ -61,16 +56,8 @@ def _(A, B, sparse, tile, grid_shape, mask, form):
     return A.new_empty(out_shape), A.new_empty(grid_full, dtype=torch.bool)
 
 
-@torch.library.custom_op("pit::sparse_matmul_forward", mutates_args=())
-def sparse_matmul_forward_op(
-    A: torch.Tensor,
-    B: torch.Tensor,
-    sparse: str,
-    tile: list[int],
-    grid_shape: list[int],
-    mask: Optional[torch.Tensor],
-    form: Optional[str],
-) -> torch.Tensor:
+@torch.library.custom_op("pit::sparse_matmul_forward", mutates_args=(), schema=_ARGUMENTS + " -> Tensor")
+def sparse_matmul_forward_op(A, B, sparse, tile, grid_shape, mask, form):
     """:func:`sparse_matmul_op`'s product alone, for traced calls that need no gradient: no grid
     is built for a backward, and the call runs as an eager one does (taller micro-tiles that
     reach tensor cores, dense where PIT cannot win)."""
