@@ -20,7 +20,6 @@ tiles PIT would skip hold only masked scores and zero probabilities (see :func:`
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -29,8 +28,7 @@ from torch import nn
 
 from pit_compiler import ops
 from pit_compiler.api import sparse_matmul
-from pit_compiler.ir import SparsityAttr, UnsupportedPattern, plan_pit
-from pit_compiler.targets import target_for
+from pit_compiler.ir import UnsupportedPattern
 
 from .attention_patterns import expand_grid, from_dense_mask, normalize_block
 
@@ -165,7 +163,7 @@ def sparse_attention(
         keep = tiles if keep is None else keep & tiles
     if 0 in (batch, heads, seq_q, seq_k, dim_v):
         return q.new_zeros(batch, heads, seq_q, dim_v)
-    if _runs_fused(q, seq_k, dim_v, block):
+    if _runs_fused(q):
         return _fused_attention(q, k, v, keep, bias, scale)  # (no tile grid needed)
     if allowed is not None:
         reachable = from_dense_mask(allowed, block)
@@ -198,39 +196,20 @@ def _fused_attention(q, k, v, keep: torch.Tensor | None, bias: torch.Tensor | No
     return out.masked_fill(~keep.any(-1, keepdim=True), 0.0)
 
 
-def _runs_fused(q: torch.Tensor, seq_k, dim_v, block) -> bool:
+def _runs_fused(q: torch.Tensor) -> bool:
     """Whether attention runs as PyTorch's fused SDPA under the same masks rather than on PIT:
-    where its choices weigh dense kernels (a GPU; :func:`~pit_compiler.ops.weighs_dense_kernels`)
-    and PIT's only kernel for the two (batched) products is the one-thread-per-output one.
+    wherever its choices weigh dense kernels (a GPU; :func:`~pit_compiler.ops.weighs_dense_kernels`).
 
-    On an NVIDIA H200 (float16) that kernel made Longformer-base attention at 4096 tokens take
-    27.0 ms against 0.300 eager, and the two products as dense batched cuBLAS with the softmax
-    between them in float32 still took 5.43 ms on an H100 (eager SDPA: 0.298). Exact: a tile
-    PIT skips holds only disallowed scores (masked before the softmax either way) and zero
-    probabilities.
-
-    The choice depends on shapes, dtype and device only. Under ``torch.compile`` it is made
-    while tracing, as a constant of the graph (guarded by the shapes), never by tracing the
-    planner; with dynamic sizes Dynamo breaks the graph there and makes it when the graph runs.
+    PIT's tensor-core tiles take 2-D products only (:func:`~pit_compiler.ops.tensor_core_kernel`),
+    and attention's two are batched (one per head), so there only the one-thread-per-output
+    kernel would run: on an NVIDIA H200 (float16) it made Longformer-base attention at 4096
+    tokens take 27.0 ms against 0.300 eager, and the two products as dense batched cuBLAS with
+    the softmax between them in float32 still took 5.43 ms on an H100 (eager SDPA: 0.298).
+    Exact: a tile PIT skips holds only disallowed scores (masked before the softmax either way)
+    and zero probabilities. Decided without looking at sizes, so ``torch.compile`` keeps one
+    graph with static and dynamic shapes alike (tracing the planner broke BERT-base into dozens).
     """
-    if not ops.weighs_dense_kernels(q.device):
-        return False
-    return _fused_for(q.device, q.dtype, seq_k, dim_v, tuple(block))
-
-
-@functools.lru_cache(maxsize=1024)
-def _no_tensor_core_products(device: torch.device, dtype: torch.dtype, seq_k: int, dim_v: int, block) -> bool:
-    """Whether no tensor-core kernel computes ``probs @ v`` (the reduce form over key blocks)."""
-    plan = plan_pit(ops.matmul_contraction(3), SparsityAttr("A", block), {"m": 1, "n": dim_v, "k": seq_k}, "reduce")
-    dtype_name = ops.tvm_dtype(dtype, "q")
-    facts = (3, seq_k, dim_v, dtype_name, dtype_name, dtype_name, target_for(device))
-    return ops.tensor_core_kernel(plan, *facts) is None
-
-
-@torch.compiler.assume_constant_result  # (a plain function: Dynamo traces through lru_cache's wrapper)
-def _fused_for(device, dtype, seq_k, dim_v, block) -> bool:
-    return _no_tensor_core_products(device, dtype, seq_k, dim_v, block)
-
+    return ops.weighs_dense_kernels(q.device)
 
 
 def _stay_unfused(module, args):

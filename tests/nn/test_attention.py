@@ -557,9 +557,8 @@ def test_dense_products_where_pit_has_no_tensor_core_kernel(case, dtype, device,
 def test_torch_compile_traces_attention_in_one_graph(fused, device, monkeypatch):
     """Under ``torch.compile(fullgraph=True)`` the encoder layer with PIT's attention is one
     graph on either path (PIT's products, or fused SDPA where a GPU has no tensor-core kernel
-    for them; patched in on the CPU): the choice is made once while tracing, not by tracing the
-    planner (which broke BERT-base into dozens of graphs). With sizes that change, Dynamo makes
-    it when the graph runs instead: still the same attention."""
+    for them; patched in on the CPU), with static and dynamic shapes: the choice reads the
+    device only, never the planner (whose trace broke BERT-base into dozens of graphs)."""
     import torch._dynamo
 
     from pit_compiler import ops
@@ -580,7 +579,7 @@ def test_torch_compile_traces_attention_in_one_graph(fused, device, monkeypatch)
 
     torch._dynamo.reset()
     whole = torch.compile(run, backend="eager", fullgraph=True, dynamic=False)
-    dynamic = torch.compile(run, backend="eager", dynamic=True)
+    dynamic = torch.compile(run, backend="eager", fullgraph=True, dynamic=True)
     with torch.no_grad():
         for seq, compiled in ((20, whole), (20, dynamic), (27, dynamic)):
             x = torch.randn(2, seq, 32, device=device)
@@ -591,3 +590,20 @@ def test_torch_compile_traces_attention_in_one_graph(fused, device, monkeypatch)
             assert bool(ran_pit) != fused
             torch.testing.assert_close(out[~padding], expected[~padding], rtol=1e-5, atol=1e-5)
     torch._dynamo.reset()
+
+
+def test_no_tensor_core_tile_takes_batched_products():
+    """What lets attention choose fused SDPA on a GPU from the device alone: PIT's tensor-core
+    tiles take 2-D products only, so its batched products (one per head) never reach them. A
+    batched tile would make that choice depend on the shapes again."""
+    from tvm.target import Target
+
+    from pit_compiler import ops
+    from pit_compiler.ir import SparsityAttr, plan_pit
+
+    for arch in ("sm_80", "sm_90"):
+        target = Target({"kind": "cuda", "arch": arch})
+        for dtype in ("float16", "bfloat16", "float32"):
+            for seq_k, dim_v, block in ((4096, 64, (64, 64)), (128, 64, (32, 32)), (512, 128, (16, 32))):
+                plan = plan_pit(ops.matmul_contraction(3), SparsityAttr("A", block), {"m": 1, "n": dim_v, "k": seq_k}, "reduce")
+                assert ops.tensor_core_kernel(plan, 3, seq_k, dim_v, dtype, dtype, dtype, target) is None
