@@ -453,9 +453,10 @@ def dense_product(A, B, out, sparse: str, tile, grid_shape, mask: torch.Tensor |
         return
     operand = {"A": A, "B": B, "C": out}[sparse]
     listed = listed_micro_tiles(mask, tile, grid_shape)
-    if (sparse, grid_shape[1 if sparse == "A" else 0]) in (("A", 1), ("B", 1)):
-        # Whole rows of A (columns of B): their rows (columns) of the product are zero instead.
-        rows, cols = (operand.shape[-2], 1) if sparse == "A" else (1, operand.shape[-1])
+    whole_rows = sparse == "A" and grid_shape[1] == 1  # A's micro-tiles span all of k
+    whole_columns = sparse == "B" and grid_shape[0] == 1
+    if whole_rows or whole_columns:  # the product's rows (columns) are zeroed instead
+        rows, cols = (operand.shape[-2], 1) if whole_rows else (1, operand.shape[-1])
         torch.matmul(A, B, out=out)
         out.masked_fill_(~expand_micro_tiles(listed, tile, rows, cols), 0)
         return

@@ -417,16 +417,12 @@ def test_the_call_floor_scales_with_the_dense_work():
     from pit_compiler import ops
 
     def below(M, K, N, dtype=torch.float16, batch=()):
-        return ops.below_call_floor(_huge_shaped((*batch, M, K), dtype), _huge_shaped((*batch, K, N), dtype))
+        return ops.below_call_floor(_huge(*batch, M, K, dtype=dtype), _huge(*batch, K, N, dtype=dtype))
 
     assert below(4096, 768, 3072)  # BERT-base's feed-forward at 4096 tokens: about 26 us dense
     assert not below(8192, 8192, 8192) and not below(4096, 4096, 4096)
     assert not below(2048, 2048, 2048, torch.float32)  # float32 cuBLAS: about ten times slower
     assert below(2048, 2048, 2048) and not below(2048, 2048, 2048, batch=(8,))
-
-
-def _huge_shaped(shape, dtype):
-    return torch.zeros((1,) * len(shape), dtype=dtype).expand(shape)
 
 
 def test_traced_calls_without_gradients_build_no_grid():
@@ -532,9 +528,9 @@ def test_no_host_reads_while_a_cuda_graph_is_captured(monkeypatch):
 # Bad operands: one clear error naming the argument, before any kernel is built.
 
 
-def _huge(rows, cols):
-    """A tensor of rows * cols elements that takes no memory (one element, expanded)."""
-    return torch.zeros(1, 1, dtype=torch.float16).expand(rows, cols)
+def _huge(*shape, dtype=torch.float16):
+    """A tensor of ``shape`` that takes no memory (one element, expanded)."""
+    return torch.zeros((1,) * len(shape), dtype=dtype).expand(shape)
 
 
 @pytest.mark.parametrize(
