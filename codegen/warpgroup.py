@@ -232,7 +232,13 @@ def narrow_chunk_knobs(default: WarpgroupMatmul.Knobs, listed: int | None, slots
     and 4 times as many of them cost more than the gathering they save."""
     if listed is None or listed >= PACK_FROM * slots:
         return default
-    return WarpgroupMatmul().default(default.block_m, narrow_k=True, packed=False)
+    return _gathered_narrow_chunks(default.block_m)
+
+
+@functools.lru_cache(maxsize=None)
+def _gathered_narrow_chunks(block_m: int) -> WarpgroupMatmul.Knobs:
+    """The unpacked default of narrow chunks (built once: knobs check themselves when made)."""
+    return WarpgroupMatmul().default(block_m, narrow_k=True, packed=False)
 
 
 @functools.lru_cache(maxsize=None)

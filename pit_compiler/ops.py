@@ -112,26 +112,48 @@ def detect(
     argument: str,
 ) -> MicroTileIndex:
     """Run the detection kernel over ``s`` (3-D, stored in ``order``)."""
+    cache, target = kernel_cache(), target_for(s.device)
+    key = (s.shape, s.dtype, target, s.storage_offset() % 8, order, blocked, permuted, tuple(tiles.items()), whole_blocked, cache)
+    found = _DETECTIONS.get(key)
+    if found is None:
+        found = _detection(s, order, blocked, permuted, tiles, whole_blocked, argument, target, cache)
+        if len(_DETECTIONS) >= 4096:  # detections of shapes long gone
+            _DETECTIONS.clear()
+        _DETECTIONS[key] = found
+    shape, kernel, words = found
+    counts = torch.empty(shape[:2], dtype=torch.int32, device=s.device)
+    indices = torch.empty(shape, dtype=torch.int32, device=s.device)
+    if kernel is None:  # nothing to read
+        counts.zero_()
+    else:
+        kernel(s.view(words), counts, indices)
+    return MicroTileIndex(counts, indices)
+
+
+# Per operand shape, dtype, device and alignment, and micro-tile: the index's shape, the kernel
+# and the words it reads. Every call detects, and working these out took ~20 us of host time.
+_DETECTIONS: dict = {}
+
+
+def _detection(s, order, blocked, permuted, tiles, whole_blocked, argument, target, cache) -> tuple:
+    """:func:`detect`'s ``((batch, blocks, chunks), kernel, word dtype)``; kernel None for an empty ``s``."""
     extent = dict(zip(order, s.shape))
     blocks = 1 if whole_blocked else math.ceil(extent[blocked] / tiles[blocked])
     chunks = math.ceil(extent[permuted] / tiles[permuted])
-    counts = torch.empty((extent["batch"], blocks), dtype=torch.int32, device=s.device)
-    indices = torch.empty((extent["batch"], blocks, chunks), dtype=torch.int32, device=s.device)
+    shape = (extent["batch"], blocks, chunks)
     if s.numel() == 0:
-        counts.zero_()
-        return MicroTileIndex(counts, indices)
+        return shape, None, s.dtype
     dtype = tvm_dtype(s.dtype, argument)
     tile = {blocked: None if whole_blocked else tiles[blocked], permuted: tiles[permuted]}
     last = order[-1]  # the contiguous axis
     words, pack = as_words(s, 1 if last == "batch" else tile[last] or s.shape[-1])
     if pack > 1:
         tile = {role: t // pack if role == last and t is not None else t for role, t in tile.items()}
-    target, one_pass = target_for(s.device), s.is_cuda  # CUDA lists with atomics, in one pass
+    one_pass = s.is_cuda  # CUDA lists with atomics, in one pass
     kernel = detect_kernel(
-        order, blocked, permuted, tile[blocked], tile[permuted], dtype, target, kernel_cache(), pack=pack, one_pass=one_pass
+        order, blocked, permuted, tile[blocked], tile[permuted], dtype, target, cache, pack=pack, one_pass=one_pass
     )
-    kernel(words, counts, indices)
-    return MicroTileIndex(counts, indices)
+    return shape, kernel, words.dtype
 
 
 _WORDS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -299,18 +321,18 @@ def pit_matmul(
     kernel reads that very index.
     """
     logical_a, logical_b = A, B
-    M, K, N = A.shape[-2], A.shape[-1], B.shape[-1]
     if out.numel() == 0:
         return None
-    if K == 0:
+    if A.shape[-1] == 0:
         out.zero_()
         return None
     if dense_fallback and not keep_index and weighs_dense_kernels(A.device) and below_call_floor(A, B):
         dense_product(A, B, out, sparse, tile, grid_shape, mask)
         return None
-    if sparse == "B" and form is None and detected is None and _sparse_b_reaches_tensor_cores_as_a(A, B, out, tile):
+    route = ROUTES.route(A, B, out, sparse, tile, grid_shape, form, mask is None, cover, detected is None)
+    if route.transposed_product:
         # C^T = B^T A^T, B^T the sparse A (stored (n, k) when B is W.t()); A^T made compact.
-        out_t = torch.empty((N, M), dtype=out.dtype, device=out.device)
+        out_t = torch.empty(out.shape[::-1], dtype=out.dtype, device=out.device)
         mask_t = mask.transpose(-1, -2) if mask is not None else None
         used = pit_matmul(
             B.transpose(-1, -2), A.transpose(-1, -2).contiguous(), out_t, "A", tile[::-1], grid_shape[::-1], mask_t,
@@ -318,31 +340,107 @@ def pit_matmul(
         )  # fmt: skip
         out.copy_(out_t.t())
         return used if used is None else Computed(used.plan, used.index, transposed=True)
-    A, a_transposed = storage(A)
-    B, b_transposed = storage(B)
-    if {"A": a_transposed, "B": b_transposed, "C": False}[sparse]:
-        tile, grid_shape = tile[::-1], grid_shape[::-1]
-        mask = mask.transpose(-1, -2) if mask is not None else None
-    sizes = {"m": M, "n": N, "k": K}
-    if b_transposed and sparse == "A":
-        if compact_b_reaches_tensor_cores(_call_facts(A, logical_b, out), a_transposed, tile, sizes, form):
-            B, b_transposed = COMPACT_COPIES.get(logical_b), False
-    contraction = matmul_contraction(A.dim(), a_transposed, b_transposed)
-    plan = plan_pit(contraction, SparsityAttr(sparse, tile), sizes, form)
-    covered = tensor_core_cover(plan, A, B, out) if cover and mask is None and form is None else plan
-    if covered is not plan:
-        plan, tile = covered, (covered.tile["m"], covered.tile["k"])  # A stored (m, k)
-    if detected is not None and mask is None and reads_row_blocks(plan):
+    A = A.transpose(-1, -2) if route.a_transposed else A.contiguous()
+    if route.compact_b:
+        B = COMPACT_COPIES.get(logical_b)
+    else:
+        B = B.transpose(-1, -2) if route.b_transposed else B.contiguous()
+    if route.flipped and mask is not None:
+        mask = mask.transpose(-1, -2)
+    plan = route.plan
+    if detected is not None and mask is None and route.reads_detected:
         index = detected
     else:
-        index = index_for(plan, {"A": A, "B": B}.get(sparse), mask, tile, grid_shape)
+        index = index_for(plan, {"A": A, "B": B}.get(sparse), mask, route.tile, route.grid_shape)
     weigh_dense = dense_fallback and mask is None and falls_back_on(A.device)
-    if weigh_dense and dense_wins(index, dense_crossover(plan, A, B, out), call_signature(plan, A, B)):
+    if weigh_dense and dense_wins(index, route.crossover, route.signature):
         torch.matmul(logical_a, logical_b, out=out)  # exact: the unlisted micro-tiles are zero
         return Computed(plan, index)
-    if not run_on_tensor_cores(plan, A, B, out, index):
+    if not run_on_tensor_cores(plan, A, B, out, index, None, route.facts):
         run_matmul(plan, batched(A), batched(B), batched(out), index)
     return Computed(plan, index)
+
+
+class Route(NamedTuple):
+    """What a :func:`pit_matmul` call's shapes, layouts and dtypes decide (:class:`Routes`)."""
+
+    transposed_product: bool  # a sparse B run as the sparse A of C^T = B^T A^T; nothing below applies
+    a_transposed: bool  # A, B read as the transposed views they are (else made compact)
+    b_transposed: bool
+    compact_b: bool  # B read from its compact (k, n) copy (:func:`compact_b_reaches_tensor_cores`)
+    flipped: bool  # the sparse operand is stored transposed: its tile, grid and mask are read so
+    plan: PITPlan  # covered (:func:`tensor_core_cover`) where the call lets it
+    tile: tuple  # the sparse operand's micro-tile and grid, in its storage order
+    grid_shape: tuple
+    reads_detected: bool  # the kernel reads the index :func:`detect_grid_pieces` makes
+    facts: tuple  # :func:`_call_facts` of the kernel's operands
+    crossover: float  # :func:`dense_crossover`
+    signature: tuple  # :func:`call_signature`
+
+
+class Routes:
+    """:class:`Route` per call signature. Every call asks, and deriving one (planning, covers,
+    tensor-core fits, crossovers) cost about 60 us of host time per call on an H100 machine,
+    where cuBLAS issues a whole product in 15. The answers read only shapes, strides, dtypes and
+    the device, and the functions of this module that decide them: replacing one of those (as
+    tests do) needs :func:`clear_call_caches`."""
+
+    def __init__(self, capacity: int = 4096):
+        self.capacity = capacity
+        self._routes: dict = {}
+
+    def route(self, A, B, out, sparse, tile, grid_shape, form, unmasked: bool, cover: bool, undetected: bool) -> Route:
+        key = (A.shape, A.stride(), B.shape, B.stride(), A.dtype, B.dtype, out.dtype, A.device)
+        key += (sparse, tuple(tile), tuple(grid_shape), form, unmasked, cover, undetected)
+        route = self._routes.get(key)
+        if route is None:
+            if len(self._routes) >= self.capacity:  # routes of shapes long gone
+                self._routes.clear()
+            route = self._routes[key] = _derive_route(A, B, out, sparse, tile, grid_shape, form, unmasked, cover, undetected)
+        return route
+
+    def clear(self) -> None:
+        self._routes.clear()
+
+
+ROUTES = Routes()
+
+
+def clear_call_caches() -> None:
+    """Forget the routes and detections kept per call signature: after replacing a function of
+    this module that decides them (tests do), or the target of a device."""
+    ROUTES.clear()
+    _DETECTIONS.clear()
+
+
+def _derive_route(A, B, out, sparse, tile, grid_shape, form, unmasked, cover, undetected) -> Route:
+    """:class:`Route` of a call, from its operands' shapes, layouts and dtypes (never their values)."""
+    if sparse == "B" and form is None and undetected and _sparse_b_reaches_tensor_cores_as_a(A, B, out, tile):
+        return Route(True, *(None,) * 11)
+    logical_b = B
+    M, K, N = A.shape[-2], A.shape[-1], B.shape[-1]
+    A, a_transposed = storage(A)
+    B, b_transposed = storage(B)
+    flipped = {"A": a_transposed, "B": b_transposed, "C": False}[sparse]
+    if flipped:
+        tile, grid_shape = tile[::-1], grid_shape[::-1]
+    sizes = {"m": M, "n": N, "k": K}
+    compact_b = (
+        b_transposed
+        and sparse == "A"
+        and compact_b_reaches_tensor_cores(_call_facts(A, logical_b, out), a_transposed, tile, sizes, form)
+    )
+    if compact_b:  # the copy has logical B's shape and dtype: it stands in for it
+        B, b_transposed = logical_b, False
+    contraction = matmul_contraction(A.dim(), a_transposed, b_transposed)
+    plan = plan_pit(contraction, SparsityAttr(sparse, tuple(tile)), sizes, form)
+    covered = tensor_core_cover(plan, A, B, out) if cover and unmasked and form is None else plan
+    if covered is not plan:
+        plan, tile = covered, (covered.tile["m"], covered.tile["k"])  # A stored (m, k)
+    return Route(
+        False, a_transposed, b_transposed, compact_b, flipped, plan, tuple(tile), tuple(grid_shape),
+        reads_row_blocks(plan), _call_facts(A, B, out), dense_crossover(plan, A, B, out), call_signature(plan, A, B),
+    )  # fmt: skip
 
 
 DENSE_FALLBACK = True  # the kernels' own tests turn it off, to check them at every density
@@ -498,7 +596,8 @@ def call_signature(plan: PITPlan, A: torch.Tensor, B: torch.Tensor) -> tuple:
     return plan.signature(), tuple(A.shape), tuple(B.shape), A.dtype, A.device
 
 
-RECENT_COUNTS = RecentCounts()  # per call signature: the fallback's counts, read without waiting
+# Per call signature: the fallback's counts, read without waiting, copied at most once a millisecond.
+RECENT_COUNTS = RecentCounts(post_every_s=1e-3)
 
 
 def dense_wins(index: MicroTileIndex, crossover: float, call) -> bool:
@@ -571,11 +670,12 @@ def tensor_core_cover(plan: PITPlan, A, B, out) -> PITPlan:
     return plan
 
 
-def run_on_tensor_cores(plan: PITPlan, A, B, out, index: MicroTileIndex, knobs=None) -> bool:
+def run_on_tensor_cores(plan: PITPlan, A, B, out, index: MicroTileIndex, knobs=None, facts=None) -> bool:
     """Run the dedicated tensor-core kernel of :func:`tensor_core_path` (Hopper's warpgroup tile
     first); False where none fits. ``knobs`` (of the tile that serves the call, as the tuner
-    measures them) replace the tuned or default ones."""
-    facts = _call_facts(A, B, out)
+    measures them) replace the tuned or default ones; ``facts``: :func:`_call_facts` of the
+    call, where known."""
+    facts = facts or _call_facts(A, B, out)
     return (
         run_on_warpgroups(plan, A, B, out, index, knobs, facts)
         or run_row_gather_on_tensor_cores(plan, A, B, out, index, facts)

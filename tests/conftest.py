@@ -36,6 +36,17 @@ def pit_kernels_at_every_density(monkeypatch):
     monkeypatch.setattr(ops, "DENSE_FALLBACK", False)
 
 
+@pytest.fixture(autouse=True)
+def fresh_call_caches():
+    """Tests replace the functions that route a call (the target, the tensor-core fits): each
+    starts from no kept routes or detections, and leaves none behind."""
+    from pit_compiler import ops
+
+    ops.clear_call_caches()
+    yield
+    ops.clear_call_caches()
+
+
 @pytest.fixture(autouse=True, scope="session")
 def memory_kernel_cache():
     """Tests build into memory; tests of the disk cache install their own."""

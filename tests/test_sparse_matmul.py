@@ -546,3 +546,23 @@ def _huge(*shape, dtype=torch.float16):
 def test_bad_operands_get_one_clear_error(A, B, error, message):
     with pytest.raises(error, match=message):
         pit.sparse_matmul(A(), B(), micro_tile=(32, 1))
+
+
+def test_a_call_signature_is_routed_once_and_each_layout_apart(monkeypatch):
+    """Calls keep their route per shape, stride, dtype and device: the second call of a signature
+    derives nothing, and a transposed view of the same shape gets its own (right) route."""
+    from pit_compiler import ops
+
+    derived = []
+    original = ops._derive_route
+    monkeypatch.setattr(ops, "_derive_route", lambda *a: derived.append(a[3]) or original(*a))
+    A, _ = micro_tile_sparse((70, 45), (32, 1), 0.4, torch.float32, "cpu", seed=3)
+    B = dense_operand((45, 33), torch.float32, seed=4)
+    reference = A.double() @ B.double()
+    for _ in range(3):
+        assert_matches_reference(pit.sparse_matmul(A, B, micro_tile=(32, 1)), reference)
+    assert len(derived) == 1
+    A_t = A.t().contiguous().t()  # the same values, stored transposed
+    assert_matches_reference(pit.sparse_matmul(A_t, B, micro_tile=(32, 1)), reference)
+    assert_matches_reference(pit.sparse_matmul(A, B.t().contiguous().t(), micro_tile=(32, 1)), reference)
+    assert len(derived) == 3

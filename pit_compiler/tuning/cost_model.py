@@ -511,15 +511,16 @@ def tuned_knobs(
         token = db.token()
         if token is None:
             return None
-        sizes = dict(zip(kernel_order(plan, "a"), _batched_shape(A)))
-        sizes |= dict(zip(kernel_order(plan, "b"), _batched_shape(B)))
-        shape = (sizes["m"], sizes["n"], sizes["k"])
         template = template if template is not None else template_for(target)
         # Targets compare by identity (run time reuses one per device): no printing per call.
-        cache_key = (db.serial, token, plan.signature(), shape_bucket(shape), dtype, target, template.name)
+        # Keyed by the operands' shapes, which cost nothing to read, rather than their bucket.
+        cache_key = (db.serial, token, plan.signature(), A.shape, B.shape, dtype, target, template.name)
         if cache_key not in _knob_cache:
             if len(_knob_cache) > 4096:  # entries of old tokens are never read again
                 _knob_cache.clear()
+            sizes = dict(zip(kernel_order(plan, "a"), _batched_shape(A)))
+            sizes |= dict(zip(kernel_order(plan, "b"), _batched_shape(B)))
+            shape = (sizes["m"], sizes["n"], sizes["k"])
             flat = unbatched_plan(plan, {"m": shape[0], "n": shape[1], "k": shape[2]})
             entry = db.get(workload_key(matmul_workload(flat, shape, dtype, target, template)))
             knobs = best_knobs(entry) if entry is not None else None

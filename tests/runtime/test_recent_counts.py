@@ -39,6 +39,21 @@ def test_a_recent_count_never_waits_and_never_overwrites_a_copy_in_flight():
     assert recent.latest() == 11
 
 
+def test_a_recent_count_copies_at_most_once_per_interval_but_keeps_a_count_read_at_once():
+    recent = RecentCount(torch.zeros(2, dtype=torch.int32), post_every_s=3600.0)
+    copies = recent._arrived = [_Copy(), _Copy()]
+    recent.post(torch.tensor([1, 2], dtype=torch.int32))
+    recent.post(torch.tensor([5, 5], dtype=torch.int32))  # within the interval: not copied
+    copies[0].arrived = copies[1].arrived = True
+    assert recent.latest() == 3
+    recent.post(torch.tensor([4, 4], dtype=torch.int32), known=8)  # read by a first call: the newest at once
+    assert recent.latest() == 8
+    recent.post_every_s = 0.0
+    recent.post(torch.tensor([6, 6], dtype=torch.int32))
+    copies[0].arrived = copies[1].arrived = True
+    assert recent.latest() == 12
+
+
 def test_recent_counts_drop_the_least_recently_used_signature():
     counts = RecentCounts(capacity=2)
     for key in ("a", "b", "a", "c"):
