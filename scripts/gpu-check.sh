@@ -16,9 +16,10 @@
 #   bash scripts/gpu-check.sh session8   # verify, then measure
 #   bash scripts/gpu-check.sh host       # the compile test, models.py with the host's cProfile table
 #   bash scripts/gpu-check.sh measure    # spmm where session 7's unmeasured changes act (4096^3, 99 %), then models.py
+#   bash scripts/gpu-check.sh compare    # host time per call and the OPT FFN: a baseline tree carried in .baseline/, then this one
 # Logs and results are copied under $OUT when the device tool provides it.
 set -uo pipefail
-stage=${1:?usage: scripts/gpu-check.sh tests|kernels|spmm|tuning|sweep|warpgroup|hopper|tables|packed|rows|auto|recheck|verify|measure|session8|host}
+stage=${1:?usage: scripts/gpu-check.sh tests|kernels|spmm|tuning|sweep|warpgroup|hopper|tables|packed|rows|auto|recheck|verify|measure|session8|host|compare}
 if ls .whl/*.whl > /dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
@@ -28,6 +29,17 @@ out=${OUT:-/tmp/pit-gpu-out}
 mkdir -p "$out"
 touch /tmp/pit-gpu-stage-start
 case "$stage" in
+  compare)  # .baseline/ holds pit_compiler, ir, schedules and codegen of the commit to compare with
+    rm -rf /tmp/pit-old && mkdir -p /tmp/pit-old/pit_compiler && cp -r .baseline/pit_compiler/. /tmp/pit-old/pit_compiler/
+    for s in ir schedules codegen; do cp -r ".baseline/$s" "/tmp/pit-old/pit_compiler/$s"; done
+    new=$PYTHONPATH old=/tmp/pit-old:${PYTHONPATH#/tmp/pit-src:}
+    for tree in old new old new; do  # alternated: the machines' host time drifts between runs
+      PYTHONPATH=${!tree} timeout 100 python3 -P scripts/host_breakdown.py --size "${HOST_SIZE:-4096}" --linear --no-steps \
+        --repeat 200 2>&1 | tee -a "$out/host-$tree.log" | grep "host issue"
+    done
+    for tree in old new old new; do
+      PYTHONPATH=${!tree} timeout 100 python3 -P benchmarks/models.py --cases opt 2>&1 | tee -a "$out/models-opt-$tree.log" | grep -E "eager|pit "
+    done ;;
   tests) timeout 540 python3 -P -m pytest -q -p no:cacheprovider -m gpu --maxfail=15 --durations=8 2>&1 | tee "$out/gpu-tests.log" | tail -25 ;;
   kernels)
     timeout 540 python3 -P -m pytest -q -p no:cacheprovider -m gpu tests/codegen/test_detect_cuda.py \

@@ -14,28 +14,20 @@ import cProfile
 import pstats
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import pit_compiler as pit  # noqa: E402
+from host_breakdown import issue_us  # noqa: E402
 from spmm import MICRO_TILES, detection, sparse_operand  # noqa: E402
 
 
 def median_us(fn, device, sync: bool, repeat: int = 50) -> float:
-    times = []
-    for _ in range(repeat):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        begin = time.perf_counter()
-        fn()
-        if sync and device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append((time.perf_counter() - begin) * 1e6)
-    return statistics.median(times)
+    return statistics.median(issue_us(fn, device, repeat, sync))
 
 
 def main() -> None:
