@@ -518,16 +518,20 @@ def _warpgroup_crossover(plan: PITPlan) -> float:
 
 
 # A PIT call on Hopper costs about this much however little is listed (detection, launches,
-# host): H200, 4096^3 float16 at 99 % sparse, kernels alone 0.15-0.21 ms (32x32, 64x64, 32x1).
-CALL_FLOOR_MS = 0.15
+# host). H100, 4096^3 float16, kernels alone, calls back to back, after the host time per call
+# was cut (session 10, scripts/host_breakdown.py): 32x1 at 99 % 0.103-0.107 ms, 64x64 at 90 %
+# 0.093-0.099 ms, whole rows at 90 % 0.114-0.155 ms, against cuBLAS's 0.20-0.21. (Before:
+# H200, 99 % sparse, 0.15-0.21 ms.)
+CALL_FLOOR_MS = 0.10
 DENSE_FLOP_PER_MS = 7.5e11  # cuBLAS on an H200, 16-bit, 4096^3 to 8192^3 (0.17-0.23, 1.25-1.58 ms)
 
 
 def _room_above_call_floor(M: int, K: int, N: int) -> float:
     """The share of a dense product's time left above PIT's per-call floor: the crossovers,
-    measured at 8192^3 (where it is 0.9), shrink by it for smaller products, whose cuBLAS time
-    nears what a PIT call costs at any density (4096^3: 0.18; the H200 run there had 32x1
-    pieces at 90 % take 0.315 ms on PIT's kernel against 0.176 on cuBLAS)."""
+    measured at 8192^3 (where it is 0.93), shrink by it for smaller products, whose cuBLAS time
+    nears what a PIT call costs at any density (4096^3: 0.45, where 64x64 blocks at 90 % took
+    0.093-0.099 ms against cuBLAS's 0.20 and 32x1 pieces at 90 % 0.19, a tie; none below about
+    3350^3)."""
     dense_ms = 2 * M * K * N / DENSE_FLOP_PER_MS
     return max(0.0, 1.0 - CALL_FLOOR_MS / dense_ms) if dense_ms > 0 else 0.0
 
@@ -536,7 +540,7 @@ def below_call_floor(A: torch.Tensor, B: torch.Tensor) -> bool:
     """Whether dense cuBLAS finishes ``A @ B`` within PIT's per-call floor (:data:`CALL_FLOOR_MS`):
     then PIT loses at any density, and calls that weigh dense kernels run dense without detecting
     (each BERT-base feed-forward product at 4096 tokens is about 26 us of dense work, where one
-    PIT call cost about 0.5 ms of host time on an H100 machine). float32 cuBLAS runs about ten
+    PIT call cost about 0.5 ms of host time on an H100 machine, and still 0.1 ms after session 10). float32 cuBLAS runs about ten
     times slower than 16-bit (as in :func:`dense_crossover`)."""
     batch = A.shape[0] if A.dim() == 3 else 1
     rate = DENSE_FLOP_PER_MS / (10 if A.dtype == torch.float32 else 1)
