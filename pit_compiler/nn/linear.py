@@ -74,7 +74,8 @@ class SparseLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor, row_mask: torch.Tensor | None = None) -> torch.Tensor:
         grid = self.weight_grid()
-        if grid is not None and ops.falls_back_on(x.device) and x.numel():
+        # A choice from shapes and the weight's own grid: kept under CUDA graph capture too.
+        if grid is not None and ops.weighs_dense_kernels(x.device) and x.numel():
             x2 = x.reshape(-1, self.in_features)
             if not ops.pruned_weight_beats_dense(x2, self.weight, self.weight_micro_tile, self._weight_listed):
                 return F.linear(x, self.weight, self.bias)  # exact: the grid lists every non-zero piece

@@ -51,15 +51,18 @@ def test_pruned_weight_index_is_built_once(dtype, device):
     assert_matches_reference(module(x), reference(linear, x))
 
 
+@pytest.mark.parametrize("capturing", [False, True], ids=["eager", "graph-capture"])
 @pytest.mark.parametrize("beats_dense", [False, True])
-def test_pruned_weight_runs_dense_where_pit_would_lose(beats_dense, monkeypatch):
-    """Where the dense fallback applies (a GPU; patched in here), a pruned layer that no
+def test_pruned_weight_runs_dense_where_pit_would_lose(beats_dense, capturing, monkeypatch):
+    """Where dense kernels are weighed (a GPU; patched in here), a pruned layer that no
     tensor-core tile takes, or too dense to win, runs F.linear: exact, the grid lists every
-    non-zero piece of the weight."""
+    non-zero piece of the weight. The choice reads no count from the device, so it holds while
+    a CUDA graph is captured too (when the count-reading fallback is off)."""
     from pit_compiler import ops
     from pit_compiler.nn import linear as linear_module
 
-    monkeypatch.setattr(ops, "falls_back_on", lambda device: True)
+    monkeypatch.setattr(ops, "weighs_dense_kernels", lambda device: True)
+    monkeypatch.setattr(ops, "falls_back_on", lambda device: not capturing)
     monkeypatch.setattr(ops, "pruned_weight_beats_dense", lambda x2, weight, tile, listed: beats_dense)
     ran_pit = []
     original = linear_module.sparse_linear
