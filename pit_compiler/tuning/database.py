@@ -29,6 +29,8 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Callable, Iterator
 
+from pit_compiler.runtime.cache import ENV_CACHE_DIR
+
 try:
     import fcntl
 except ImportError:  # not POSIX: atomic renames still keep the file whole
@@ -375,10 +377,9 @@ def tile_database() -> TileDatabase:
     if _database is not None:
         return _database
     # Looked up on every kernel call: the environment that decides the path is cheaper to read
-    # than the path is to build.
-    from pit_compiler.runtime import ENV_CACHE_DIR
-
-    where = tuple(os.environ.get(name) for name in (ENV_CACHE_DIR, "XDG_CACHE_HOME", "HOME"))
+    # than the path is to build (and three reads in a row cheaper than a loop over names).
+    environ = os.environ
+    where = (environ.get(ENV_CACHE_DIR), environ.get("XDG_CACHE_HOME"), environ.get("HOME"))
     if where not in _by_environment:
         path = default_database_path()
         _by_path.setdefault(path, TileDatabase(path))
