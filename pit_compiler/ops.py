@@ -608,9 +608,10 @@ def dense_wins(index: MicroTileIndex, crossover: float, call) -> bool:
     """Whether more than ``crossover`` of the index's micro-tile slots are listed.
 
     Judged by the newest count of an earlier call with the same ``call`` signature that has
-    reached the host (:mod:`~pit_compiler.runtime.recent_counts`): no wait for the GPU. Only
-    the first call of a signature reads its own count back (one sync). Both answers compute
-    the same product, so a count one call stale costs at most speed.
+    reached the host (:mod:`~pit_compiler.runtime.recent_counts`; a signature's counts are
+    copied at most once a millisecond): no wait for the GPU. Only the first call of a signature
+    reads its own count back (one sync). Both answers compute the same product, so a stale
+    count costs at most speed.
     """
     if index.indices.numel() == 0:
         return False
