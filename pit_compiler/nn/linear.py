@@ -10,7 +10,7 @@ from pit_compiler import ops
 from pit_compiler.api import detect_micro_tiles
 from pit_compiler.validation import input_micro_tile_option, normalize_micro_tile
 
-from .functional import sparse_linear
+from .functional import finish_linear, rows_of, sparse_linear
 
 
 class SparseLinear(nn.Linear):
@@ -73,12 +73,18 @@ class SparseLinear(nn.Linear):
         return self._weight_grid
 
     def forward(self, x: torch.Tensor, row_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.weight_micro_tile is not None and torch.compiler.is_compiling():
+            # Traced: the weight's pieces are detected inside PIT's operator on every call, which
+            # also weighs dense cuBLAS by their count; the grid kept between eager calls (keyed
+            # by the weight's address) and the planner's choice below would break the graph.
+            return sparse_linear(x, self.weight, self.bias, weight_micro_tile=self.weight_micro_tile, row_mask=row_mask)
         grid = self.weight_grid()
         # A choice from shapes and the weight's own grid: kept under CUDA graph capture too.
         if grid is not None and ops.weighs_dense_kernels(x.device) and x.numel():
             x2 = x.reshape(-1, self.in_features)
             if not ops.pruned_weight_beats_dense(x2, self.weight, self.weight_micro_tile, self._weight_listed):
-                return F.linear(x, self.weight, self.bias)  # exact: the grid lists every non-zero piece
+                y = F.linear(x2, self.weight)  # exact: the grid lists every non-zero piece
+                return finish_linear(y, x.shape[:-1], self.bias, rows_of(row_mask, x2.shape[0]))
         return sparse_linear(
             x,
             self.weight,
