@@ -144,26 +144,30 @@ class SparseMoE(nn.Module):
         bound = x2d.shape[0] if capacity is None else min(capacity, x2d.shape[0])
         return weights, experts, expert_index(experts, self.num_experts, bound)
 
-    # The grouped kernels and the index are TVM calls dynamo cannot trace: run them as they are.
-    @torch.compiler.disable
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, experts, index = self.route(x)
         x2d = x.reshape(-1, self.d_model).contiguous()
         tokens = x2d.shape[0]
         if tokens == 0:
             return torch.zeros_like(x)
-        bound = index.indices.shape[1]
-        slots = bound if self.knobs.slots == "capacity" else int(index.counts.max())
-        slots = max(slots, 1)
+        # Traced, the slots are the bound known without a sync: reading the fullest expert's
+        # count back would break the graph (the results are the same; the packing is larger).
+        fullest = self.knobs.slots == "fullest" and not torch.compiler.is_compiling()
+        slots = max(int(index.counts.max()) if fullest else index.indices.shape[1], 1)
         gate = _pack_gates(weights, experts, index.slots, self.num_experts, slots)
         if self._batched(x.device):
             return self._batched_experts(x2d, index, gate, slots).view(x.shape)
+        return self._grouped_experts(x2d, index, gate, slots).view(x.shape)
+
+    # PIT's grouped kernels are TVM calls inside autograd Functions, which dynamo cannot trace:
+    # they run as they are (a graph break; the batched path, a GPU's default, traces whole).
+    @torch.compiler.disable
+    def _grouped_experts(self, x2d, index: ExpertIndex, gate: torch.Tensor, slots: int) -> torch.Tensor:
         h = GroupedGatherMatmul.apply(x2d, self.w1, self.b1, index.counts, index.indices, slots)
         h = self.activation(h)
         if self.w3 is not None:
             h = h * GroupedGatherMatmul.apply(x2d, self.w3, None, index.counts, index.indices, slots)
-        y = GroupedScatterMatmul.apply(h, self.w2, self.b2, gate, index.counts, index.indices, tokens)
-        return y.view(x.shape)
+        return GroupedScatterMatmul.apply(h, self.w2, self.b2, gate, index.counts, index.indices, x2d.shape[0])
 
     def _batched(self, device: torch.device) -> bool:
         if self.knobs.experts == "auto":

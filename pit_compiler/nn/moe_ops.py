@@ -48,16 +48,31 @@ def expert_index(expert_of: torch.Tensor, num_experts: int, capacity: int | None
     capacity = tokens * top_k if capacity is None else capacity
     if capacity < 0:
         raise ValueError(f"capacity must be >= 0 or None, got {capacity!r}")
+    return ExpertIndex(*expert_index_op(expert_of, num_experts, capacity))
+
+
+@torch.library.custom_op("pit::expert_index", mutates_args=())
+def expert_index_op(expert_of: torch.Tensor, num_experts: int, capacity: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(counts, indices, slots)`` of :class:`ExpertIndex`; an opaque operator to torch.compile,
+    so a traced MoE layer keeps its TVM call in the graph."""
+    tokens, top_k = expert_of.shape
     device = expert_of.device
     counts = torch.empty(num_experts, dtype=torch.int32, device=device)
-    indices = torch.empty((num_experts, max(capacity, 1)), dtype=torch.int32, device=device)
+    indices = torch.empty((num_experts, capacity), dtype=torch.int32, device=device)
     slots = torch.empty((tokens, top_k), dtype=torch.int32, device=device)
     if expert_of.numel() == 0 or capacity == 0:
-        return ExpertIndex(counts.zero_(), indices[:, :capacity], slots.fill_(-1))
+        return counts.zero_(), indices, slots.fill_(-1)
     offsets = torch.empty((num_experts, -(-tokens // INDEX_CHUNK)), dtype=torch.int32, device=device)
     kernel = _kernel("index", device, chunk=INDEX_CHUNK)
-    kernel(expert_of.to(torch.int32).contiguous(), counts, indices[:, :capacity], slots, offsets)
-    return ExpertIndex(counts, indices[:, :capacity], slots)
+    kernel(expert_of.to(torch.int32).contiguous(), counts, indices, slots, offsets)
+    return counts, indices, slots
+
+
+@expert_index_op.register_fake
+def _(expert_of, num_experts, capacity):
+    tokens, top_k = expert_of.shape
+    new = expert_of.new_empty
+    return new(num_experts, dtype=torch.int32), new((num_experts, capacity), dtype=torch.int32), new((tokens, top_k), dtype=torch.int32)
 
 
 def _output(out, shape: tuple, dtype: torch.dtype, device) -> torch.Tensor:

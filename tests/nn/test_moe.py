@@ -146,6 +146,22 @@ def test_auto_batches_the_experts_on_a_gpu(device, fallback, batched, monkeypatc
     ) is False
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("structure", ["switch", "mixtral"])
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_batched_experts_compile_to_one_graph(structure, dynamic, device):
+    """``torch.compile(fullgraph=True)``: the expert index is an operator and the slots the
+    bound known without a sync, so the batched path (a GPU's default) is one graph; two token
+    counts through one compiled layer, each against the reference."""
+    reference = reference_module(structure, 8, torch.float32, device)
+    moe = SparseMoE.from_module(reference, SparseMoE.Knobs(experts="batched"))
+    compiled = torch.compile(moe, backend="eager", fullgraph=True, dynamic=dynamic)
+    with torch.no_grad():
+        for tokens in (37, 64):
+            x = tokens_of(tokens, torch.float32, device)
+            assert_close_to(compiled(x), reference(x))
+
+
 def test_parameters_are_shared_not_copied():
     reference = reference_module("switch", 4)
     moe = SparseMoE.from_module(reference)
