@@ -40,7 +40,7 @@ class SparseMoE(nn.Module):
         """``slots``: rows per expert of the packed activations.
 
         ``"fullest"`` sizes them to the fullest expert, read back from the device (4 bytes, one
-        sync per call); ``"capacity"`` uses the bound known without a sync (the capacity, or every
+        sync per call; under ``torch.compile`` or CUDA graph capture, the bound); ``"capacity"`` uses the bound known without a sync (the capacity, or every
         token when the model has none): CUDA-graph friendly, but without a capacity it holds
         ``E / top_k`` times the activations a model needs.
 
@@ -150,9 +150,10 @@ class SparseMoE(nn.Module):
         tokens = x2d.shape[0]
         if tokens == 0:
             return torch.zeros_like(x)
-        # Traced, the slots are the bound known without a sync: reading the fullest expert's
-        # count back would break the graph (the results are the same; the packing is larger).
-        fullest = self.knobs.slots == "fullest" and not torch.compiler.is_compiling()
+        # Traced or captured in a CUDA graph, the slots are the bound known without a sync:
+        # reading the fullest expert's count back would break either (the results are the same;
+        # the packing is larger).
+        fullest = self.knobs.slots == "fullest" and not torch.compiler.is_compiling() and not ops.capturing_graph(x.device)
         slots = max(int(index.counts.max()) if fullest else index.indices.shape[1], 1)
         gate = _pack_gates(weights, experts, index.slots, self.num_experts, slots)
         if self._batched(x.device):

@@ -162,6 +162,22 @@ def test_batched_experts_compile_to_one_graph(structure, dynamic, device):
             assert_close_to(compiled(x), reference(x))
 
 
+def test_a_capture_sizes_the_slots_without_reading_the_device(monkeypatch):
+    """While a CUDA graph is captured (patched in here) no count is read back: the slots are
+    the capacity bound, and the result is the reference's."""
+    from pit_compiler import ops
+
+    reference = reference_module("switch", 8)
+    moe = SparseMoE.from_module(reference, SparseMoE.Knobs(experts="batched"))
+    x = tokens_of(64, torch.float32, "cpu")
+    monkeypatch.setattr(ops, "capturing_graph", lambda device: True)
+    monkeypatch.setattr(torch.Tensor, "__int__", lambda self: pytest.fail("read a count back during a capture"))
+    with torch.no_grad():
+        result = moe(x)
+    monkeypatch.undo()
+    assert_close_to(result, reference(x))
+
+
 def test_parameters_are_shared_not_copied():
     reference = reference_module("switch", 4)
     moe = SparseMoE.from_module(reference)
