@@ -113,7 +113,8 @@ def detect(
 ) -> MicroTileIndex:
     """Run the detection kernel over ``s`` (3-D, stored in ``order``)."""
     cache, target = kernel_cache(), target_for(s.device)
-    key = (s.shape, s.dtype, target, s.storage_offset() % 8, order, blocked, permuted, tuple(tiles.items()), whole_blocked, cache)
+    key = (s.shape, s.dtype, target, s.storage_offset() % 8, order, blocked, permuted, tuple(tiles.items()))
+    key += (whole_blocked, cache)
     found = _DETECTIONS.get(key)
     if found is None:
         found = _detection(s, order, blocked, permuted, tiles, whole_blocked, argument, target, cache)
@@ -396,7 +397,8 @@ class Routes:
         if route is None:
             if len(self._routes) >= self.capacity:  # routes of shapes long gone
                 self._routes.clear()
-            route = self._routes[key] = _derive_route(A, B, out, sparse, tile, grid_shape, form, unmasked, cover, undetected)
+            route = _derive_route(A, B, out, sparse, tile, grid_shape, form, unmasked, cover, undetected)
+            self._routes[key] = route
         return route
 
     def clear(self) -> None:
@@ -540,8 +542,8 @@ def below_call_floor(A: torch.Tensor, B: torch.Tensor) -> bool:
     """Whether dense cuBLAS finishes ``A @ B`` within PIT's per-call floor (:data:`CALL_FLOOR_MS`):
     then PIT loses at any density, and calls that weigh dense kernels run dense without detecting
     (each BERT-base feed-forward product at 4096 tokens is about 26 us of dense work, where one
-    PIT call cost about 0.5 ms of host time on an H100 machine, and still 0.1 ms after session 10). float32 cuBLAS runs about ten
-    times slower than 16-bit (as in :func:`dense_crossover`)."""
+    PIT call cost about 0.5 ms of host time on an H100 machine, and still 0.1 ms after session
+    10). float32 cuBLAS runs about ten times slower than 16-bit (as in :func:`dense_crossover`)."""
     batch = A.shape[0] if A.dim() == 3 else 1
     rate = DENSE_FLOP_PER_MS / (10 if A.dtype == torch.float32 else 1)
     return 2 * batch * A.shape[-2] * A.shape[-1] * B.shape[-1] / rate <= CALL_FLOOR_MS

@@ -40,9 +40,10 @@ class SparseMoE(nn.Module):
         """``slots``: rows per expert of the packed activations.
 
         ``"fullest"`` sizes them to the fullest expert, read back from the device (4 bytes, one
-        sync per call; under ``torch.compile`` or CUDA graph capture, the bound); ``"capacity"`` uses the bound known without a sync (the capacity, or every
-        token when the model has none): CUDA-graph friendly, but without a capacity it holds
-        ``E / top_k`` times the activations a model needs.
+        sync per call; under ``torch.compile`` or CUDA graph capture, the bound instead);
+        ``"capacity"`` uses the bound known without a sync (the capacity, or every token when
+        the model has none): CUDA-graph friendly, but without a capacity it holds ``E / top_k``
+        times the activations a model needs.
 
         ``experts``: what computes the experts' linears on the packed tokens. ``"grouped"``:
         PIT's grouped gather and scatter kernels; ``"batched"``: the packed tokens gathered by the
@@ -153,7 +154,8 @@ class SparseMoE(nn.Module):
         # Traced or captured in a CUDA graph, the slots are the bound known without a sync:
         # reading the fullest expert's count back would break either (the results are the same;
         # the packing is larger).
-        fullest = self.knobs.slots == "fullest" and not torch.compiler.is_compiling() and not ops.capturing_graph(x.device)
+        traced = torch.compiler.is_compiling() or ops.capturing_graph(x.device)
+        fullest = self.knobs.slots == "fullest" and not traced
         slots = max(int(index.counts.max()) if fullest else index.indices.shape[1], 1)
         gate = _pack_gates(weights, experts, index.slots, self.num_experts, slots)
         if self._batched(x.device):

@@ -52,7 +52,9 @@ def expert_index(expert_of: torch.Tensor, num_experts: int, capacity: int | None
 
 
 @torch.library.custom_op("pit::expert_index", mutates_args=())
-def expert_index_op(expert_of: torch.Tensor, num_experts: int, capacity: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def expert_index_op(
+    expert_of: torch.Tensor, num_experts: int, capacity: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(counts, indices, slots)`` of :class:`ExpertIndex`; an opaque operator to torch.compile,
     so a traced MoE layer keeps its TVM call in the graph."""
     tokens, top_k = expert_of.shape
@@ -71,8 +73,8 @@ def expert_index_op(expert_of: torch.Tensor, num_experts: int, capacity: int) ->
 @expert_index_op.register_fake
 def _(expert_of, num_experts, capacity):
     tokens, top_k = expert_of.shape
-    new = expert_of.new_empty
-    return new(num_experts, dtype=torch.int32), new((num_experts, capacity), dtype=torch.int32), new((tokens, top_k), dtype=torch.int32)
+    shapes = ((num_experts,), (num_experts, capacity), (tokens, top_k))
+    return tuple(expert_of.new_empty(shape, dtype=torch.int32) for shape in shapes)
 
 
 def _output(out, shape: tuple, dtype: torch.dtype, device) -> torch.Tensor:
