@@ -21,6 +21,7 @@ C        (dC ⊙ M) @ Bᵀ: sparse A           Aᵀ @ (dC ⊙ M): sparse B
 from __future__ import annotations
 
 import math
+
 import torch
 
 from pit_compiler.ops import operand_grid, pit_matmul

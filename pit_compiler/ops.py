@@ -115,13 +115,9 @@ def detect(
     cache, target = kernel_cache(), target_for(s.device)
     key = (s.shape, s.dtype, target, s.storage_offset() % 8, order, blocked, permuted, tuple(tiles.items()))
     key += (whole_blocked, cache)
-    found = _DETECTIONS.get(key)
-    if found is None:
-        found = _detection(s, order, blocked, permuted, tiles, whole_blocked, argument, target, cache)
-        if len(_DETECTIONS) >= 4096:  # detections of shapes long gone
-            _DETECTIONS.clear()
-        _DETECTIONS[key] = found
-    shape, kernel, words = found
+    shape, kernel, words = _kept(
+        _DETECTIONS, key, lambda: _detection(s, order, blocked, permuted, tiles, whole_blocked, argument, target, cache)
+    )
     counts = torch.empty(shape[:2], dtype=torch.int32, device=s.device)
     indices = torch.empty(shape, dtype=torch.int32, device=s.device)
     if kernel is None:  # nothing to read
@@ -134,6 +130,17 @@ def detect(
 # Per operand shape, dtype, device and alignment, and micro-tile: the index's shape, the kernel
 # and the words it reads. Every call detects, and working these out took ~20 us of host time.
 _DETECTIONS: dict = {}
+
+
+def _kept(store: dict, key, derive):
+    """``store[key]``, from ``derive()`` where missing. A store past 4096 entries starts over:
+    what it holds is derived from shapes, and shapes long gone are never asked again."""
+    found = store.get(key)
+    if found is None:
+        if len(store) >= 4096:
+            store.clear()
+        found = store[key] = derive()
+    return found
 
 
 def _detection(s, order, blocked, permuted, tiles, whole_blocked, argument, target, cache) -> tuple:
@@ -330,7 +337,9 @@ def pit_matmul(
     if dense_fallback and not keep_index and weighs_dense_kernels(A.device) and below_call_floor(A, B):
         dense_product(A, B, out, sparse, tile, grid_shape, mask)
         return None
-    route = ROUTES.route(A, B, out, sparse, tile, grid_shape, form, mask is None, cover, detected is None)
+    flags = (sparse, tuple(tile), tuple(grid_shape), form, mask is None, cover, detected is None)
+    key = (A.shape, A.stride(), B.shape, B.stride(), A.dtype, B.dtype, out.dtype, A.device, *flags)
+    route = _kept(_ROUTES, key, lambda: _derive_route(A, B, out, *flags))
     if route.transposed_product:
         # C^T = B^T A^T, B^T the sparse A (stored (n, k) when B is W.t()); A^T made compact.
         out_t = torch.empty(out.shape[::-1], dtype=out.dtype, device=out.device)
@@ -363,7 +372,7 @@ def pit_matmul(
 
 
 class Route(NamedTuple):
-    """What a :func:`pit_matmul` call's shapes, layouts and dtypes decide (:class:`Routes`)."""
+    """What a :func:`pit_matmul` call's shapes, layouts and dtypes decide (kept in ``_ROUTES``)."""
 
     transposed_product: bool  # a sparse B run as the sparse A of C^T = B^T A^T; nothing below applies
     a_transposed: bool  # A, B read as the transposed views they are (else made compact)
@@ -379,39 +388,18 @@ class Route(NamedTuple):
     signature: tuple  # :func:`call_signature`
 
 
-class Routes:
-    """:class:`Route` per call signature. Every call asks, and deriving one (planning, covers,
-    tensor-core fits, crossovers) cost about 60 us of host time per call on an H100 machine,
-    where cuBLAS issues a whole product in 15. The answers read only shapes, strides, dtypes and
-    the device, and the functions of this module that decide them: replacing one of those (as
-    tests do) needs :func:`clear_call_caches`."""
-
-    def __init__(self, capacity: int = 4096):
-        self.capacity = capacity
-        self._routes: dict = {}
-
-    def route(self, A, B, out, sparse, tile, grid_shape, form, unmasked: bool, cover: bool, undetected: bool) -> Route:
-        key = (A.shape, A.stride(), B.shape, B.stride(), A.dtype, B.dtype, out.dtype, A.device)
-        key += (sparse, tuple(tile), tuple(grid_shape), form, unmasked, cover, undetected)
-        route = self._routes.get(key)
-        if route is None:
-            if len(self._routes) >= self.capacity:  # routes of shapes long gone
-                self._routes.clear()
-            route = _derive_route(A, B, out, sparse, tile, grid_shape, form, unmasked, cover, undetected)
-            self._routes[key] = route
-        return route
-
-    def clear(self) -> None:
-        self._routes.clear()
-
-
-ROUTES = Routes()
+# Route per call signature (its shapes, strides, dtypes, device and options). Every call asks,
+# and deriving one (planning, covers, tensor-core fits, crossovers) cost about 60 us of host
+# time per call on an H100 machine, where cuBLAS issues a whole product in 15. The answers read
+# only those and the functions of this module that decide them: replacing one of those (as
+# tests do) needs clear_call_caches().
+_ROUTES: dict = {}
 
 
 def clear_call_caches() -> None:
     """Forget the routes and detections kept per call signature: after replacing a function of
     this module that decides them (tests do), or the target of a device."""
-    ROUTES.clear()
+    _ROUTES.clear()
     _DETECTIONS.clear()
 
 
