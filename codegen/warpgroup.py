@@ -78,12 +78,19 @@ def packed_access(bm: int, bk: int, K: int) -> Access:
     )
 
 
+PACK_LANES = 32  # threads per row of the pack: one warp writes 64 consecutive bytes of it
+
+
 def build_pack(bm: int, bk: int, K: int, dtype: str):
     """``main(a, cnt, idx, ap)``: ``Ap[r, p] = A[r, idx[r // bm, p // bk] * bk + p % bk]`` for the
     listed positions ``p`` of row ``r``'s block, zero past them (and past K) to a whole step of
     64; the rest of ``Ap``, which the tile never reads, is not written, so the pass moves bytes
     in proportion to what is listed (writing the whole copy made 32x1 pieces at 99 % slower
-    packed than gathered)."""
+    packed than gathered).
+
+    The grid is ``M x 32`` threads, each row's 32 looping over its block's listed positions
+    only: a thread per position of the whole width (all of k) was launched before, and at 90 %
+    its 67 million mostly idle threads took 0.32 ms at 8192^3 on an H200."""
     width = packed_columns(bk, K)
 
     @T.prim_func(s_tir=True)
@@ -94,17 +101,18 @@ def build_pack(bm: int, bk: int, K: int, dtype: str):
         Cnt = T.match_buffer(cnt, (Q,), "int32")
         Idx = T.match_buffer(idx, (Q, P), "int32")
         Ap = T.match_buffer(ap, (M, width), dtype)
-        for r, p in T.grid(M, width):
+        for r, lane in T.grid(M, PACK_LANES):
             with T.sblock("pack"):
-                vr, vp = T.axis.remap("SS", [r, p])
+                vr, vl = T.axis.remap("SS", [r, lane])
                 T.sblock_attr({PARALLEL_LOOPS: 2})
                 T.reads(A[vr, 0:K], Cnt[vr // bm], Idx[vr // bm, 0:P])
-                T.writes(Ap[vr, vp])
-                column = T.meta_var(Idx[vr // bm, T.min(vp // bk, P - 1)] * bk + vp % bk)
-                listed = T.meta_var(vp < Cnt[vr // bm] * bk)
-                if vp < (Cnt[vr // bm] * bk + BLOCK_K - 1) // BLOCK_K * BLOCK_K:
-                    Ap[vr, vp] = T.if_then_else(
-                        listed and column < K, A[vr, T.max(T.min(column, K - 1), 0)], T.Cast(dtype, 0)
+                T.writes(Ap[vr, 0:width])
+                listed = T.meta_var(Cnt[vr // bm] * bk)
+                for i in T.serial((listed + BLOCK_K - 1) // BLOCK_K * (BLOCK_K // PACK_LANES)):
+                    p = T.meta_var(i * PACK_LANES + vl)
+                    column = T.meta_var(Idx[vr // bm, T.min(p // bk, P - 1)] * bk + p % bk)
+                    Ap[vr, p] = T.if_then_else(
+                        p < listed and column < K, A[vr, T.max(T.min(column, K - 1), 0)], T.Cast(dtype, 0)
                     )
 
     return main
@@ -113,7 +121,7 @@ def build_pack(bm: int, bk: int, K: int, dtype: str):
 @functools.lru_cache(maxsize=256)  # looked up on every packed call
 def pack_kernel(bm: int, bk: int, K: int, dtype: str, target: Target, cache: KernelCache):
     """The compiled :func:`build_pack` for ``target``."""
-    key = kernel_key("warpgroup_pack", f"bm={bm} bk={bk} K={K} v2", {"in": dtype}, target, default_knobs(target))
+    key = kernel_key("warpgroup_pack", f"bm={bm} bk={bk} K={K} v3", {"in": dtype}, target, default_knobs(target))
     return cache.main(key, lambda: compile_primfunc(build_pack(bm, bk, K, dtype), target, what=f"A pack {bm}x{bk}"))
 
 
