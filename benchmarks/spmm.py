@@ -9,6 +9,8 @@ fraction of it reached. PIT's online detection and index alone is timed too (``p
 its fraction of the dense product's time, the budget being 0.1, and the bandwidth it reads A
 at), and checked against the micro-tiles A really has. Writes
 ``benchmarks/results/spmm-<gpu>.json`` and, with matplotlib, a PNG of fraction-of-ideal per case.
+Each call is timed alone on an idle GPU, so its host time counts in full; ``--batch N`` times
+N calls queued back to back instead, as a model's layers run (``spmm-batch<N>-<gpu>.json``).
 """
 
 from __future__ import annotations
@@ -86,7 +88,7 @@ def detection(A, B, tile):
     return detect, lambda: torch.equal(operand_grid(plan, detect())[0], expected)
 
 
-def run_case(M, N, K, name, sparsity, dtype, device, repeat, once_over_ms=float("inf")):
+def run_case(M, N, K, name, sparsity, dtype, device, repeat, once_over_ms=float("inf"), batch=1):
     tile = MICRO_TILES[name]
     A, density = sparse_operand(M, K, tile, sparsity, dtype, device)
     B = torch.randn(K, N, device=device, dtype=dtype)
@@ -106,18 +108,19 @@ def run_case(M, N, K, name, sparsity, dtype, device, repeat, once_over_ms=float(
             # builds the kernel it picks the first time it does.
             fn()
             once = time_ms(fn, device, warmup=0, repeat=1)
-            timing = once if once["median_ms"] > once_over_ms else time_ms(fn, device, repeat=repeat)
+            timing = once if once["median_ms"] > once_over_ms else time_ms(fn, device, repeat=repeat, batch=batch)
         except (RuntimeError, NotImplementedError, ValueError) as failure:
             log.info("%s failed at %s %s %.2f: %s", impl, name, dtype, sparsity, str(failure).splitlines()[0])
             continue
         if impl == "cublas":
             dense_ms = timing["median_ms"]
         runs = 1 if timing is once else repeat
-        records.append({"impl": impl, "checked": checked, "relative_error": error, "repeat": runs, **timing})
+        records.append({"impl": impl, "checked": checked, "relative_error": error, "repeat": runs,
+                        "batch": 1 if timing is once else batch, **timing})
     detect, check = detection(A, B, tile)
-    timing = time_ms(detect, device, repeat=repeat)
+    timing = time_ms(detect, device, repeat=repeat, batch=batch)
     detect_ms = timing["median_ms"]
-    records.append({"impl": "pit_detect", "checked": check(), **timing,
+    records.append({"impl": "pit_detect", "checked": check(), "batch": batch, **timing,
                     "detect_fraction_of_dense": detect_ms / dense_ms if dense_ms else None,
                     "read_gb_per_s": A.numel() * A.element_size() / detect_ms / 1e6})
     ideal = dense_ms * density if dense_ms else None
@@ -194,6 +197,9 @@ def main(argv=None) -> int:
     parser.add_argument("--merge", action="store_true", help="keep the results file's other cases (replace only these)")
     parser.add_argument("--once-over-ms", type=float, default=200.0,
                         help="an implementation whose call takes longer is timed once (repeat 1), not --repeat times")
+    parser.add_argument("--batch", type=int, default=1,
+                        help="calls queued per timed sample (back to back, as a model's layers run; host and GPU "
+                             "overlap); over 1 the results go to spmm-batch<N>-<gpu>.json")
     parser.add_argument("--table", type=Path, metavar="JSON", help="print the markdown table of a results file and exit")
     args = parser.parse_args(argv)
     if args.table:
@@ -210,7 +216,8 @@ def main(argv=None) -> int:
         for dtype in (getattr(torch, d) for d in args.dtypes.split(",")):
             for name in args.micro_tiles.split(","):
                 for sparsity in map(float, args.sparsities.split(",")):
-                    for record in run_case(size, size, size, name, sparsity, dtype, device, args.repeat, args.once_over_ms):
+                    case = (size, size, size, name, sparsity, dtype, device, args.repeat, args.once_over_ms, args.batch)
+                    for record in run_case(*case):
                         record["gpu"] = gpu
                         records.append(record)
                         frac = record["fraction_of_ideal"] or record.get("detect_fraction_of_dense")
@@ -219,7 +226,7 @@ def main(argv=None) -> int:
                                  record["dtype"], name, 100 * sparsity, record["impl"], record["median_ms"],
                                  label, f"{frac:.3f}" if frac else "-", record["checked"])
     merge_on = ("M", "dtype", "micro_tile", "sparsity", "impl") if args.merge else None
-    path = write_json(records, "spmm", device, merge_on=merge_on)
+    path = write_json(records, "spmm" if args.batch == 1 else f"spmm-batch{args.batch}", device, merge_on=merge_on)
     plot(json.loads(path.read_text()), path.with_suffix(".png"))
     return 0
 

@@ -1,4 +1,4 @@
-"""The spmm benchmark runs end to end on the CPU at a tiny size, and ``--merge`` fills one table."""
+"""The benchmarks run end to end on the CPU at a tiny size; spmm's ``--merge`` fills one table."""
 
 from __future__ import annotations
 
@@ -24,6 +24,9 @@ def test_spmm_checks_every_output_and_merges_runs(tmp_path, monkeypatch):
     assert all(r["checked"] and r["median_ms"] > 0 for r in records)
     assert spmm.main([*options, "--micro-tiles", "row"]) == 0  # without --merge the file is replaced
     assert {r["micro_tile"] for r in json.loads(path.read_text())} == {"row"}
+    assert spmm.main([*options, "--micro-tiles", "row", "--batch", "3"]) == 0  # back to back: its own file
+    batched = json.loads((tmp_path / path.name.replace("spmm-", "spmm-batch3-")).read_text())
+    assert {r["batch"] for r in batched} == {3} and all(r["checked"] for r in batched)
 
 
 def test_tuning_benchmark_reports_auto_both_ways(tmp_path, monkeypatch):
