@@ -149,24 +149,27 @@ def test_is_a_linear():
     assert "input_micro_tile=(32, 1)" in repr(module)
 
 
-@pytest.mark.parametrize("weighs_dense", [False, True], ids=["cpu", "as-on-a-gpu"])
+@pytest.mark.parametrize("where", ["cpu", "as-on-a-gpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
-def test_pruned_layer_compiles_to_one_graph(dynamic, weighs_dense, monkeypatch):
+def test_pruned_layer_compiles_to_one_graph(dynamic, where, monkeypatch):
     """``torch.compile(fullgraph=True)`` of a pruned layer: no graph break where dense kernels
     are weighed either (the planner's choice would trace sympy), and the traced layer matches
-    the dense one, padding rows included."""
+    the dense one, padding rows included. On a GPU: float16, PIT's own choice of kernels."""
     from pit_compiler import ops
 
-    monkeypatch.setattr(ops, "weighs_dense_kernels", lambda device: weighs_dense)
-    linear = make_linear(96, 64, torch.float32, "cpu")
+    device, dtype = ("cuda", torch.float16) if where == "cuda" else ("cpu", torch.float32)
+    if where != "cuda":
+        monkeypatch.setattr(ops, "weighs_dense_kernels", lambda device: where == "as-on-a-gpu")
+    linear = make_linear(96, 64, dtype, device)
     _, grid = micro_tile_sparse((64, 96), (32, 32), 0.5, torch.float32, "cpu", seed=5)
     with torch.no_grad():
-        linear.weight.mul_(expand_mask(grid, (32, 32), (64, 96)))
+        linear.weight.mul_(expand_mask(grid, (32, 32), (64, 96)).to(device=device, dtype=dtype))
     module = pit.nn.SparseLinear.from_module(linear, weight_micro_tile=(32, 32))
     compiled = torch.compile(module, backend="eager", fullgraph=True, dynamic=dynamic)
     for tokens in (19, 24):
-        x = torch.randn(3, tokens, 96)
-        row_mask = torch.arange(tokens).view(1, -1) < torch.tensor([tokens, 5, 0]).view(-1, 1)
+        x = torch.randn(3, tokens, 96, device=device, dtype=dtype)
+        lengths = torch.tensor([tokens, 5, 0], device=device)
+        row_mask = torch.arange(tokens, device=device).view(1, -1) < lengths.view(-1, 1)
         assert_matches_reference(compiled(x), reference(linear, x))
         expected = reference(linear, x)
         expected[~row_mask] = linear.bias.double()
