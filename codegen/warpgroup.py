@@ -266,7 +266,8 @@ def fitting_warpgroup_knobs(default: WarpgroupMatmul.Knobs, tuned, plan) -> Warp
 def warpgroup_space(default: WarpgroupMatmul.Knobs, plan=None) -> list[WarpgroupMatmul.Knobs]:
     """The settings the tuner measures for ``plan``, ``default`` first: columns, stages and MMA
     overlap vary; the rows are fixed for blocks (one row block per thread block) and vary for
-    gathered rows; for chunks narrower than 8 columns A is gathered or packed first."""
+    gathered rows, which are also split along k; for chunks narrower than 8 columns A is
+    gathered or packed first."""
     narrow = plan is not None and plan.form == "reduce" and plan.tile["k"] % CHUNK != 0
     rows = plan is not None and plan.form != "reduce"
     return list(WarpgroupMatmul().space(default.block_m, first=default, narrow_k=narrow, any_height=rows))

@@ -711,6 +711,8 @@ def run_on_warpgroups(plan: PITPlan, A, B, out, index: MicroTileIndex, knobs=Non
     else:
         form, shape = "row_gather", (plan.tile["m"],)
         C.zero_()  # the kernel writes the listed rows only
+    if knobs.split_k > 1 and form == "reduce":
+        C.zero_()  # the parts of each tile add to it
     kernel = warpgroup_kernel(form, shape, K, N, dtype, out_dtype, target, kernel_cache(), knobs)
     kernel(A, B, index.counts[0], index.indices[0], C)
     if C is not out:

@@ -24,6 +24,10 @@ operations. What PIT needs of it:
   listed chunks), read from the index on the device: no host sync.
 - **SWrite in the epilogue.** Each thread writes its accumulators to the output row the
   :class:`Access` names (a scatter for gathered rows), cast to the output dtype.
+- **Split k** (knob ``split_k``). Few thread blocks (a few gathered rows, each walking all of k)
+  leave SMs idle; ``split_k`` thread blocks then share each tile's k steps, and each adds its
+  partial sums to C with atomics (C zeroed before; float16 and bfloat16 outputs add in pairs,
+  so the sum is rounded once per part).
 
 Each of ``block_m / 64`` warpgroups (128 threads) owns 64 rows of the tile and issues
 ``wgmma.m64n{block_n}k16`` four times per k step. A tile of 32 rows (``block_m=32``: 32-row
@@ -59,6 +63,24 @@ MAX_SHARED_BYTES = 227 * 1024  # what one thread block may opt in to on sm_90
 REGISTERS_PER_SM = 64 * 1024
 SWIZZLE_128B = 3  # the descriptor's layout code for the 128-byte swizzle
 SWIZZLE_ATOM_BYTES = 1024  # eight 128-byte rows: the stride between row groups of 8
+SPLITS = (1, 2, 3, 4, 6, 8)  # thread blocks per tile along k
+
+# Adds 16 bytes of staged results to C: split k's parts meet there (atomics in pairs for
+# 16-bit outputs, sm_90 has them for both).
+ATOMIC_ADD = {
+    "float16": ("pit_add_f16x8", "half", "__half2", 4),
+    "bfloat16": ("pit_add_bf16x8", "nv_bfloat16", "__nv_bfloat162", 4),
+    "float32": ("pit_add_f32x4", "float", "float", 4),
+}
+
+
+def atomic_add_source(out_dtype: str) -> str:
+    name, element, pair, adds = ATOMIC_ADD[out_dtype]
+    return f"""
+__forceinline__ __device__ void {name}({element}* out, {element}* in) {{
+    for (int i = 0; i < {adds}; ++i) atomicAdd(reinterpret_cast<{pair}*>(out) + i, reinterpret_cast<{pair}*>(in)[i]);
+}}
+"""
 
 
 class Operands(NamedTuple):
@@ -104,7 +126,7 @@ class WarpgroupMatmul:
     tiles, ``row`` and ``k`` (``k_source``) from an :class:`Access`."""
 
     name = "warpgroup_matmul"
-    version = 1
+    version = 2  # 2: split k
 
     @dataclass(frozen=True)
     class Knobs:
@@ -117,6 +139,8 @@ class WarpgroupMatmul:
         # k chunks narrower than 8 columns: read a copy of A's listed pieces packed once per
         # call (copied 8 positions at a time) instead of gathering them in every thread block.
         pack_a: bool = False
+        # Thread blocks per tile, each summing a share of its k steps into C with atomics.
+        split_k: int = 1
 
         def __post_init__(self):
             check(
@@ -128,6 +152,7 @@ class WarpgroupMatmul:
                 f"block_n must be 64, 128, 192 or 256 (64-column panels, wgmma's N <= 256), got {self.block_n!r}",
             )
             check(self.stages >= (3 if self.overlap else 2), f"stages must be >= {3 if self.overlap else 2}, got {self.stages!r}")
+            check(self.split_k in SPLITS, f"split_k must be one of {SPLITS}, got {self.split_k!r}")
             check(
                 self.shared_bytes <= MAX_SHARED_BYTES,
                 f"{self.stages} stages of a {self.block_m}x{self.block_n} tile need {self.shared_bytes} bytes "
@@ -191,13 +216,16 @@ class WarpgroupMatmul:
         """Every setting for thread blocks of ``block_m`` rows, ``first`` (default: the default)
         first; for ``narrow_k`` chunks each with A gathered and packed. ``any_height`` (gathered
         rows, which need no fixed row block): then the other heights' defaults at each width,
-        the shorter tiles that fill more SMs where few rows are listed."""
+        the shorter tiles that fill more SMs where few rows are listed, and the 64-row ones
+        with k split in 2 and 4 (more thread blocks still)."""
         default = first or self.default(block_m, narrow_k)
         settings = [replace(knobs, pack_a=packed) for packed in ((False, True) if narrow_k else (False,))
                     for knobs in self._settings(block_m)]
         if any_height:
             settings += [knobs for height in (128, 64, TRANSPOSED_ROWS) if height != block_m
                          for knobs in self._widths(self.default(height))]
+            settings += [replace(knobs, split_k=split) for knobs in self._widths(self.default(64))
+                         for split in (2, 4) if knobs.block_n <= 128]
         yield default
         yield from (knobs for knobs in settings if knobs != default)
 
@@ -245,6 +273,7 @@ def _kernel(knobs, K: int, N: int, dtype: str, out_dtype: str, access: Access):
     OUT_VECTOR = 16 // OUT_BYTES[out_dtype]  # elements per 16-byte store of C
     OUT_COPIES = BM * BN // OUT_VECTOR // THREADS
     AHEAD = S - 2 if knobs.overlap else S - 1  # steps whose copies are in flight
+    SPLIT = knobs.split_k
     ELEMENTWISE = access.k_run % CHUNK != 0  # A's 8 positions of a copy lie in different runs
     IN_FLIGHT = 1 if knobs.overlap else 0  # MMA groups left running after each step
     shape = "m64n32k16" if TRANSPOSED else f"m64n{BN}k16"
@@ -258,7 +287,7 @@ def _kernel(knobs, K: int, N: int, dtype: str, out_dtype: str, access: Access):
     def load_a(step):
         """Element by element: this thread's A elements of ``step`` into registers (``a_next``)."""
         for e in T.unroll(CHUNK):
-            col_e, in_e = T.meta_var(access.k_source(ops, t, step * BLOCK_K + tx % (BLOCK_K // CHUNK) * CHUNK + e))
+            col_e, in_e = T.meta_var(access.k_source(ops, t, (k_first + step) * BLOCK_K + tx % (BLOCK_K // CHUNK) * CHUNK + e))
             a_cols[e] = T.if_then_else(in_e, col_e, -1)
         for j in T.unroll(A_COPIES):
             for e in T.unroll(CHUNK):
@@ -277,16 +306,20 @@ def _kernel(knobs, K: int, N: int, dtype: str, out_dtype: str, access: Access):
         C = T.match_buffer(c, (M, N), out_dtype, align=16)
         ops = T.meta_var(Operands(A, B, Cnt, Idx, C, M, Q, P))
         T.device_entry()
-        bid = T.cta_id([access.row_tiles(ops, BM) * TILES_N])
+        bid = T.cta_id([access.row_tiles(ops, BM) * TILES_N * SPLIT])
         tx = T.thread_id([THREADS])
         smem = T.alloc_buffer((knobs.shared_bytes // 2,), dtype, scope="shared.dyn", align=1024)
         acc = T.alloc_buffer((ACC,), "float32", scope="local")
         desc_a: T.uint64
         desc_b: T.uint64
-        t = T.meta_var(bid // TILES_N)
-        n0 = T.meta_var(bid % TILES_N * BN)
+        t = T.meta_var(bid // SPLIT // TILES_N)
+        n0 = T.meta_var(bid // SPLIT % TILES_N * BN)
         group = T.meta_var(tx // WARPGROUP)
-        steps: T.let[T.int32] = access.steps(ops, t)
+        # Split k: this thread block's share of the tile's steps, from step ``k_first`` on.
+        all_steps: T.let[T.int32] = access.steps(ops, t)
+        share: T.let[T.int32] = (all_steps + SPLIT - 1) // SPLIT
+        k_first: T.let[T.int32] = bid % SPLIT * share
+        steps: T.let[T.int32] = T.max(T.min(share, all_steps - k_first), 0)
         # The rows this thread copies of A never change along k: found once. Each thread's
         # copies of a step share one chunk of k (THREADS is a multiple of 8).
         a_row = T.alloc_buffer((A_COPIES,), "int32", scope="local")
@@ -308,11 +341,11 @@ def _kernel(knobs, K: int, N: int, dtype: str, out_dtype: str, access: Access):
             if s < steps:
                 chunk = T.meta_var(tx % (BLOCK_K // CHUNK))
                 if not ELEMENTWISE:
-                    a_col, a_in = T.meta_var((access.a_source or access.k_source)(ops, t, s * BLOCK_K + chunk * CHUNK))
+                    a_col, a_in = T.meta_var((access.a_source or access.k_source)(ops, t, (k_first + s) * BLOCK_K + chunk * CHUNK))
                     a_cols[0] = T.if_then_else(a_in, a_col, -1)
                 for j in T.unroll(B_COPIES):
                     chunk_n = T.meta_var((j * THREADS + tx) % (BN // CHUNK))
-                    row, listed = T.meta_var(access.k_source(ops, t, s * BLOCK_K + (j * THREADS + tx) // (BN // CHUNK)))
+                    row, listed = T.meta_var(access.k_source(ops, t, (k_first + s) * BLOCK_K + (j * THREADS + tx) // (BN // CHUNK)))
                     inside = T.meta_var(listed and n0 + chunk_n * CHUNK < N)
                     b_row[j] = T.if_then_else(inside, row, 0)
                     b_bytes[j] = T.if_then_else(inside, full, zero)
@@ -403,9 +436,15 @@ def _kernel(knobs, K: int, N: int, dtype: str, out_dtype: str, access: Access):
             r = T.meta_var((j * THREADS + tx) // (BN // OUT_VECTOR))
             col = T.meta_var((j * THREADS + tx) % (BN // OUT_VECTOR) * OUT_VECTOR)
             row, listed = T.meta_var(access.row(ops, t, r))
-            if listed and n0 + col < N:
-                for e in T.vectorized(OUT_VECTOR):
-                    C[row, n0 + col + e] = staged[r * STAGE_PITCH + col + e]
+            if SPLIT == 1:
+                if listed and n0 + col < N:
+                    for e in T.vectorized(OUT_VECTOR):
+                        C[row, n0 + col + e] = staged[r * STAGE_PITCH + col + e]
+            elif listed and n0 + col < N and steps > 0:  # a part with no steps adds nothing
+                T.evaluate(T.cuda.func_call(
+                    ATOMIC_ADD[out_dtype][0], C.ptr_to([row, n0 + col]), staged.ptr_to([r * STAGE_PITCH + col]),
+                    source_code=atomic_add_source(out_dtype),
+                ))
 
     return main
 

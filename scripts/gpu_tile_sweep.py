@@ -34,6 +34,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=8192)
     parser.add_argument("--cases", default="32x1:0.9,32x32:0.9,64x64:0.9,64x64:0.0", help="micro-tile:sparsity, 'row' for whole rows")
     parser.add_argument("--limit", type=int, default=0, help="at most this many settings per case (0: all)")
+    parser.add_argument("--knob", action="append", default=[], metavar="NAME=VALUE",
+                        help="keep only the settings with this knob value (repeatable), e.g. block_m=64")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     device, dtype, size = torch.device("cuda"), torch.float16, args.size
@@ -55,6 +57,8 @@ def main() -> None:
         else:
             default = ops._reduce_tile_default(plan, *facts)
             space = reduce_tile_space(default, size)
+        wanted = dict(knob.split("=", 1) for knob in args.knob)
+        space = [knobs for knobs in space if all(str(getattr(knobs, k)) == v for k, v in wanted.items())]
         space = space[: args.limit or None]
         for knobs in space:
             begin = time.perf_counter()

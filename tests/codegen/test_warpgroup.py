@@ -53,7 +53,8 @@ def plan_for(tile, M=512, K=256, N=384, sparse="A", form=None, a_transposed=Fals
     "knobs, problem",
     [(dict(block_m=96), "block_m"), (dict(block_m=192), "block_m"), (dict(block_m=16), "block_m"), (dict(block_n=320), "block_n"), (dict(block_n=100), "block_n"),
      (dict(stages=2), "stages"), (dict(stages=1, overlap=False), "stages"),
-     (dict(stages=6), "shared memory"), (dict(block_m=256, block_n=192, stages=3), "registers")],
+     (dict(stages=6), "shared memory"), (dict(block_m=256, block_n=192, stages=3), "registers"),
+     (dict(split_k=0), "split_k"), (dict(split_k=5), "split_k")],
     ids=str,
 )
 def test_knobs_refuse_what_cannot_launch(knobs, problem):
@@ -138,7 +139,10 @@ def test_serves_blocks_of_32_64_or_128_rows_and_whole_rows(tile, kw, expected):
      ("reduce", (32, 1), "bfloat16", "float32", replace(NARROW_32, pack_a=True)),
      ("reduce", (64, 4), "bfloat16", "bfloat16", Knobs(block_m=64, block_n=256, stages=3)),
      ("row_gather", (1,), "float16", "float16", Knobs()),
-     ("row_gather", (4,), "bfloat16", "bfloat16", Knobs(block_m=64, block_n=128, stages=3))],
+     ("row_gather", (4,), "bfloat16", "bfloat16", Knobs(block_m=64, block_n=128, stages=3)),
+     ("row_gather", (1,), "float16", "float16", replace(ROWS_64, split_k=4)),
+     ("reduce", (64, 64), "bfloat16", "float32", replace(ROWS_64, split_k=3)),
+     ("reduce", (32, 1), "bfloat16", "bfloat16", replace(NARROW_32, split_k=2))],
     ids=str,
 )
 def test_builds_warpgroup_mma_for_sm90a(form, shape, dtype, out, knobs, tmp_path):
@@ -152,6 +156,7 @@ def test_builds_warpgroup_mma_for_sm90a(form, shape, dtype, out, knobs, tmp_path
     n = 32 if knobs.transposed else knobs.block_n  # the transposed tile's N is A's 32 rows
     assert f"wgmma.mma_async.sync.aligned.m64n{n}k16.{wgmma}" in source
     assert "cp.async.cg.shared.global" in source  # B's rows, and A's where its chunks are 8 wide
+    assert ("atomicAdd" in source) == (knobs.split_k > 1)  # split k: the parts add to C
     report = assert_compiles_for_sm90(source, tmp_path, "warpgroup", form, flags=("-Xptxas", "-v"), arch="sm_90a")
     if report is not None:
         assert "0 bytes spill stores" in report, report
@@ -219,6 +224,29 @@ def test_every_setting_the_tuner_tries_is_correct(block_m, tile, on_warpgroups):
         assert ops.run_on_warpgroups(plan, A, B, out, index, knobs)
         assert_matches_reference(out, reference)
     assert on_warpgroups == [True] * len(space)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("split", [2, 3, 4, 8])
+@pytest.mark.parametrize(
+    "tile, knobs, dtype, out_dtype",
+    [((1, None), ROWS_64, torch.float16, torch.float16), ((4, None), replace(ROWS_64, block_n=64), torch.bfloat16, torch.bfloat16),
+     ((64, 64), ROWS_64, torch.float16, torch.float32), ((32, 1), NARROW_32, torch.bfloat16, torch.bfloat16),
+     ((128, 8), Knobs(), torch.float16, torch.float16)],
+    ids=str,
+)
+def test_split_k_parts_sum_to_the_product(tile, knobs, dtype, out_dtype, split, on_warpgroups):
+    """Split k: each tile's thread blocks share its k steps (more parts than steps included:
+    K = 392 is 7 steps) and add to C; against the float64 product, into a poisoned output."""
+    M, K, N = 300, 392, 520
+    A, _ = micro_tile_sparse((M, K), tile, 0.5, dtype, "cuda", seed=split)
+    B = dense_operand((K, N), dtype, "cuda", seed=13)
+    plan = plan_for(tile, M, K, N)
+    index = ops.index_for(plan, A, None, (tile[0], tile[1] or K), None)
+    out = poisoned((M, N), out_dtype, "cuda")
+    assert ops.run_on_warpgroups(plan, A, B, out, index, replace(knobs, split_k=split))
+    assert_matches_reference(out, A.double() @ B.double())
+    assert on_warpgroups == [True]
 
 
 @pytest.mark.gpu
