@@ -27,7 +27,7 @@ from pit_compiler.codegen.warpgroup import (
 from pit_compiler.schedules.tensor_core_matmul import TensorCoreMatmul
 from pit_compiler.schedules.warpgroup_matmul import WarpgroupMatmul
 from pit_compiler.ir import Contraction, PITPlan, SparsityAttr, as_contraction, plan_pit
-from pit_compiler.runtime import CompactCopies, KernelCache, MicroTileIndex, RecentCounts, default_cache_dir
+from pit_compiler.runtime import CompactCopies, KernelCache, MicroTileIndex, RecentCounts, default_cache_dir, kept
 from pit_compiler.targets import mma_sync_dtypes, target_for
 from pit_compiler.validation import MAX_ELEMENTS
 
@@ -115,7 +115,7 @@ def detect(
     cache, target = kernel_cache(), target_for(s.device)
     key = (s.shape, s.dtype, target, s.storage_offset() % 8, order, blocked, permuted, tuple(tiles.items()))
     key += (whole_blocked, cache)
-    shape, kernel, words = _kept(
+    shape, kernel, words = kept(
         _DETECTIONS, key, lambda: _detection(s, order, blocked, permuted, tiles, whole_blocked, argument, target, cache)
     )
     counts = torch.empty(shape[:2], dtype=torch.int32, device=s.device)
@@ -130,17 +130,6 @@ def detect(
 # Per operand shape, dtype, device and alignment, and micro-tile: the index's shape, the kernel
 # and the words it reads. Every call detects, and working these out took ~20 us of host time.
 _DETECTIONS: dict = {}
-
-
-def _kept(store: dict, key, derive):
-    """``store[key]``, from ``derive()`` where missing. A store past 4096 entries starts over:
-    what it holds is derived from shapes, and shapes long gone are never asked again."""
-    found = store.get(key)
-    if found is None:
-        if len(store) >= 4096:
-            store.clear()
-        found = store[key] = derive()
-    return found
 
 
 def _detection(s, order, blocked, permuted, tiles, whole_blocked, argument, target, cache) -> tuple:
@@ -339,7 +328,7 @@ def pit_matmul(
         return None
     flags = (sparse, tuple(tile), tuple(grid_shape), form, mask is None, cover, detected is None)
     key = (A.shape, A.stride(), B.shape, B.stride(), A.dtype, B.dtype, out.dtype, A.device, *flags)
-    route = _kept(_ROUTES, key, lambda: _derive_route(A, B, out, *flags))
+    route = kept(_ROUTES, key, lambda: _derive_route(A, B, out, *flags))
     if route.transposed_product:
         # C^T = B^T A^T, B^T the sparse A (stored (n, k) when B is W.t()); A^T made compact.
         out_t = torch.empty(out.shape[::-1], dtype=out.dtype, device=out.device)

@@ -36,7 +36,7 @@ STEPS = [
     (api, "_sparse_matmul", False),
     (ops, "pit_matmul", False),
     (ops, "below_call_floor", False),
-    (ops, "_kept", False),
+    (ops, "kept", False),
     (ops, "_derive_route", False),
     (ops, "storage", False),
     (ops, "compact_b_reaches_tensor_cores", False),

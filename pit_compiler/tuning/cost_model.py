@@ -22,7 +22,7 @@ import torch
 
 from pit_compiler.ir import SparsityAttr, plan_pit
 from pit_compiler.codegen import kernel_order
-from pit_compiler.runtime import RecentCounts
+from pit_compiler.runtime import RecentCounts, kept
 from pit_compiler.ops import detect_grid_pieces, is_transposed_view, matmul_contraction, tensor_core_kernel, tvm_dtype
 from pit_compiler.schedules import template_for
 from pit_compiler.codegen.warpgroup import warpgroup_knobs
@@ -321,11 +321,7 @@ def _weigh(A, B, sparse, candidates, database) -> _Call | Selection:
     candidates = None if candidates is None else tuple(tuple(c) for c in candidates)
     shapes = (tuple(A.shape), tuple(B.shape), A.dtype, str(A.device), layout)
     cache_key = (db.serial, db.token(), sparse, *shapes, candidates)
-    weighed = _weighed_cache.get(cache_key)
-    if weighed is None:
-        if len(_weighed_cache) > 4096:  # answers for old versions are never read again
-            _weighed_cache.clear()
-        weighed = _weighed_cache[cache_key] = _weigh_shape(db, A, B, sparse, layout, candidates, cache_key)
+    weighed = kept(_weighed_cache, cache_key, lambda: _weigh_shape(db, A, B, sparse, layout, candidates, cache_key))
     return weighed if isinstance(weighed, Selection) else _Call(operand, weighed)
 
 
@@ -490,6 +486,17 @@ _knob_cache: dict = {}
 _knob_warned: set = set()
 
 
+def _stored_knobs(db: TileDatabase, plan, dtype: str, target, A: torch.Tensor, B: torch.Tensor, template):
+    """The best knobs ``db`` holds for this product's kernel of ``template``, or None."""
+    sizes = dict(zip(kernel_order(plan, "a"), _batched_shape(A)))
+    sizes |= dict(zip(kernel_order(plan, "b"), _batched_shape(B)))
+    shape = (sizes["m"], sizes["n"], sizes["k"])
+    flat = unbatched_plan(plan, {"m": shape[0], "n": shape[1], "k": shape[2]})
+    entry = db.get(workload_key(matmul_workload(flat, shape, dtype, target, template)))
+    knobs = best_knobs(entry) if entry is not None else None
+    return template.Knobs(**knobs) if knobs is not None else None
+
+
 def _batched_shape(t: torch.Tensor) -> tuple:
     """``t``'s shape with a leading batch of 1 where it has none (no view: cheaper per call)."""
     return tuple(t.shape) if t.dim() == 3 else (1, *t.shape)
@@ -515,17 +522,7 @@ def tuned_knobs(
         # Targets compare by identity (run time reuses one per device): no printing per call.
         # Keyed by the operands' shapes, which cost nothing to read, rather than their bucket.
         cache_key = (db.serial, token, plan.signature(), A.shape, B.shape, dtype, target, template.name)
-        if cache_key not in _knob_cache:
-            if len(_knob_cache) > 4096:  # entries of old tokens are never read again
-                _knob_cache.clear()
-            sizes = dict(zip(kernel_order(plan, "a"), _batched_shape(A)))
-            sizes |= dict(zip(kernel_order(plan, "b"), _batched_shape(B)))
-            shape = (sizes["m"], sizes["n"], sizes["k"])
-            flat = unbatched_plan(plan, {"m": shape[0], "n": shape[1], "k": shape[2]})
-            entry = db.get(workload_key(matmul_workload(flat, shape, dtype, target, template)))
-            knobs = best_knobs(entry) if entry is not None else None
-            _knob_cache[cache_key] = template.Knobs(**knobs) if knobs is not None else None
-        return _knob_cache[cache_key]
+        return kept(_knob_cache, cache_key, lambda: _stored_knobs(db, plan, dtype, target, A, B, template))
     except Exception as error:  # the defaults are always correct, only slower
         if str(db.path) not in _knob_warned:
             _knob_warned.add(str(db.path))
