@@ -17,9 +17,10 @@
 #   bash scripts/gpu-check.sh host       # the compile test, models.py with the host's cProfile table
 #   bash scripts/gpu-check.sh measure    # spmm where session 7's unmeasured changes act (4096^3, 99 %), then models.py
 #   bash scripts/gpu-check.sh compare    # host time per call and the OPT FFN: a baseline tree carried in .baseline/, then this one
+#   bash scripts/gpu-check.sh session11  # what session 11 ran only in part on a GPU: the warpgroup and sparse_matmul gpu tests, then spmm
 # Logs and results are copied under $OUT when the device tool provides it.
 set -uo pipefail
-stage=${1:?usage: scripts/gpu-check.sh tests|kernels|spmm|tuning|sweep|warpgroup|hopper|tables|packed|rows|auto|recheck|verify|measure|session8|host|compare}
+stage=${1:?usage: scripts/gpu-check.sh tests|kernels|spmm|tuning|sweep|warpgroup|hopper|tables|packed|rows|auto|recheck|verify|measure|session8|host|compare|session11}
 if ls .whl/*.whl > /dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
@@ -117,6 +118,14 @@ case "$stage" in
       2>&1 | tee "$out/gpu-host.log" | tail -3
     timeout "${MODELS_TIMEOUT:-200}" python3 -P benchmarks/models.py --cases "${MODELS:-opt,bert,longformer}" --profile --host-profile 2>&1 \
       | tee "$out/models.log" | grep -E "eager|pit " ;;
+  session11)  # every tuner setting of the warpgroup tile (split k included) and the kept routes, then spmm alone and back to back
+    timeout 330 python3 -P -m pytest -q -p no:cacheprovider -m gpu --maxfail=10 tests/codegen/test_warpgroup.py \
+      tests/test_sparse_matmul.py 2>&1 | tee "$out/gpu-session11.log" | tail -8
+    cases=(--micro-tiles row,32x1,32x32,64x64 --sparsities 0.9,0.99 --merge)
+    timeout 120 python3 -P benchmarks/spmm.py --sizes 8192 --dtypes float16 "${cases[@]}" 2>&1 | tee "$out/spmm.log" \
+      | grep -E " (pit|pit_kernel|cublas) "
+    timeout 120 python3 -P benchmarks/spmm.py --sizes 8192 --dtypes float16 --batch 10 "${cases[@]}" 2>&1 | tee -a "$out/spmm.log" \
+      | grep -E " (pit|pit_kernel|cublas) " ;;
   sweep)
     timeout 540 python3 -P scripts/gpu_tile_sweep.py --json "$out/sweep.json" 2>&1 | tee "$out/sweep.log" | tail -80 ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
