@@ -65,20 +65,21 @@ SWIZZLE_128B = 3  # the descriptor's layout code for the 128-byte swizzle
 SWIZZLE_ATOM_BYTES = 1024  # eight 128-byte rows: the stride between row groups of 8
 SPLITS = (1, 2, 3, 4, 6, 8)  # thread blocks per tile along k
 
-# Adds 16 bytes of staged results to C: split k's parts meet there (atomics in pairs for
-# 16-bit outputs, sm_90 has them for both).
+# Per output dtype: the device function that adds 16 bytes of staged results to C, where split
+# k's parts meet, and the element and the 4-byte unit it adds atomically (pairs of 16-bit values).
 ATOMIC_ADD = {
-    "float16": ("pit_add_f16x8", "half", "__half2", 4),
-    "bfloat16": ("pit_add_bf16x8", "nv_bfloat16", "__nv_bfloat162", 4),
-    "float32": ("pit_add_f32x4", "float", "float", 4),
+    "float16": ("pit_add_f16x8", "half", "__half2"),
+    "bfloat16": ("pit_add_bf16x8", "nv_bfloat16", "__nv_bfloat162"),
+    "float32": ("pit_add_f32x4", "float", "float"),
 }
 
 
 def atomic_add_source(out_dtype: str) -> str:
-    name, element, pair, adds = ATOMIC_ADD[out_dtype]
+    """CUDA source of :data:`ATOMIC_ADD`'s function for ``out_dtype``: four 4-byte atomic adds."""
+    name, element, unit = ATOMIC_ADD[out_dtype]
     return f"""
 __forceinline__ __device__ void {name}({element}* out, {element}* in) {{
-    for (int i = 0; i < {adds}; ++i) atomicAdd(reinterpret_cast<{pair}*>(out) + i, reinterpret_cast<{pair}*>(in)[i]);
+    for (int i = 0; i < 4; ++i) atomicAdd(reinterpret_cast<{unit}*>(out) + i, reinterpret_cast<{unit}*>(in)[i]);
 }}
 """
 
