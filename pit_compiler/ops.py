@@ -280,7 +280,16 @@ def pruned_weight_beats_dense(x2: torch.Tensor, weight: torch.Tensor, tile, list
     """Whether ``x2 @ weight.t()`` with ``listed`` of the weight's micro-tiles ``tile`` (over
     ``(out, in)``) listed is predicted to finish first on PIT: on a tensor-core tile (as the
     transposed product) and below its :func:`dense_crossover`. Else an ``nn.Linear`` with a
-    pruned weight runs dense cuBLAS, exact as the weight's own zeros are computed."""
+    pruned weight runs dense cuBLAS, exact as the weight's own zeros are computed. Asked on every
+    call of such a layer, from shapes and ``listed`` only: kept per call signature."""
+    key = (x2.shape, x2.dtype, x2.device, weight.shape, weight.stride(), weight.dtype, tuple(tile), listed)
+    return kept(_PRUNED_CHOICES, key, lambda: _pruned_weight_beats_dense(x2, weight, tile, listed))
+
+
+_PRUNED_CHOICES: dict = {}  # pruned_weight_beats_dense's answers per call signature
+
+
+def _pruned_weight_beats_dense(x2: torch.Tensor, weight: torch.Tensor, tile, listed: float) -> bool:
     out = x2.new_empty(()).expand(x2.shape[0], weight.shape[0])
     transposed = _transposed_product(x2, weight.t(), out, tuple(tile[::-1]))
     if transposed is None or tensor_core_path(*transposed) is None:
@@ -386,10 +395,11 @@ _ROUTES: dict = {}
 
 
 def clear_call_caches() -> None:
-    """Forget the routes and detections kept per call signature: after replacing a function of
-    this module that decides them (tests do), or the target of a device."""
+    """Forget the routes, detections and pruned-weight choices kept per call signature: after
+    replacing a function of this module that decides them (tests do), or the target of a device."""
     _ROUTES.clear()
     _DETECTIONS.clear()
+    _PRUNED_CHOICES.clear()
 
 
 def _derive_route(A, B, out, sparse, tile, grid_shape, form, unmasked, cover, undetected) -> Route:

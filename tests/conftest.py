@@ -39,7 +39,7 @@ def pit_kernels_at_every_density(monkeypatch):
 @pytest.fixture(autouse=True)
 def fresh_call_caches():
     """Tests replace the functions that route a call (the target, the tensor-core fits): each
-    starts from no kept routes or detections, and leaves none behind."""
+    starts from no kept routes, detections or pruned-weight choices, and leaves none behind."""
     from pit_compiler import ops
 
     ops.clear_call_caches()

@@ -89,6 +89,7 @@ def test_pruned_weight_prediction_needs_a_tensor_core_tile_and_low_density(monke
         return "reduce" if plan.sparse == "a" and plan.contraction.order("b") == ("k", "n") else None
 
     monkeypatch.setattr(ops, "tensor_core_kernel", sparse_a_only)  # 64-row blocks: crossover 0.35
+    ops.clear_call_caches()  # the choices kept per call signature were made by the replaced function
     assert ops.pruned_weight_beats_dense(x2, weight, (64, 32), 0.2)
     assert not ops.pruned_weight_beats_dense(x2, weight, (64, 32), 0.5)
 
