@@ -227,6 +227,7 @@ def test_every_setting_the_tuner_tries_is_correct(block_m, tile, on_warpgroups):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("density", [1.0, 0.5, 0.0])
 @pytest.mark.parametrize("split", [2, 3, 4, 8])
 @pytest.mark.parametrize(
     "tile, knobs, dtype, out_dtype",
@@ -235,11 +236,12 @@ def test_every_setting_the_tuner_tries_is_correct(block_m, tile, on_warpgroups):
      ((128, 8), Knobs(), torch.float16, torch.float16)],
     ids=str,
 )
-def test_split_k_parts_sum_to_the_product(tile, knobs, dtype, out_dtype, split, on_warpgroups):
+def test_split_k_parts_sum_to_the_product(tile, knobs, dtype, out_dtype, split, density, on_warpgroups):
     """Split k: each tile's thread blocks share its k steps (more parts than steps included:
-    K = 392 is 7 steps) and add to C; against the float64 product, into a poisoned output."""
+    K = 392 is 7 steps) and add to C; against the float64 product, into a poisoned output, with
+    nothing, half and everything listed."""
     M, K, N = 300, 392, 520
-    A, _ = micro_tile_sparse((M, K), tile, 0.5, dtype, "cuda", seed=split)
+    A, _ = micro_tile_sparse((M, K), tile, density, dtype, "cuda", seed=split)
     B = dense_operand((K, N), dtype, "cuda", seed=13)
     plan = plan_for(tile, M, K, N)
     index = ops.index_for(plan, A, None, (tile[0], tile[1] or K), None)
