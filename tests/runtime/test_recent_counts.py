@@ -9,12 +9,12 @@ from pit_compiler.runtime.recent_counts import RecentCount, RecentCounts
 
 
 class _Copy:
-    """A CUDA event stand-in whose copy arrives when the test says so."""
+    """Stands in for a slot's landing test: its copy arrives when the test says so."""
 
     def __init__(self):
         self.arrived = False
 
-    def record(self, stream=None):
+    def expect(self):
         self.arrived = False
 
     def query(self):
@@ -52,6 +52,20 @@ def test_a_recent_count_copies_at_most_once_per_interval_but_keeps_a_count_read_
     recent.post(torch.tensor([6, 6], dtype=torch.int32))
     copies[0].arrived = copies[1].arrived = True
     assert recent.latest() == 12
+
+
+def test_a_slot_shows_whether_its_copy_has_landed():
+    """No CUDA event: the slot is filled with -1 before each copy, and counts are never negative."""
+    recent = RecentCount(torch.zeros(2, 3, dtype=torch.int32))
+    landed, slot = recent._arrived[0], recent._slots[0]
+    landed.expect()
+    assert not landed.query()
+    slot[0] = torch.tensor([0, 2, 5], dtype=torch.int32)  # one row of the copy has landed
+    assert not landed.query()
+    slot[1] = torch.tensor([1, 0, 0], dtype=torch.int32)
+    assert landed.query()
+    recent.post(torch.tensor([[1, 1, 1], [2, 2, 2]], dtype=torch.int32))  # a CPU copy lands at once
+    assert recent.latest() == 9
 
 
 def test_recent_counts_drop_the_least_recently_used_signature():
