@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 # What micro_tile="auto" runs when the database knows nothing of the shape: 32-row column
 # pieces, the granularity a ReLU leaves over a block of tokens (and sparse_matmul's default).
 DEFAULT_MICRO_TILE = (32, 1)
+# Run-time lookups (every call) check the database file at most this often: a database written
+# by another process (``pit-tune``) is used from the next call this long after.
+RECHECK_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -320,7 +323,7 @@ def _weigh(A, B, sparse, candidates, database) -> _Call | Selection:
     layout = (is_transposed_view(A), is_transposed_view(B))
     candidates = None if candidates is None else tuple(tuple(c) for c in candidates)
     shapes = (tuple(A.shape), tuple(B.shape), A.dtype, str(A.device), layout)
-    cache_key = (db.serial, db.token(), sparse, *shapes, candidates)
+    cache_key = (db.serial, db.token(RECHECK_S), sparse, *shapes, candidates)
     weighed = kept(_weighed_cache, cache_key, lambda: _weigh_shape(db, A, B, sparse, layout, candidates, cache_key))
     return weighed if isinstance(weighed, Selection) else _Call(operand, weighed)
 
@@ -515,7 +518,7 @@ def tuned_knobs(
         return None
     db = database if database is not None else tile_database()
     try:
-        token = db.token()
+        token = db.token(RECHECK_S)
         if token is None:
             return None
         template = template if template is not None else template_for(target)

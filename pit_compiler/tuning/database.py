@@ -190,6 +190,7 @@ class TileDatabase:
         self._snapshot: tuple | None = None  # (file identity, entries)
         self._lock = threading.Lock()
         self._changes = 0  # of a memory-only database, for token()
+        self._checked_at = -math.inf  # when token() last looked at the file (time.monotonic)
         self.serial = next(_serials)  # unlike id(), never reused by a later database
 
     def __repr__(self):
@@ -214,14 +215,20 @@ class TileDatabase:
                 self._snapshot = (self._identity(), entries)
             return self._snapshot[1]
 
-    def token(self):
+    def token(self, max_age_s: float = 0.0):
         """Changes whenever the entries may have (``None``: no database file yet).
 
         For caches of what is derived from the entries, such as the best knobs of a kernel.
+        ``max_age_s``: a file checked that recently is not checked again (run-time lookups ask
+        on every call, and the check cost 7-16 us of host time on an H100 machine); what this
+        object writes shows at once, another process's writes within ``max_age_s``.
         """
         if self.path is None:
             return ("memory", self.serial, self._changes)
-        self.entries()
+        now = time.monotonic()
+        if max_age_s <= 0 or now - self._checked_at >= max_age_s:
+            self.entries()
+            self._checked_at = now
         return None if self._snapshot is None else self._snapshot[0]
 
     def get(self, key: str) -> dict | None:

@@ -93,6 +93,20 @@ def test_a_second_instance_sees_new_measurements(tmp_path):
     assert reader.token() != token and set(reader.get(key)["measurements"]) == {"a", "b"}
 
 
+def test_a_token_of_bounded_age_checks_the_file_at_most_that_often(tmp_path):
+    """Run-time lookups ask for the token on every call: within ``max_age_s`` of a check the
+    file is not looked at again, yet what the same object writes shows at once."""
+    reader, writer = TileDatabase(tmp_path / "t.json"), TileDatabase(tmp_path / "t.json")
+    writer.record(workload(), "a", point())
+    token = reader.token(max_age_s=3600)
+    writer.record(workload(), "b", point())  # another object (another process, as pit-tune)
+    assert reader.token(max_age_s=3600) == token, "checked again within the age"
+    assert reader.token() != token, "an exact token always checks"
+    newer = reader.token(max_age_s=3600)
+    reader.record(workload(), "c", point())
+    assert reader.token(max_age_s=3600) != newer, "its own write shows at once"
+
+
 @pytest.mark.parametrize(
     "content, reason",
     [
