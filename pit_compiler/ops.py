@@ -112,12 +112,25 @@ def detect(
     argument: str,
 ) -> MicroTileIndex:
     """Run the detection kernel over ``s`` (3-D, stored in ``order``)."""
-    cache, target = kernel_cache(), target_for(s.device)
-    key = (s.shape, s.dtype, target, s.storage_offset() % 8, order, blocked, permuted, tuple(tiles.items()))
-    key += (whole_blocked, cache)
-    shape, kernel, words = kept(
-        _DETECTIONS, key, lambda: _detection(s, order, blocked, permuted, tiles, whole_blocked, argument, target, cache)
-    )
+    return detect_as(s, DetectionArgs(order, blocked, permuted, tuple(tiles.items()), whole_blocked, argument))
+
+
+class DetectionArgs(NamedTuple):
+    """What :func:`detect` reads of a micro-tile index besides the operand (hashable: a route keeps it)."""
+
+    order: tuple  # the operand's storage order, batch first
+    blocked: str
+    permuted: str
+    tiles: tuple  # (role, extent) pairs of the micro-tile
+    whole_blocked: bool  # one list for the whole blocked axis
+    argument: str  # the argument named in errors
+
+
+def detect_as(s: torch.Tensor, args: DetectionArgs) -> MicroTileIndex:
+    """:func:`detect` with its arguments in one tuple, as :class:`Route` keeps them."""
+    cache = kernel_cache()
+    key = (s.shape, s.dtype, s.device, s.storage_offset() % 8, args, cache)
+    shape, kernel, words = kept(_DETECTIONS, key, lambda: _detection(s, args, cache))
     counts = torch.empty(shape[:2], dtype=torch.int32, device=s.device)
     indices = torch.empty(shape, dtype=torch.int32, device=s.device)
     if kernel is None:  # nothing to read
@@ -129,15 +142,22 @@ def detect(
 
 # Per operand shape, dtype, device and alignment, and micro-tile: the index's shape, the kernel
 # and the words it reads. Every call detects, and working these out took ~20 us of host time.
+# Keyed by device, not target: replacing a device's target needs clear_call_caches().
 _DETECTIONS: dict = {}
 
 
-def _detection(s, order, blocked, permuted, tiles, whole_blocked, argument, target, cache) -> tuple:
+def index_shape(shape: tuple, args: DetectionArgs) -> tuple[int, int, int]:
+    """``(batch, blocks, chunks)`` of the index :func:`detect_as` makes of an operand of ``shape`` (3-D)."""
+    extent, tiles = dict(zip(args.order, shape)), dict(args.tiles)
+    blocks = 1 if args.whole_blocked else math.ceil(extent[args.blocked] / tiles[args.blocked])
+    return extent["batch"], blocks, math.ceil(extent[args.permuted] / tiles[args.permuted])
+
+
+def _detection(s, args: DetectionArgs, cache) -> tuple:
     """:func:`detect`'s ``((batch, blocks, chunks), kernel, word dtype)``; kernel None for an empty ``s``."""
-    extent = dict(zip(order, s.shape))
-    blocks = 1 if whole_blocked else math.ceil(extent[blocked] / tiles[blocked])
-    chunks = math.ceil(extent[permuted] / tiles[permuted])
-    shape = (extent["batch"], blocks, chunks)
+    order, blocked, permuted, tiles, whole_blocked, argument = args
+    tiles = dict(tiles)
+    shape = index_shape(s.shape, args)
     if s.numel() == 0:
         return shape, None, s.dtype
     dtype = tvm_dtype(s.dtype, argument)
@@ -148,8 +168,9 @@ def _detection(s, order, blocked, permuted, tiles, whole_blocked, argument, targ
         tile = {role: t // pack if role == last and t is not None else t for role, t in tile.items()}
     one_pass = s.is_cuda  # CUDA lists with atomics, in one pass
     kernel = detect_kernel(
-        order, blocked, permuted, tile[blocked], tile[permuted], dtype, target, cache, pack=pack, one_pass=one_pass
-    )
+        order, blocked, permuted, tile[blocked], tile[permuted], dtype, target_for(s.device), cache, pack=pack,
+        one_pass=one_pass,
+    )  # fmt: skip
     return shape, kernel, words.dtype
 
 
@@ -187,16 +208,23 @@ def reads_row_blocks(plan: PITPlan) -> bool:
     return roles == (plan.blocked, plan.permuted) and not whole_blocked
 
 
-def index_for(plan: PITPlan, operand, mask, tile, grid) -> MicroTileIndex:
-    """Detect the listed micro-tiles from the mask (if given) or from the operand itself."""
+def index_for(plan: PITPlan, operand, mask, tile, grid, args: DetectionArgs | None = None) -> MicroTileIndex:
+    """Detect the listed micro-tiles from the mask (if given) or from the operand itself.
+    ``args``: :func:`detection_args` of the call, where known (a :class:`Route` keeps them)."""
+    if args is None:
+        by_grid = mask is not None and tuple(mask.shape[-2:]) == grid
+        args = detection_args(plan, tile, by_grid, "mask" if mask is not None else plan.sparse.upper())
+    return detect_as(as_kernel_input(batched(operand if mask is None else mask)), args)
+
+
+def detection_args(plan: PITPlan, tile, by_grid: bool, argument: str) -> DetectionArgs:
+    """How :func:`index_for` detects ``plan``'s index: from a mask of the micro-tile grid
+    (``by_grid``) or from the sparse operand (or a mask its size), in micro-tiles ``tile``."""
     order = kernel_order(plan, plan.sparse)
     roles = tuple(r for r in order if r != "batch")
-    source = operand if mask is None else mask
-    by_grid = mask is not None and tuple(mask.shape[-2:]) == grid
-    tiles = dict(zip(roles, (1, 1) if by_grid else tile))
+    tiles = tuple(zip(roles, (1, 1) if by_grid else tile))
     whole_blocked = plan.form == "scatter" and not plan.accumulate
-    argument = "mask" if mask is not None else plan.sparse.upper()
-    return detect(as_kernel_input(batched(source)), order, plan.blocked, plan.permuted, tiles, whole_blocked, argument)
+    return DetectionArgs(order, plan.blocked, plan.permuted, tiles, whole_blocked, argument)
 
 
 def result_dtype(plan: PITPlan, out_dtype: torch.dtype) -> torch.dtype:
@@ -356,17 +384,37 @@ def pit_matmul(
     if route.flipped and mask is not None:
         mask = mask.transpose(-1, -2)
     plan = route.plan
+    weigh_dense = dense_fallback and mask is None and falls_back_on(A.device)
+    # The newest count of this signature that reached the host (no wait) decides before detection
+    # runs, so the product, or the zeroing of C that the row gather needs, is queued ahead of it.
+    listed = RECENT_COUNTS.latest(route.signature) if weigh_dense else UNREAD
+    known = listed is not UNREAD and listed is not None
+    dense = known and listed > route.crossover * route.slots
+    zeroed = known and not dense and route.zeroes_output and _warpgroup_ready(out)
+    if dense:
+        torch.matmul(logical_a, logical_b, out=out)  # exact: the unlisted micro-tiles are zero
+    elif zeroed:
+        out.zero_()
     if detected is not None and mask is None and route.reads_detected:
         index = detected
     else:
-        index = index_for(plan, {"A": A, "B": B}.get(sparse), mask, route.tile, route.grid_shape)
-    weigh_dense = dense_fallback and mask is None and falls_back_on(A.device)
-    if weigh_dense and dense_wins(index, route.crossover, route.signature):
-        torch.matmul(logical_a, logical_b, out=out)  # exact: the unlisted micro-tiles are zero
+        operand = {"A": A, "B": B}.get(sparse)
+        index = index_for(plan, operand, mask, route.tile, route.grid_shape, route.detection if mask is None else None)
+    if known:
+        RECENT_COUNTS.post(route.signature, index.counts)  # for the calls that follow
+    if dense:
         return Computed(plan, index)
-    if not run_on_tensor_cores(plan, A, B, out, index, None, route.facts):
+    if listed is None:  # the signature's first call: decided by its own count (one wait)
+        if dense_wins(index, route.crossover, route.signature):
+            torch.matmul(logical_a, logical_b, out=out)
+            return Computed(plan, index)
+        listed = UNREAD  # the tile choice reads that count too
+    if not run_on_tensor_cores(plan, A, B, out, index, None, route.facts, listed=listed, zeroed=zeroed):
         run_matmul(plan, batched(A), batched(B), batched(out), index)
     return Computed(plan, index)
+
+
+UNREAD = object()  # no count was read for this call: the tile choice reads its own
 
 
 class Route(NamedTuple):
@@ -384,6 +432,9 @@ class Route(NamedTuple):
     facts: tuple  # :func:`_call_facts` of the kernel's operands
     crossover: float  # :func:`dense_crossover`
     signature: tuple  # :func:`call_signature`
+    detection: DetectionArgs | None  # how an unmasked call detects its index (:func:`detection_args`)
+    slots: int  # micro-tile slots of that index, which :func:`dense_wins` weighs the listed against
+    zeroes_output: bool  # the row gather on warpgroups runs: C is zeroed first (:func:`run_on_warpgroups`)
 
 
 # Route per call signature (its shapes, strides, dtypes, device and options). Every call asks,
@@ -405,7 +456,7 @@ def clear_call_caches() -> None:
 def _derive_route(A, B, out, sparse, tile, grid_shape, form, unmasked, cover, undetected) -> Route:
     """:class:`Route` of a call, from its operands' shapes, layouts and dtypes (never their values)."""
     if sparse == "B" and form is None and undetected and _sparse_b_reaches_tensor_cores_as_a(A, B, out, tile):
-        return Route(True, *(None,) * 11)
+        return Route(True, *(None,) * 14)
     logical_b = B
     M, K, N = A.shape[-2], A.shape[-1], B.shape[-1]
     A, a_transposed = storage(A)
@@ -426,9 +477,17 @@ def _derive_route(A, B, out, sparse, tile, grid_shape, form, unmasked, cover, un
     covered = tensor_core_cover(plan, A, B, out) if cover and unmasked and form is None else plan
     if covered is not plan:
         plan, tile = covered, (covered.tile["m"], covered.tile["k"])  # A stored (m, k)
+    facts = _call_facts(A, B, out)
+    detection, slots = None, 0
+    if unmasked:
+        detection = detection_args(plan, tile, False, plan.sparse.upper())
+        operand = {"A": A, "B": B}[sparse]
+        slots = math.prod(index_shape((1, *operand.shape) if operand.dim() == 2 else operand.shape, detection))
+    zeroes_output = plan.form != "reduce" and warpgroup_knobs(plan, *facts) is not None
     return Route(
         False, a_transposed, b_transposed, compact_b, flipped, plan, tuple(tile), tuple(grid_shape),
-        reads_row_blocks(plan), _call_facts(A, B, out), dense_crossover(plan, A, B, out), call_signature(plan, A, B),
+        reads_row_blocks(plan), facts, dense_crossover(plan, A, B, out), call_signature(plan, A, B),
+        detection, slots, zeroes_output,
     )  # fmt: skip
 
 
@@ -600,7 +659,8 @@ def dense_wins(index: MicroTileIndex, crossover: float, call) -> bool:
     reached the host (:mod:`~pit_compiler.runtime.recent_counts`; a signature's counts are
     copied at most once a millisecond): no wait for the GPU. Only the first call of a signature
     reads its own count back (one sync). Both answers compute the same product, so a stale
-    count costs at most speed.
+    count costs at most speed. Where a call has that count before detecting, :func:`pit_matmul`
+    applies the same rule to it there (``Route.slots``), to queue its choice ahead of detection.
     """
     if index.indices.numel() == 0:
         return False
@@ -664,27 +724,33 @@ def tensor_core_cover(plan: PITPlan, A, B, out) -> PITPlan:
     return plan
 
 
-def run_on_tensor_cores(plan: PITPlan, A, B, out, index: MicroTileIndex, knobs=None, facts=None) -> bool:
+def run_on_tensor_cores(
+    plan: PITPlan, A, B, out, index: MicroTileIndex, knobs=None, facts=None, *, listed=UNREAD, zeroed=False
+) -> bool:
     """Run the dedicated tensor-core kernel of :func:`tensor_core_path` (Hopper's warpgroup tile
     first); False where none fits. ``knobs`` (of the tile that serves the call, as the tuner
     measures them) replace the tuned or default ones; ``facts``: :func:`_call_facts` of the
-    call, where known."""
+    call, where known. ``listed`` and ``zeroed``: see :func:`run_on_warpgroups`."""
     facts = facts or _call_facts(A, B, out)
     return (
-        run_on_warpgroups(plan, A, B, out, index, knobs, facts)
+        run_on_warpgroups(plan, A, B, out, index, knobs, facts, listed=listed, zeroed=zeroed)
         or run_row_gather_on_tensor_cores(plan, A, B, out, index, facts)
         or run_reduce_on_tensor_cores(plan, A, B, out, index, knobs, facts)
     )
 
 
-def run_on_warpgroups(plan: PITPlan, A, B, out, index: MicroTileIndex, knobs=None, facts=None) -> bool:
+def run_on_warpgroups(
+    plan: PITPlan, A, B, out, index: MicroTileIndex, knobs=None, facts=None, *, listed=UNREAD, zeroed=False
+) -> bool:
     """Blocks of 32, 64 or 128 rows (reduce form; with ``pack_a``, A's listed chunks packed
     first) and whole rows of A on Hopper's warpgroup MMA (:mod:`~pit_compiler.codegen.warpgroup`);
     False where it does not serve the call.
 
     Its knobs: ``knobs`` (the tuner's), else the tile database's best where they fit
     (``pit-tune``), else the defaults. No host sync: each thread block reads its own count
-    from the index, so it also runs under CUDA graph capture.
+    from the index, so it also runs under CUDA graph capture. ``listed``: the newest count of
+    the call's signature, read (and this call's posted) by the caller; by default the tile
+    choice reads it itself (:func:`_tile_by_count`). ``zeroed``: ``out`` was zeroed already.
     """
     ndim, K, N, dtype, b_dtype, out_dtype, target = facts = facts or _call_facts(A, B, out)
     default = warpgroup_knobs(plan, *facts)
@@ -693,7 +759,7 @@ def run_on_warpgroups(plan: PITPlan, A, B, out, index: MicroTileIndex, knobs=Non
     if knobs is None:
         knobs = _database_knobs(plan, A, B, facts, WarpgroupMatmul())
     if knobs is None:
-        knobs = _tile_by_count(plan, A, B, index, default, N)
+        knobs = _tile_by_count(plan, A, B, index, default, N, listed)
     knobs = fitting_warpgroup_knobs(default, knobs, plan)
     A, B = _aligned(A), _aligned(B)
     C = out if _warpgroup_ready(out) else torch.empty_like(out, memory_format=torch.contiguous_format)
@@ -709,7 +775,8 @@ def run_on_warpgroups(plan: PITPlan, A, B, out, index: MicroTileIndex, knobs=Non
             A = packed
     else:
         form, shape = "row_gather", (plan.tile["m"],)
-        C.zero_()  # the kernel writes the listed rows only
+        if not (zeroed and C is out):
+            C.zero_()  # the kernel writes the listed rows only
     if knobs.split_k > 1 and form == "reduce":
         C.zero_()  # the parts of each tile add to it
     kernel = warpgroup_kernel(form, shape, K, N, dtype, out_dtype, target, kernel_cache(), knobs)
@@ -722,13 +789,14 @@ def run_on_warpgroups(plan: PITPlan, A, B, out, index: MicroTileIndex, knobs=Non
 _COUNTED_TILES: dict = {}  # call signature -> the tile its newest call outside graph capture ran
 
 
-def _tile_by_count(plan: PITPlan, A, B, index: MicroTileIndex, default, N: int):
+def _tile_by_count(plan: PITPlan, A, B, index: MicroTileIndex, default, N: int, listed=UNREAD):
     """The warpgroup tile for what an earlier call listed: gathered rows by their number
     (:func:`row_gather_knobs`), 32-row blocks of narrow chunks by the share listed
     (:func:`narrow_chunk_knobs`); other blocks keep ``default``.
 
     The count is the newest of this signature that has reached the host (:data:`RECENT_COUNTS`:
     no wait; the dense fallback's first call reads its own); this call's is posted for the next.
+    ``listed``: that count, where the caller read it and posted this call's.
     While a CUDA graph is captured: the tile of the signature's last call before (its kernel
     built then: none is loaded during a capture), and nothing is posted.
     """
@@ -738,8 +806,9 @@ def _tile_by_count(plan: PITPlan, A, B, index: MicroTileIndex, default, N: int):
     call = call_signature(plan, A, B)
     if capturing_graph(A.device):
         return _COUNTED_TILES.get(call, default)
-    listed = RECENT_COUNTS.latest(call)
-    RECENT_COUNTS.post(call, index.counts)
+    if listed is UNREAD:
+        listed = RECENT_COUNTS.latest(call)
+        RECENT_COUNTS.post(call, index.counts)
     if rows:
         knobs = row_gather_knobs(default, None if listed is None else listed * plan.tile["m"], N, _sm_count(A.device))
     else:

@@ -356,6 +356,7 @@ def test_dense_fallback_runs_torch_matmul_exactly(sparse, tile, fallback, monkey
     from pit_compiler import ops
 
     monkeypatch.setattr(ops, "falls_back_on", lambda device: True)  # as on a GPU
+    monkeypatch.setattr(ops, "RECENT_COUNTS", RecentCounts())  # the first call of its signature: dense_wins decides
     monkeypatch.setattr(ops, "dense_wins", lambda index, crossover, call: True)
     ran_pit = []
     original = ops.run_matmul
@@ -387,8 +388,8 @@ def test_products_below_the_call_floor_run_dense_without_detecting(sparse, tile,
 
     monkeypatch.setattr(ops, "weighs_dense_kernels", lambda device: True)
     detected = []
-    original = ops.detect
-    monkeypatch.setattr(ops, "detect", lambda *a: detected.append(1) or original(*a))
+    original = ops.detect_as
+    monkeypatch.setattr(ops, "detect_as", lambda *a: detected.append(1) or original(*a))
     M, K, N = 70, 45, 33
     shapes = {"A": (M, K), "B": (K, N), "C": (M, N)}
     rows, cols = (size if t is None else t for t, size in zip(tile, shapes[sparse]))
@@ -467,7 +468,7 @@ def test_dense_fallback_on_the_gpu(density, dense, monkeypatch):
     monkeypatch.setattr(ops, "RECENT_COUNTS", RecentCounts())  # the first call of its signature: its own count
     ran_pit = []
     original = ops.run_on_tensor_cores
-    monkeypatch.setattr(ops, "run_on_tensor_cores", lambda *a: ran_pit.append(original(*a)) or ran_pit[-1])
+    monkeypatch.setattr(ops, "run_on_tensor_cores", lambda *a, **k: ran_pit.append(original(*a, **k)) or ran_pit[-1])
     A, _ = micro_tile_sparse((512, 256), (32, 1), density, torch.float16, "cuda", seed=7)
     B = dense_operand((256, 384), torch.float16, "cuda", seed=8)
     out = poisoned((512, 384), torch.float16, "cuda")
@@ -476,12 +477,68 @@ def test_dense_fallback_on_the_gpu(density, dense, monkeypatch):
     assert ran_pit == ([] if dense else [True])
 
 
+def test_a_known_count_decides_before_detection(monkeypatch):
+    """After a signature's first call, the fallback is decided by the newest count that reached
+    the host before detecting (queued ahead of it: the GPU works while the host goes on);
+    detection still runs, for the next call's count. Exact on every path."""
+    from pit_compiler import ops
+
+    monkeypatch.setattr(ops, "falls_back_on", lambda device: True)  # as on a GPU
+    monkeypatch.setattr(ops, "dense_crossover", lambda *a: 0.5)
+    monkeypatch.setattr(ops, "RECENT_COUNTS", RecentCounts())
+    steps = []
+    detect_as, run_matmul, matmul = ops.detect_as, ops.run_matmul, torch.matmul
+    monkeypatch.setattr(ops, "detect_as", lambda *a: steps.append("detect") or detect_as(*a))
+    monkeypatch.setattr(ops, "run_matmul", lambda *a: steps.append("pit") or run_matmul(*a))
+    monkeypatch.setattr(torch, "matmul", lambda *a, **k: steps.append("dense") or matmul(*a, **k))
+    B = dense_operand((48, 40), torch.float32, "cpu", seed=21)
+    expected = [
+        (1.0, ["detect", "dense"]),  # the first call reads its own count
+        (0.1, ["dense", "detect"]),  # decided by the dense count before it
+        (0.1, ["detect", "pit"]),
+        (1.0, ["detect", "pit"]),
+        (0.1, ["dense", "detect"]),
+    ]
+    for seed, (density, steps_expected) in enumerate(expected):
+        A, _ = micro_tile_sparse((70, 48), (32, 1), density, torch.float32, "cpu", seed=30 + seed)
+        out = poisoned((70, 40), torch.float32, "cpu")
+        steps.clear()
+        pit.sparse_matmul(A, B, micro_tile=(32, 1), out=out)
+        assert_matches_reference(out, A.double() @ B.double())
+        assert steps == steps_expected, (density, steps)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tile", [(1, None), (32, 1)], ids=str)
+def test_calls_decided_ahead_of_detection_on_the_gpu(tile, monkeypatch):
+    """On a GPU with the fallback on, a pattern that changes from call to call: once a count of
+    the signature has landed, whole rows zero C ahead of detection (the 32x1 tile writes every
+    row itself) and the fallback is queued ahead too. Every output is exact."""
+    from pit_compiler import ops
+
+    monkeypatch.setattr(ops, "DENSE_FALLBACK", True)
+    monkeypatch.setattr(ops, "CALL_FLOOR_MS", 0.0)  # the crossover of large products, on this small one
+    monkeypatch.setattr(ops, "RECENT_COUNTS", RecentCounts())
+    zeroed = []
+    original = ops.run_on_tensor_cores
+    monkeypatch.setattr(ops, "run_on_tensor_cores", lambda *a, **k: zeroed.append(k["zeroed"]) or original(*a, **k))
+    B = dense_operand((256, 384), torch.float16, "cuda", seed=8)
+    for seed, density in enumerate([0.05, 0.05, 1.0, 0.05, 0.3, 0.0, 0.05]):
+        A, _ = micro_tile_sparse((520, 256), tile, density, torch.float16, "cuda", seed=40 + seed)
+        out = poisoned((520, 384), torch.float16, "cuda")
+        pit.sparse_matmul(A, B, micro_tile=tile, out=out)
+        assert_matches_reference(out, A.double() @ B.double())
+        torch.cuda.synchronize()  # this call's count lands before the next call
+    assert (True in zeroed) is (tile == (1, None)), zeroed
+
+
 def test_dense_fallback_keeps_the_gradient_sparse(monkeypatch):
     """Through the autograd operator too: the forward runs dense, the gradient of the sparse
     operand keeps the detected micro-tiles."""
     from pit_compiler import ops
 
     monkeypatch.setattr(ops, "falls_back_on", lambda device: True)  # as on a GPU
+    monkeypatch.setattr(ops, "RECENT_COUNTS", RecentCounts())  # the first call of its signature: dense_wins decides
     monkeypatch.setattr(ops, "dense_wins", lambda index, crossover, call: True)
     ran_pit = []
     original = ops.run_matmul

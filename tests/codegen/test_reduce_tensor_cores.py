@@ -224,7 +224,7 @@ def test_covered_product_is_exact(tile, density, monkeypatch):
     original = ops.tensor_core_cover
     # Pretend this CPU has the tensor-core tile, then let the CPU kernel compute the cover's plan.
     monkeypatch.setattr(ops, "tensor_core_kernel", lambda plan, *a: "reduce" if plan.form == "reduce" and plan.tile["m"] % 16 == 0 else None)
-    monkeypatch.setattr(ops, "run_on_tensor_cores", lambda *a: False)
+    monkeypatch.setattr(ops, "run_on_tensor_cores", lambda *a, **k: False)
     monkeypatch.setattr(ops, "tensor_core_cover", lambda *a: covers.append(original(*a)) or covers[-1])
     A, _ = micro_tile_sparse((70, 96), tile, density, torch.float32, seed=5)
     B = dense_operand((96, 40), torch.float32, seed=6)

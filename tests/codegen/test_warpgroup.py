@@ -182,7 +182,7 @@ def on_warpgroups(monkeypatch):
         pytest.skip("the warpgroup tile needs an sm_90 GPU (H100, H200)")
     calls = []
     original = ops.run_on_warpgroups
-    monkeypatch.setattr(ops, "run_on_warpgroups", lambda *a: calls.append(original(*a)) or calls[-1])
+    monkeypatch.setattr(ops, "run_on_warpgroups", lambda *a, **k: calls.append(original(*a, **k)) or calls[-1])
     return calls
 
 
