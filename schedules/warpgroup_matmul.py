@@ -24,6 +24,8 @@ operations. What PIT needs of it:
   listed chunks), read from the index on the device: no host sync.
 - **SWrite in the epilogue.** Each thread writes its accumulators to the output row the
   :class:`Access` names (a scatter for gathered rows), cast to the output dtype.
+- **Launch order** (knob ``row_tiles_first``): which tiles run at once, so which operand L2
+  keeps (:func:`block_tile`).
 - **Split k** (knob ``split_k``). Few thread blocks (a few gathered rows, each walking all of k)
   leave SMs idle; ``split_k`` thread blocks then share each tile's k steps, and each adds its
   partial sums to C with atomics (C zeroed before; float16 and bfloat16 outputs add in pairs,
@@ -127,7 +129,7 @@ class WarpgroupMatmul:
     tiles, ``row`` and ``k`` (``k_source``) from an :class:`Access`."""
 
     name = "warpgroup_matmul"
-    version = 2  # 2: split k
+    version = 3  # 2: split k; 3: launch order
 
     @dataclass(frozen=True)
     class Knobs:
@@ -142,6 +144,11 @@ class WarpgroupMatmul:
         pack_a: bool = False
         # Thread blocks per tile, each summing a share of its k steps into C with atomics.
         split_k: int = 1
+        # Launch order: consecutive thread blocks take the row tiles of one column tile (the
+        # blocks running at once then share B's column panel in L2) instead of the column tiles
+        # of one row tile (which share A's rows, but each row tile reads its own listed rows of
+        # B from memory). See :func:`block_tile`.
+        row_tiles_first: bool = False
 
         def __post_init__(self):
             check(
@@ -218,7 +225,8 @@ class WarpgroupMatmul:
         first; for ``narrow_k`` chunks each with A gathered and packed. ``any_height`` (gathered
         rows, which need no fixed row block): then the other heights' defaults at each width,
         the shorter tiles that fill more SMs where few rows are listed, and the 64-row ones
-        with k split in 2 and 4 (more thread blocks still)."""
+        with k split in 2 and 4 (more thread blocks still). Last, the default at each width
+        launched row tiles first (:func:`block_tile`; for narrow chunks, gathered and packed)."""
         default = first or self.default(block_m, narrow_k)
         settings = [replace(knobs, pack_a=packed) for packed in ((False, True) if narrow_k else (False,))
                     for knobs in self._settings(block_m)]
@@ -227,6 +235,8 @@ class WarpgroupMatmul:
                          for knobs in self._widths(self.default(height))]
             settings += [replace(knobs, split_k=split) for knobs in self._widths(self.default(64))
                          for split in (2, 4) if knobs.block_n <= 128]
+        settings += [replace(knobs, row_tiles_first=True, pack_a=packed) for knobs in self._widths(default)
+                     for packed in ((False, True) if narrow_k else (default.pack_a,))]
         yield default
         yield from (knobs for knobs in settings if knobs != default)
 
@@ -255,6 +265,25 @@ class WarpgroupMatmul:
         check(out_dtype in OUTPUT_DTYPES, f"the warpgroup tile writes {OUTPUT_DTYPES}, got {out_dtype!r}")
         check(K % CHUNK == 0 and N % CHUNK == 0, f"K and N must be multiples of {CHUNK} (16-byte rows), got {K}, {N}")
         return _kernel(knobs, K, N, dtype, out_dtype, access)
+
+
+def block_tile(bid, row_tiles, tiles_n: int, split: int, row_tiles_first: bool) -> tuple:
+    """``(row tile, column tile, part of k)`` of thread block ``bid`` (TIR expressions or ints).
+
+    The parts of one tile are adjacent. By default the column tiles of one row tile follow each
+    other: the thread blocks running at once share that row tile's A, and each row tile reads
+    its listed rows of B again. With ``row_tiles_first`` the row tiles of one column tile follow
+    each other: those running at once read one column panel of B (8192 x 256 half-precision
+    values is 4 MiB), which stays in L2 while every row tile passes over it. Blocks of 32 or 64
+    rows that list different k chunks (32x1 pieces, 64x64 blocks at random) reread a tenth of B
+    per row tile at 90 %: at 8192^3 that counts 1.6 (64x64) to 3.3 GB (32x1) read by default,
+    and their tile ran 1.46x slower on an H100 than on an H200 (32x1), the ratio of the two
+    memories' bandwidths. Measured on no GPU yet: off by default, in the tuner's space.
+    """
+    part, tile = bid % split, bid // split
+    if row_tiles_first:
+        return tile % row_tiles, tile // row_tiles, part
+    return tile // tiles_n, tile % tiles_n, part
 
 
 def swizzled(row, chunk):
@@ -313,13 +342,13 @@ def _kernel(knobs, K: int, N: int, dtype: str, out_dtype: str, access: Access):
         acc = T.alloc_buffer((ACC,), "float32", scope="local")
         desc_a: T.uint64
         desc_b: T.uint64
-        t = T.meta_var(bid // SPLIT // TILES_N)
-        n0 = T.meta_var(bid // SPLIT % TILES_N * BN)
+        t, column_tile, part = T.meta_var(block_tile(bid, access.row_tiles(ops, BM), TILES_N, SPLIT, knobs.row_tiles_first))
+        n0 = T.meta_var(column_tile * BN)
         group = T.meta_var(tx // WARPGROUP)
         # Split k: this thread block's share of the tile's steps, from step ``k_first`` on.
         all_steps: T.let[T.int32] = access.steps(ops, t)
         share: T.let[T.int32] = (all_steps + SPLIT - 1) // SPLIT
-        k_first: T.let[T.int32] = bid % SPLIT * share
+        k_first: T.let[T.int32] = part * share
         steps: T.let[T.int32] = T.max(T.min(share, all_steps - k_first), 0)
         # The rows this thread copies of A never change along k: found once. Each thread's
         # copies of a step share one chunk of k (THREADS is a multiple of 8).

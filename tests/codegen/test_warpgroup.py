@@ -25,7 +25,7 @@ from pit_compiler.codegen.warpgroup import (
 )
 from pit_compiler.ir import InvalidKnobs, SparsityAttr, plan_pit
 from pit_compiler.runtime import KernelCache, RecentCounts
-from pit_compiler.schedules.warpgroup_matmul import WarpgroupMatmul, swizzled
+from pit_compiler.schedules.warpgroup_matmul import WarpgroupMatmul, block_tile, swizzled
 from cuda_build import SM90, assert_compiles_for_sm90
 from sparse_data import (
     assert_matches_reference,
@@ -60,6 +60,18 @@ def plan_for(tile, M=512, K=256, N=384, sparse="A", form=None, a_transposed=Fals
 def test_knobs_refuse_what_cannot_launch(knobs, problem):
     with pytest.raises(InvalidKnobs, match=problem):
         Knobs(**knobs)
+
+
+@pytest.mark.parametrize("row_tiles_first", [False, True])
+@pytest.mark.parametrize("split", [1, 3])
+def test_each_thread_block_takes_one_part_of_one_tile(row_tiles_first, split):
+    """The launch order: every (row tile, column tile, part of k) once; a tile's parts adjacent,
+    then the next row tile of the column tile (row tiles first) or the next column tile."""
+    row_tiles, tiles_n = 5, 7
+    taken = [block_tile(bid, row_tiles, tiles_n, split, row_tiles_first) for bid in range(row_tiles * tiles_n * split)]
+    assert sorted(taken) == [(t, c, p) for t in range(row_tiles) for c in range(tiles_n) for p in range(split)]
+    assert taken[:split] == [(0, 0, part) for part in range(split)]
+    assert taken[split] == ((1, 0, 0) if row_tiles_first else (0, 1, 0))
 
 
 @pytest.mark.parametrize("block_m", [32, 64, 128])
@@ -142,7 +154,10 @@ def test_serves_blocks_of_32_64_or_128_rows_and_whole_rows(tile, kw, expected):
      ("row_gather", (4,), "bfloat16", "bfloat16", Knobs(block_m=64, block_n=128, stages=3)),
      ("row_gather", (1,), "float16", "float16", replace(ROWS_64, split_k=4)),
      ("reduce", (64, 64), "bfloat16", "float32", replace(ROWS_64, split_k=3)),
-     ("reduce", (32, 1), "bfloat16", "bfloat16", replace(NARROW_32, split_k=2))],
+     ("reduce", (32, 1), "bfloat16", "bfloat16", replace(NARROW_32, split_k=2)),
+     ("reduce", (32, 1), "float16", "float16", replace(NARROW_32, row_tiles_first=True)),
+     ("reduce", (64, 64), "float16", "float32", replace(ROWS_64, row_tiles_first=True, split_k=2)),
+     ("row_gather", (1,), "bfloat16", "bfloat16", Knobs(row_tiles_first=True))],
     ids=str,
 )
 def test_builds_warpgroup_mma_for_sm90a(form, shape, dtype, out, knobs, tmp_path):
@@ -240,15 +255,38 @@ def test_split_k_parts_sum_to_the_product(tile, knobs, dtype, out_dtype, split, 
     """Split k: each tile's thread blocks share its k steps (more parts than steps included:
     K = 392 is 7 steps) and add to C; against the float64 product, into a poisoned output, with
     nothing, half and everything listed."""
+    check_knobs(tile, replace(knobs, split_k=split), dtype, out_dtype, density, seed=split)
+    assert on_warpgroups == [True]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("density", [1.0, 0.5, 0.0])
+@pytest.mark.parametrize("split", [1, 3])
+@pytest.mark.parametrize(
+    "tile, knobs, dtype, out_dtype",
+    [((1, None), Knobs(), torch.float16, torch.float16), ((4, None), replace(ROWS_64, block_n=64), torch.bfloat16, torch.bfloat16),
+     ((64, 64), ROWS_64, torch.float16, torch.float32), ((32, 32), ROWS_32, torch.bfloat16, torch.bfloat16),
+     ((32, 1), NARROW_32, torch.float16, torch.float16), ((32, 1), GATHERED_32, torch.bfloat16, torch.float32),
+     ((128, 8), Knobs(), torch.float16, torch.float16)],
+    ids=str,
+)
+def test_row_tiles_first_computes_every_tile(tile, knobs, dtype, out_dtype, split, density, on_warpgroups):
+    """Launched row tiles first (alone and with split k), each tile is computed once, exactly."""
+    check_knobs(tile, replace(knobs, row_tiles_first=True, split_k=split), dtype, out_dtype, density, seed=20 + split)
+    assert on_warpgroups == [True]
+
+
+def check_knobs(tile, knobs, dtype, out_dtype, density, seed):
+    """The warpgroup tile with ``knobs`` on a 300 x 392 x 520 product (tails everywhere), into
+    a poisoned output, against the float64 product."""
     M, K, N = 300, 392, 520
-    A, _ = micro_tile_sparse((M, K), tile, density, dtype, "cuda", seed=split)
+    A, _ = micro_tile_sparse((M, K), tile, density, dtype, "cuda", seed=seed)
     B = dense_operand((K, N), dtype, "cuda", seed=13)
     plan = plan_for(tile, M, K, N)
     index = ops.index_for(plan, A, None, (tile[0], tile[1] or K), None)
     out = poisoned((M, N), out_dtype, "cuda")
-    assert ops.run_on_warpgroups(plan, A, B, out, index, replace(knobs, split_k=split))
+    assert ops.run_on_warpgroups(plan, A, B, out, index, knobs)
     assert_matches_reference(out, A.double() @ B.double())
-    assert on_warpgroups == [True]
 
 
 @pytest.mark.gpu
