@@ -18,9 +18,10 @@
 #   bash scripts/gpu-check.sh measure    # spmm where session 7's unmeasured changes act (4096^3, 99 %), then models.py
 #   bash scripts/gpu-check.sh compare    # host time per call and the OPT FFN: a baseline tree carried in .baseline/, then this one
 #   bash scripts/gpu-check.sh session11  # what session 11 ran only in part on a GPU: the warpgroup and sparse_matmul gpu tests, then spmm
+#   bash scripts/gpu-check.sh session12  # the launch order row tiles first: its gpu tests, then the default against it at 8192^3
 # Logs and results are copied under $OUT when the device tool provides it.
 set -uo pipefail
-stage=${1:?usage: scripts/gpu-check.sh tests|kernels|spmm|tuning|sweep|warpgroup|hopper|tables|packed|rows|auto|recheck|verify|measure|session8|host|compare|session11}
+stage=${1:?usage: scripts/gpu-check.sh tests|kernels|spmm|tuning|sweep|warpgroup|hopper|tables|packed|rows|auto|recheck|verify|measure|session8|host|compare|session11|session12}
 if ls .whl/*.whl > /dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
@@ -126,6 +127,12 @@ case "$stage" in
       | grep -E " (pit|pit_kernel|cublas) "
     timeout 120 python3 -P benchmarks/spmm.py --sizes 8192 --dtypes float16 --batch 10 "${cases[@]}" 2>&1 | tee -a "$out/spmm.log" \
       | grep -E " (pit|pit_kernel|cublas) " ;;
+  session12)  # row_tiles_first (measured on no GPU when written): correctness, then the default with and without it
+    t=tests/codegen/test_warpgroup.py
+    timeout 240 python3 -P -m pytest -q -p no:cacheprovider -m gpu --maxfail=10 "$t::test_row_tiles_first_computes_every_tile" \
+      "$t::test_every_setting_the_tuner_tries_is_correct[32-(32, 1)]" 2>&1 | tee "$out/gpu-session12.log" | tail -5
+    timeout 280 python3 -P scripts/gpu_tile_sweep.py --cases 32x1:0.9,32x1:0.99,64x64:0.9,32x32:0.9,row:0.9,64x64:0.0 \
+      --toggle row_tiles_first --json "$out/sweep-row-tiles-first.json" 2>&1 | tee "$out/sweep-row-tiles-first.log" | tail -14 ;;
   sweep)
     timeout 540 python3 -P scripts/gpu_tile_sweep.py --json "$out/sweep.json" 2>&1 | tee "$out/sweep.log" | tail -80 ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;

@@ -14,6 +14,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -36,6 +37,8 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=0, help="at most this many settings per case (0: all)")
     parser.add_argument("--knob", action="append", default=[], metavar="NAME=VALUE",
                         help="keep only the settings with this knob value (repeatable), e.g. block_m=64")
+    parser.add_argument("--toggle", metavar="NAME", default=None,
+                        help="time only the default and the default with this true/false knob flipped, e.g. row_tiles_first")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     device, dtype, size = torch.device("cuda"), torch.float16, args.size
@@ -60,6 +63,8 @@ def main() -> None:
         wanted = dict(knob.split("=", 1) for knob in args.knob)
         space = [knobs for knobs in space if all(str(getattr(knobs, k)) == v for k, v in wanted.items())]
         space = space[: args.limit or None]
+        if args.toggle:
+            space = [default, replace(default, **{args.toggle: not getattr(default, args.toggle)})]
         for knobs in space:
             begin = time.perf_counter()
             try:
