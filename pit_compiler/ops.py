@@ -352,7 +352,9 @@ def pit_matmul(
     (:func:`below_call_floor`; then None is returned, unless ``keep_index`` asks for the index).
     ``detected``: the sparse operand's pieces as :func:`detect_grid_pieces` lists them on its
     storage (``micro_tile="auto"`` has them), used instead of detecting again where the plan's
-    kernel reads that very index.
+    kernel reads that very index. After a signature's first call, the fallback is decided by
+    the newest count that reached the host before detecting, and cuBLAS or C's zeroing is
+    queued ahead of detection.
     """
     logical_a, logical_b = A, B
     if out.numel() == 0:
