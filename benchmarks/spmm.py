@@ -162,7 +162,7 @@ TABLE_IMPLS = ("cublas", "cusparse_csr", "triton_bsr", "torch_rowgather")
 
 
 def table(records, dtype: str = "float16", sparsities=(0.0, 0.5, 0.9, 0.99)) -> str:
-    """A markdown table of one dtype's records (the README's): PIT with its fraction of ideal,
+    """A markdown table of one dtype's records (benchmarks/RESULTS.md's): PIT with its fraction of ideal,
     PIT's kernels alone (``dense_fallback=False``), the baselines, and detection's share."""
 
     def ms(value):

@@ -7,7 +7,7 @@
 #   bash scripts/gpu-check.sh sweep      # scripts/gpu_tile_sweep.py: the reduce tile's knobs at 8192^3
 #   bash scripts/gpu-check.sh warpgroup  # the gpu tests of the Hopper warpgroup tile and of the paths beside it
 #   bash scripts/gpu-check.sh hopper     # the warpgroup tile's gpu tests, then spmm at 8192^3 for the cases it changed
-#   bash scripts/gpu-check.sh tables     # the fallback's and the 32-row tile's gpu tests, then spmm for the README tables
+#   bash scripts/gpu-check.sh tables     # the fallback's and the 32-row tile's gpu tests, then spmm for the tables of benchmarks/RESULTS.md
 #   bash scripts/gpu-check.sh packed     # the narrow-chunk and no-wait gpu tests, then the 32x1 sweep (pack_a or not)
 #   bash scripts/gpu-check.sh rows       # every tuner setting's gpu test, the no-wait ones, then whole rows at every tile height
 #   bash scripts/gpu-check.sh auto       # benchmarks/tuning.py at 8192^3 (32x1, 64x64), then benchmarks/models.py
