@@ -162,6 +162,26 @@ def test_default_is_32_by_1_blocked_by_rows():
     assert_matches_reference(pit.detect_micro_tiles(x), x, (32, 1), "rows")
 
 
+def test_eager_detection_runs_without_the_operator_and_traced_detection_through_it(monkeypatch):
+    """Eager calls skip the custom operator's dispatch (host time on every call); under
+    torch.compile the operator is what the graph records, and both list the same pieces."""
+    from pit_compiler import api
+
+    x = sparse_input((40, 24), (4, 8), 0.5, seed=6)
+    dispatched = []
+    original = api.detect_op
+    monkeypatch.setattr(api, "detect_op", lambda *a: dispatched.append(1) or original(*a))
+    assert_matches_reference(pit.detect_micro_tiles(x, (4, 8)), x, (4, 8), "rows")
+    assert dispatched == []
+    def listed(t):
+        index = pit.detect_micro_tiles(t, (4, 8))
+        return index.counts, index.indices
+
+    counts, indices = torch.compile(listed, backend="eager", fullgraph=True)(x)
+    assert dispatched, "the traced call did not go through the operator"
+    assert_matches_reference(pit.runtime.MicroTileIndex(counts, indices), x, (4, 8), "rows")
+
+
 @pytest.mark.parametrize("shape", [(0, 5), (5, 0), (2, 0, 3), (0, 4, 4)])
 def test_empty_input(shape):
     x = torch.zeros(shape)
