@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from pit_compiler.autograd import grid_shape_of, sparse_matmul_forward_op, sparse_matmul_op
-from pit_compiler.ops import detect_grid_pieces, pit_matmul
+from pit_compiler.ops import detect_grid_pieces, pit_matmul, traced
 from pit_compiler.runtime import MicroTileIndex
 from pit_compiler.validation import (
     check_auto,
@@ -32,11 +32,9 @@ def detect_micro_tiles(x: torch.Tensor, micro_tile=(32, 1), *, blocked: str = "r
     if blocked not in ("rows", "cols"):
         raise ValueError(f"blocked must be 'rows' or 'cols', got {blocked!r}")
     tile = normalize_micro_tile(micro_tile, x.shape[-2:])
-    if _traced(x):  # torch.compile and fake tensors see one opaque operator
+    if traced(x):  # torch.compile and fake tensors see one opaque operator
         return MicroTileIndex(*detect_op(x, list(tile), blocked))
-    # Eager: the operator's dispatch cost ~14 us of host time a call on a CPU, ~50 on an H100
-    # machine, where detection's own host work is ~18 (attention masks detect on every call).
-    return detect_grid_pieces(x, tile, blocked)
+    return detect_grid_pieces(x, tile, blocked)  # eager: without the operator's dispatch
 
 
 @torch.library.custom_op("pit::detect_micro_tiles", mutates_args=())
@@ -127,7 +125,7 @@ def _sparse_matmul(A, B, sparse, micro_tile, mask, out, form, dense_fallback, de
     if out is None:
         if needs_grad(A, B):
             return sparse_matmul_op(A, B, sparse, list(tile), list(grid_shape), mask, form)[0]
-        if _traced(A, B):
+        if traced(A, B):
             return sparse_matmul_forward_op(A, B, sparse, list(tile), list(grid_shape), mask, form)
         out = torch.empty(out_shape, dtype=A.dtype, device=A.device)
     else:
@@ -145,12 +143,7 @@ def _needs_operator(A: torch.Tensor, B: torch.Tensor) -> bool:
     autograd (it keeps the micro-tile grid for the backward), ``pit.sparse_matmul_forward`` for
     tracing without gradients (``torch.compile``, fake tensors). Other eager calls run the
     kernels directly, without an operator's dispatch."""
-    return needs_grad(A, B) or _traced(A, B)
-
-
-def _traced(*tensors: torch.Tensor) -> bool:
-    """Whether these operands are being traced (``torch.compile``, fake or subclassed tensors)."""
-    return torch.compiler.is_compiling() or any(type(t) is not torch.Tensor for t in tensors)
+    return needs_grad(A, B) or traced(A, B)
 
 
 def select_micro_tile(

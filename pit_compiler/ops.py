@@ -509,6 +509,14 @@ def falls_back_on(device: torch.device) -> bool:
     return weighs_dense_kernels(device) and not capturing_graph(device)
 
 
+def traced(*tensors: torch.Tensor) -> bool:
+    """Whether these tensors are being traced (``torch.compile``, fake or subclassed tensors):
+    then PIT's custom operators are what the graph records. Eager calls skip their dispatch:
+    it cost ~11 us of host time a call on this project's CPU machine, and on an H100 machine a
+    ``detect_micro_tiles`` call through it took 99 us, against ~40 for detection's own work."""
+    return torch.compiler.is_compiling() or any(type(t) is not torch.Tensor for t in tensors)
+
+
 def capturing_graph(device: torch.device) -> bool:
     """Whether ``device``'s current stream is capturing a CUDA graph (``torch.compile`` with
     ``mode="reduce-overhead"``, ``torch.cuda.graph``): no host reads then."""

@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import torch
 
-from pit_compiler.ops import kernel_cache, tvm_dtype
+from pit_compiler.ops import kernel_cache, traced, tvm_dtype
 from pit_compiler.codegen.moe_kernels import moe_kernel
 from pit_compiler.targets import target_for
 
@@ -48,7 +48,9 @@ def expert_index(expert_of: torch.Tensor, num_experts: int, capacity: int | None
     capacity = tokens * top_k if capacity is None else capacity
     if capacity < 0:
         raise ValueError(f"capacity must be >= 0 or None, got {capacity!r}")
-    return ExpertIndex(*expert_index_op(expert_of, num_experts, capacity))
+    if traced(expert_of):
+        return ExpertIndex(*expert_index_op(expert_of, num_experts, capacity))
+    return ExpertIndex(*_expert_index(expert_of, num_experts, capacity))
 
 
 @torch.library.custom_op("pit::expert_index", mutates_args=())
@@ -57,6 +59,11 @@ def expert_index_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(counts, indices, slots)`` of :class:`ExpertIndex`; an opaque operator to torch.compile,
     so a traced MoE layer keeps its TVM call in the graph."""
+    return _expert_index(expert_of, num_experts, capacity)
+
+
+def _expert_index(expert_of: torch.Tensor, num_experts: int, capacity: int) -> tuple:
+    """:func:`expert_index_op`'s work, which eager calls run without the operator's dispatch."""
     tokens, top_k = expert_of.shape
     device = expert_of.device
     counts = torch.empty(num_experts, dtype=torch.int32, device=device)

@@ -65,6 +65,24 @@ def test_expert_index(tokens, num_experts, top_k, capacity, device):
     assert_index_matches(index, expert_of, num_experts, cap)
 
 
+def test_expert_index_runs_eager_calls_without_the_operator(monkeypatch):
+    """The operator is for torch.compile (its graph records it); eager calls skip its dispatch."""
+    from pit_compiler.nn import moe_ops
+
+    dispatched = []
+    original = moe_ops.expert_index_op
+    monkeypatch.setattr(moe_ops, "expert_index_op", lambda *a: dispatched.append(1) or original(*a))
+    expert_of = random_choices(37, 2, 4, seed=3, device="cpu")
+    assert_index_matches(moe_ops.expert_index(expert_of, 4, 37), expert_of, 4, 37)
+    assert dispatched == []
+
+    def counts(choices):
+        return moe_ops.expert_index(choices, 4, 37).counts
+
+    assert torch.equal(torch.compile(counts, backend="eager", fullgraph=True)(expert_of), counts(expert_of))
+    assert dispatched, "the traced call did not go through the operator"
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_expert_index_edge_cases(device):
     """Experts with no tokens, one expert with all, and choices naming no expert are dropped."""
