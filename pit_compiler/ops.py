@@ -391,7 +391,7 @@ def pit_matmul(
     # runs, so the product, or the zeroing of C that the row gather needs, is queued ahead of it.
     listed = RECENT_COUNTS.latest(route.signature) if weigh_dense else UNREAD
     known = listed is not UNREAD and listed is not None
-    dense = known and listed > route.crossover * route.slots
+    dense = known and too_dense(listed, route.crossover, route.slots)
     zeroed = known and not dense and route.zeroes_output and _warpgroup_ready(out)
     if dense:
         torch.matmul(logical_a, logical_b, out=out)  # exact: the unlisted micro-tiles are zero
@@ -670,12 +670,17 @@ def dense_wins(index: MicroTileIndex, crossover: float, call) -> bool:
     copied at most once a millisecond): no wait for the GPU. Only the first call of a signature
     reads its own count back (one sync). Both answers compute the same product, so a stale
     count costs at most speed. Where a call has that count before detecting, :func:`pit_matmul`
-    applies the same rule to it there (``Route.slots``), to queue its choice ahead of detection.
+    applies :func:`too_dense` to it there (``Route.slots``), to queue its choice ahead of detection.
     """
     if index.indices.numel() == 0:
         return False
     slots = index.indices.shape[-1] * index.counts.numel()
-    return RECENT_COUNTS.count(call, index.counts) > crossover * slots
+    return too_dense(RECENT_COUNTS.count(call, index.counts), crossover, slots)
+
+
+def too_dense(listed: int, crossover: float, slots: int) -> bool:
+    """The fallback's rule: more than ``crossover`` of an index's ``slots`` micro-tile slots listed."""
+    return listed > crossover * slots
 
 
 def tensor_core_path(plan: PITPlan, A, B, out) -> str | None:
