@@ -12,6 +12,7 @@ import tvm
 from tvm.target import Target
 
 from pit_compiler.ir import CompilationError
+from pit_compiler.runtime.kept import kept
 from pit_compiler.schedules import template_for
 
 log = logging.getLogger(__name__)
@@ -28,15 +29,10 @@ def kept_per_plan(question):
     answers: dict = {}
 
     @functools.wraps(question)
-    def kept(plan, *facts):
-        key = (plan.signature(), *facts)
-        if key not in answers:
-            if len(answers) > 4096:  # answers of shapes no longer seen are never read again
-                answers.clear()
-            answers[key] = question(plan, *facts)
-        return answers[key]
+    def answer(plan, *facts):
+        return kept(answers, (plan.signature(), *facts), lambda: question(plan, *facts))
 
-    return kept
+    return answer
 
 
 def kernel_key(kind: str, signature: str, dtypes: dict, target: Target, knobs) -> str:

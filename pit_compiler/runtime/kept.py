@@ -1,7 +1,8 @@
 """Answers kept per call signature: bounded memo tables that start over when full.
 
 PIT decides much of each call from its operands' shapes, layouts and dtypes and from the tile
-database's version (routes, detections, tuned knobs, the candidates of ``micro_tile="auto"``).
+database's version (routes, detections, which tensor-core tile serves a plan, tuned knobs, the
+fitted cost models and the candidates of ``micro_tile="auto"``).
 Deriving those took tens of microseconds of host time per call, so each is kept under its key.
 """
 

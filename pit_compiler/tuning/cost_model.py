@@ -165,13 +165,11 @@ _models: dict = {}
 
 def _cached_model(db: TileDatabase, key: str) -> KernelModel | None:
     """``kernel_model`` of an entry, fitted once per version of the database file."""
-    cache_key = (db.serial, db.token(), key)
-    if cache_key not in _models:
-        if len(_models) > 4096:  # models of old versions are never read again
-            _models.clear()
+    def fitted():
         entry = db.get(key)
-        _models[cache_key] = kernel_model(entry) if entry is not None else None
-    return _models[cache_key]
+        return kernel_model(entry) if entry is not None else None
+
+    return kept(_models, (db.serial, db.token(), key), fitted)
 
 
 @dataclass(frozen=True)
