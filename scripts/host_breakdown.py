@@ -44,6 +44,7 @@ STEPS = [
     (ops, "tensor_core_cover", False),
     (ops, "index_for", False),
     (ops, "detect", False),
+    (ops, "detect_as", False),
     (ops, "as_kernel_input", False),
     (ops, "as_words", False),
     (ops, "target_for", False),
