@@ -201,7 +201,7 @@ def warpgroup_knobs(plan, ndim: int, K: int, N: int, dtype: str, b_dtype: str, o
     if plan.form == "reduce" and plan.tile["m"] in (32, 64, 128):
         return template.default(plan.tile["m"], narrow_k=plan.tile["k"] % CHUNK != 0)
     if plan.form == "scatter" and not plan.accumulate:
-        return template.default(128)
+        return template.default(128, row_gather=True)
     return None
 
 
@@ -252,7 +252,7 @@ def _gathered_narrow_chunks(block_m: int) -> WarpgroupMatmul.Knobs:
 @functools.lru_cache(maxsize=None)
 def _shorter_row_tiles() -> tuple:
     """64x128, then 64x64 (built once: knobs check themselves when made, on every call else)."""
-    shorter = WarpgroupMatmul().default(64)
+    shorter = WarpgroupMatmul().default(64, row_gather=True)
     return shorter, replace(shorter, block_n=64)
 
 

@@ -147,7 +147,8 @@ class WarpgroupMatmul:
         # Launch order: consecutive thread blocks take the row tiles of one column tile (the
         # blocks running at once then share B's column panel in L2) instead of the column tiles
         # of one row tile (which share A's rows, but each row tile reads its own listed rows of
-        # B from memory). See :func:`block_tile`.
+        # B from memory). See :func:`block_tile`; the default order is the form's
+        # (:meth:`WarpgroupMatmul.default`).
         row_tiles_first: bool = False
 
         def __post_init__(self):
@@ -196,7 +197,7 @@ class WarpgroupMatmul:
     def is_target_available(self, target: Target) -> bool:
         return target.kind.name == "cuda" and str(target.attrs.get("arch", "")) in ("sm_90", "sm_90a")
 
-    def default(self, block_m: int, narrow_k: bool = False, packed: bool = True) -> Knobs:
+    def default(self, block_m: int, narrow_k: bool = False, packed: bool = True, row_gather: bool = False) -> Knobs:
         """The setting for thread blocks of ``block_m`` rows, as measured on an H200 (8192^3,
         float16, 0 and 90 % sparse): 128 rows run best 256 columns wide, 4 stages, MMAs
         overlapped (0.79 of cuBLAS on dense input); a lone warpgroup (64 rows) best 128 wide,
@@ -208,13 +209,24 @@ class WarpgroupMatmul:
         1.19 packed at 128 or 256 columns and 1.52 gathered in every thread block (256 wide,
         the best without packing: 128 took 2.88). ``packed=False`` (a product too large to
         pack) gives the best unpacked setting; other heights are not measured packed.
+
+        Launch order: blocks of A (the reduce form, whose row blocks list different chunks of
+        k) launch row tiles first; gathered rows (``row_gather``: every row tile reads all of
+        B) column tiles first. H100, 8192^3 float16 at 90 %, tile alone, default order against
+        row tiles first: 32x1 pieces 1.072 against 0.813 ms (0.170 against 0.182 at 99 %),
+        64x64 blocks 0.515 against 0.369, 32x32 0.946 against 0.721; whole rows 0.297 against
+        0.334 (``benchmarks/results/tile-sweep-row-tiles-first-session13-*.log``).
         """
+        shape = self._default_shape(block_m, narrow_k, packed)
+        return shape if row_gather else replace(shape, row_tiles_first=True)
+
+    def _default_shape(self, block_m: int, narrow_k: bool, packed: bool) -> Knobs:
         if block_m == TRANSPOSED_ROWS:  # occupancy is what it lacks: double buffering only
             if narrow_k and packed:
                 return self.Knobs(block_m=block_m, block_n=64, stages=2, overlap=False, pack_a=True)
             return self.Knobs(block_m=block_m, block_n=256 if narrow_k else 128, stages=2, overlap=False)
         if narrow_k and block_m <= 128:
-            return replace(self.default(block_m), block_n=256)
+            return replace(self._default_shape(block_m, False, packed), block_n=256)
         if block_m == 64:
             return self.Knobs(block_m=64, block_n=128, stages=4, overlap=False)
         return self.Knobs(block_m=block_m, block_n=256 if block_m <= 128 else 128)
@@ -225,17 +237,19 @@ class WarpgroupMatmul:
         first; for ``narrow_k`` chunks each with A gathered and packed. ``any_height`` (gathered
         rows, which need no fixed row block): then the other heights' defaults at each width,
         the shorter tiles that fill more SMs where few rows are listed, and the 64-row ones
-        with k split in 2 and 4 (more thread blocks still). Last, the default at each width
-        launched row tiles first (:func:`block_tile`; for narrow chunks, gathered and packed)."""
-        default = first or self.default(block_m, narrow_k)
-        settings = [replace(knobs, pack_a=packed) for packed in ((False, True) if narrow_k else (False,))
+        with k split in 2 and 4 (more thread blocks still). Every setting launches in the
+        default's order; last, the default at each width launched in the other order
+        (:func:`block_tile`; for narrow chunks, gathered and packed)."""
+        default = first or self.default(block_m, narrow_k, row_gather=any_height)
+        order = dict(row_tiles_first=default.row_tiles_first)
+        settings = [replace(knobs, pack_a=packed, **order) for packed in ((False, True) if narrow_k else (False,))
                     for knobs in self._settings(block_m)]
         if any_height:
-            settings += [knobs for height in (128, 64, TRANSPOSED_ROWS) if height != block_m
-                         for knobs in self._widths(self.default(height))]
-            settings += [replace(knobs, split_k=split) for knobs in self._widths(self.default(64))
+            settings += [replace(knobs, **order) for height in (128, 64, TRANSPOSED_ROWS) if height != block_m
+                         for knobs in self._widths(self.default(height, row_gather=True))]
+            settings += [replace(knobs, split_k=split, **order) for knobs in self._widths(self.default(64, row_gather=True))
                          for split in (2, 4) if knobs.block_n <= 128]
-        settings += [replace(knobs, row_tiles_first=True, pack_a=packed) for knobs in self._widths(default)
+        settings += [replace(knobs, row_tiles_first=not default.row_tiles_first, pack_a=packed) for knobs in self._widths(default)
                      for packed in ((False, True) if narrow_k else (default.pack_a,))]
         yield default
         yield from (knobs for knobs in settings if knobs != default)
@@ -278,7 +292,9 @@ def block_tile(bid, row_tiles, tiles_n: int, split: int, row_tiles_first: bool) 
     rows that list different k chunks (32x1 pieces, 64x64 blocks at random) reread a tenth of B
     per row tile at 90 %: at 8192^3 that counts 1.6 (64x64) to 3.3 GB (32x1) read by default,
     and their tile ran 1.46x slower on an H100 than on an H200 (32x1), the ratio of the two
-    memories' bandwidths. Measured on no GPU yet: off by default, in the tuner's space.
+    memories' bandwidths. Launched row tiles first, it ran 24-28 % faster on an H100 (see
+    :meth:`WarpgroupMatmul.default`), where whole rows, which read all of B in every row tile
+    anyway, ran 12 % slower.
     """
     part, tile = bid % split, bid // split
     if row_tiles_first:

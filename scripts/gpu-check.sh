@@ -19,9 +19,10 @@
 #   bash scripts/gpu-check.sh compare    # host time per call and the OPT FFN: a baseline tree carried in .baseline/, then this one
 #   bash scripts/gpu-check.sh session11  # what session 11 ran only in part on a GPU: the warpgroup and sparse_matmul gpu tests, then spmm
 #   bash scripts/gpu-check.sh session12  # the launch order row tiles first: its gpu tests, then the default against it at 8192^3
+#   bash scripts/gpu-check.sh session13  # blocks launched row tiles first by default: their gpu tests, sweeps in that order, the kernels' crossover
 # Logs and results are copied under $OUT when the device tool provides it.
 set -uo pipefail
-stage=${1:?usage: scripts/gpu-check.sh tests|kernels|spmm|tuning|sweep|warpgroup|hopper|tables|packed|rows|auto|recheck|verify|measure|session8|host|compare|session11|session12}
+stage=${1:?usage: scripts/gpu-check.sh tests|kernels|spmm|tuning|sweep|warpgroup|hopper|tables|packed|rows|auto|recheck|verify|measure|session8|host|compare|session11|session12|session13}
 if ls .whl/*.whl > /dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
@@ -133,6 +134,20 @@ case "$stage" in
       "$t::test_every_setting_the_tuner_tries_is_correct[32-(32, 1)]" 2>&1 | tee "$out/gpu-session12.log" | tail -5
     timeout 280 python3 -P scripts/gpu_tile_sweep.py --cases 32x1:0.9,32x1:0.99,64x64:0.9,32x32:0.9,row:0.9 \
       --toggle row_tiles_first --json "$out/sweep-row-tiles-first.json" 2>&1 | tee "$out/sweep-row-tiles-first.log" | tail -14 ;;
+  session13)  # the new default order of blocks: correctness of both orders, the settings in it, where PIT's kernels cross cuBLAS
+    t=tests/codegen/test_warpgroup.py
+    timeout 260 python3 -P -m pytest -q -p no:cacheprovider -m gpu --maxfail=10 "$t" -k "sparse_A_on_warpgroups or other_launch_order" \
+      2>&1 | tee "$out/gpu-session13.log" | tail -4
+    timeout 30 python3 -P scripts/gpu_tile_sweep.py --cases 128x128:0.9,128x16:0.9 --toggle row_tiles_first \
+      --json "$out/sweep-order-128.json" 2>&1 | tee "$out/sweep-session13.log" | tail -4
+    for c in 64x64:0.9 32x32:0.9; do
+      timeout 70 python3 -P scripts/gpu_tile_sweep.py --cases $c --knob row_tiles_first=True --json "$out/sweep-${c%%:*}.json" 2>&1 \
+        | tee -a "$out/sweep-session13.log" | sort -t: -k3 -n | head -4
+    done
+    timeout 60 python3 -P scripts/gpu_tile_sweep.py --cases 32x1:0.9 --knob row_tiles_first=True --knob pack_a=True \
+      --json "$out/sweep-32x1.json" 2>&1 | tee -a "$out/sweep-session13.log" | tail -20
+    timeout 110 python3 -P benchmarks/spmm.py --sizes 8192 --dtypes float16 --micro-tiles 32x1,32x32,64x64 --sparsities 0.5,0.8,0.9 \
+      2>&1 | tee "$out/spmm-crossover.log" | grep -E " (pit_kernel|cublas) " ;;
   sweep)
     timeout 540 python3 -P scripts/gpu_tile_sweep.py --json "$out/sweep.json" 2>&1 | tee "$out/sweep.log" | tail -80 ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;

@@ -37,10 +37,14 @@ from sparse_data import (
 )
 
 Knobs = WarpgroupMatmul.Knobs
-ROWS_64 = Knobs(block_m=64, block_n=128, stages=4, overlap=False)  # a lone warpgroup's default
-ROWS_32 = Knobs(block_m=32, block_n=128, stages=2, overlap=False)  # the transposed tile's
-NARROW_32 = Knobs(block_m=32, block_n=64, stages=2, overlap=False, pack_a=True)  # its default for chunks narrower than 8
-GATHERED_32 = Knobs(block_m=32, block_n=256, stages=2, overlap=False)  # the same where A cannot be packed
+# The defaults of blocks of A (the reduce form), which launch row tiles first:
+ROWS_128 = Knobs(row_tiles_first=True)
+ROWS_64 = Knobs(block_m=64, block_n=128, stages=4, overlap=False, row_tiles_first=True)  # a lone warpgroup's
+ROWS_32 = Knobs(block_m=32, block_n=128, stages=2, overlap=False, row_tiles_first=True)  # the transposed tile's
+NARROW_32 = replace(ROWS_32, block_n=64, pack_a=True)  # its default for chunks narrower than 8
+GATHERED_32 = replace(ROWS_32, block_n=256)  # the same where A cannot be packed
+# Gathered rows launch column tiles first: the default (``Knobs()``) and the shorter tile.
+GATHER_64 = replace(ROWS_64, row_tiles_first=False)
 
 
 def plan_for(tile, M=512, K=256, N=384, sparse="A", form=None, a_transposed=False):
@@ -77,7 +81,7 @@ def test_each_thread_block_takes_one_part_of_one_tile(row_tiles_first, split):
 @pytest.mark.parametrize("block_m", [32, 64, 128])
 def test_space_starts_at_the_default_and_keeps_the_rows(block_m):
     space = list(WarpgroupMatmul().space(block_m))
-    assert space[0] == WarpgroupMatmul().default(block_m) == {32: ROWS_32, 64: ROWS_64, 128: Knobs()}[block_m]
+    assert space[0] == WarpgroupMatmul().default(block_m) == {32: ROWS_32, 64: ROWS_64, 128: ROWS_128}[block_m]
     assert len(set(space)) == len(space) > 8
     assert {k.block_m for k in space} == {block_m}
     assert warpgroup_space(space[0]) == space
@@ -101,7 +105,8 @@ def test_gathered_rows_try_every_height_and_blocks_keep_theirs():
     default = warpgroup_knobs(rows, 2, 256, 384, "float16", "float16", "float16", SM90)
     space = warpgroup_space(default, rows)
     assert space[0] == default == Knobs() and len(set(space)) == len(space)
-    assert {k.block_m for k in space} == {128, 64, 32} and ROWS_64 in space and ROWS_32 in space
+    assert {k.block_m for k in space} == {128, 64, 32} and GATHER_64 in space
+    assert replace(ROWS_32, row_tiles_first=False) in space and not any(k.row_tiles_first for k in space[:-3])
     assert fitting_warpgroup_knobs(default, ROWS_32, rows) == ROWS_32
     blocks = plan_for((64, 64))
     assert fitting_warpgroup_knobs(ROWS_64, ROWS_32, blocks) == ROWS_64  # not its rows
@@ -121,10 +126,10 @@ def test_swizzle_spreads_each_chunk_column_over_eight_rows():
 
 @pytest.mark.parametrize(
     "tile, kw, expected",
-    [((64, 64), {}, ROWS_64), ((128, 8), {}, Knobs(block_m=128)), ((64, 16), dict(dtype="bfloat16"), ROWS_64),
+    [((64, 64), {}, ROWS_64), ((128, 8), {}, ROWS_128), ((64, 16), dict(dtype="bfloat16"), ROWS_64),
      ((64, 64), dict(out="float32"), ROWS_64), ((1, None), {}, Knobs()), ((4, None), dict(dtype="bfloat16"), Knobs()),
      ((32, 32), {}, ROWS_32), ((32, 8), dict(dtype="bfloat16"), ROWS_32), ((32, 1), {}, NARROW_32), ((16, 32), {}, None),
-     ((64, 4), {}, Knobs(block_m=64, block_n=256, stages=4, overlap=False)), ((64, 64), dict(K=100), None), ((1, None), dict(N=100), None),
+     ((64, 4), {}, replace(ROWS_64, block_n=256)), ((64, 64), dict(K=100), None), ((1, None), dict(N=100), None),
      ((64, 64), dict(dtype="float32"), None), ((64, 64), dict(b_dtype="bfloat16"), None), ((64, 64), dict(ndim=3), None),
      ((64, 64), dict(target=Target({"kind": "cuda", "arch": "sm_80"})), None), ((64, 64), dict(target=Target("llvm")), None),
      ((64, 64), dict(a_transposed=True), None), ((1, 32), dict(sparse="B"), None), ((32, 1), dict(form="scatter"), None)],
@@ -155,8 +160,8 @@ def test_serves_blocks_of_32_64_or_128_rows_and_whole_rows(tile, kw, expected):
      ("row_gather", (1,), "float16", "float16", replace(ROWS_64, split_k=4)),
      ("reduce", (64, 64), "bfloat16", "float32", replace(ROWS_64, split_k=3)),
      ("reduce", (32, 1), "bfloat16", "bfloat16", replace(NARROW_32, split_k=2)),
-     ("reduce", (32, 1), "float16", "float16", replace(NARROW_32, row_tiles_first=True)),
-     ("reduce", (64, 64), "float16", "float32", replace(ROWS_64, row_tiles_first=True, split_k=2)),
+     ("reduce", (32, 1), "float16", "float16", replace(NARROW_32, row_tiles_first=False)),
+     ("reduce", (64, 64), "float16", "float32", replace(ROWS_64, row_tiles_first=False, split_k=2)),
      ("row_gather", (1,), "bfloat16", "bfloat16", Knobs(row_tiles_first=True))],
     ids=str,
 )
@@ -264,15 +269,17 @@ def test_split_k_parts_sum_to_the_product(tile, knobs, dtype, out_dtype, split, 
 @pytest.mark.parametrize("split", [1, 3])
 @pytest.mark.parametrize(
     "tile, knobs, dtype, out_dtype",
-    [((1, None), Knobs(), torch.float16, torch.float16), ((4, None), replace(ROWS_64, block_n=64), torch.bfloat16, torch.bfloat16),
+    [((1, None), Knobs(), torch.float16, torch.float16), ((4, None), replace(GATHER_64, block_n=64), torch.bfloat16, torch.bfloat16),
      ((64, 64), ROWS_64, torch.float16, torch.float32), ((32, 32), ROWS_32, torch.bfloat16, torch.bfloat16),
      ((32, 1), NARROW_32, torch.float16, torch.float16), ((32, 1), GATHERED_32, torch.bfloat16, torch.float32),
-     ((128, 8), Knobs(), torch.float16, torch.float16)],
+     ((128, 8), ROWS_128, torch.float16, torch.float16)],
     ids=str,
 )
-def test_row_tiles_first_computes_every_tile(tile, knobs, dtype, out_dtype, split, density, on_warpgroups):
-    """Launched row tiles first (alone and with split k), each tile is computed once, exactly."""
-    check_knobs(tile, replace(knobs, row_tiles_first=True, split_k=split), dtype, out_dtype, density, seed=20 + split)
+def test_the_other_launch_order_computes_every_tile(tile, knobs, dtype, out_dtype, split, density, on_warpgroups):
+    """Launched in the order its form does not take by default (column tiles first for blocks,
+    row tiles first for gathered rows; alone and with split k), each tile is computed once, exactly."""
+    flipped = replace(knobs, row_tiles_first=not knobs.row_tiles_first, split_k=split)
+    check_knobs(tile, flipped, dtype, out_dtype, density, seed=20 + split)
     assert on_warpgroups == [True]
 
 
@@ -477,8 +484,8 @@ def test_a_product_too_large_to_pack_gathers_A(monkeypatch):
 
 @pytest.mark.parametrize(
     "rows, N, chosen",
-    [(None, 8192, Knobs()), (82, 8192, ROWS_64), (410, 8192, Knobs()), (819, 8192, Knobs()),
-     (41, 4096, replace(ROWS_64, block_n=64)), (410, 4096, ROWS_64), (0, 4096, replace(ROWS_64, block_n=64))],
+    [(None, 8192, Knobs()), (82, 8192, GATHER_64), (410, 8192, Knobs()), (819, 8192, Knobs()),
+     (41, 4096, replace(GATHER_64, block_n=64)), (410, 4096, GATHER_64), (0, 4096, replace(GATHER_64, block_n=64))],
     ids=str,
 )
 def test_few_gathered_rows_take_shorter_tiles(rows, N, chosen):
@@ -498,7 +505,7 @@ def test_gathered_rows_pick_their_tile_from_an_earlier_calls_count(monkeypatch):
     tiles = stub_warpgroup_tiles(monkeypatch)
     for knobs in (None, None, ROWS_32):
         assert ops.run_on_warpgroups(plan, A, B, out, index, knobs)
-    assert tiles == [Knobs(), replace(ROWS_64, block_n=64), ROWS_32]
+    assert tiles == [Knobs(), replace(GATHER_64, block_n=64), ROWS_32]
 
 
 def test_under_graph_capture_gathered_rows_keep_the_tile_built_before(monkeypatch):
