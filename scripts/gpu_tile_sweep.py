@@ -37,8 +37,8 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=0, help="at most this many settings per case (0: all)")
     parser.add_argument("--knob", action="append", default=[], metavar="NAME=VALUE",
                         help="keep only the settings with this knob value (repeatable), e.g. block_m=64")
-    parser.add_argument("--toggle", metavar="NAME", default=None,
-                        help="time only the default and the default with this true/false knob flipped, e.g. row_tiles_first")
+    parser.add_argument("--vary", metavar="NAME=V1,V2,...", default=None,
+                        help="time only the default with this knob set to each value, e.g. row_group=1,8,0")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     device, dtype, size = torch.device("cuda"), torch.float16, args.size
@@ -63,8 +63,10 @@ def main() -> None:
         wanted = dict(knob.split("=", 1) for knob in args.knob)
         space = [knobs for knobs in space if all(str(getattr(knobs, k)) == v for k, v in wanted.items())]
         space = space[: args.limit or None]
-        if args.toggle:
-            space = [default, replace(default, **{args.toggle: not getattr(default, args.toggle)})]
+        if args.vary:
+            knob, values = args.vary.split("=", 1)
+            kind = type(getattr(default, knob))
+            space = [replace(default, **{knob: kind(value)}) for value in values.split(",")]
         for knobs in space:
             begin = time.perf_counter()
             try:
