@@ -558,21 +558,27 @@ def dense_crossover(plan: PITPlan, A, B, out) -> float:
 
 
 def _warpgroup_crossover(plan: PITPlan) -> float:
-    """:func:`dense_crossover` of Hopper's warpgroup tile for products as large as 8192^3."""
+    """:func:`dense_crossover` of Hopper's warpgroup tile for products as large as 8192^3.
+
+    Blocks of 32 and 64 rows, launched row tiles first (session 13, H100, 8192^3 float16,
+    ``spmm.py``'s "pit_kernel" and the tile sweep of ``tile-sweep-launch-order-session13-*``):
+    64x64 blocks took 0.78 ms at 20 % listed and ~1.61 at 50 % (tile 1.440 plus the 0.17 of
+    detection and launch measured at 10 %), against cuBLAS's 1.36 on the same operand: the
+    line crosses at 41 %; 32x32 blocks 0.782 at 10 % and 1.454 at 20 % against 1.30: 18 %;
+    32x1 pieces (packed) 0.972 at 10 % and ~1.79 at 20 % (tile 1.625 plus 0.165) against
+    1.33: 14 %. Each is kept here over the 0.93 of 8192^3's call floor (:func:`dense_crossover`
+    multiplies by it). Blocks of 128 rows keep column tiles first and their earlier crossing.
+    """
     if plan.form == "scatter":
         return 0.70
-    crossover = {128: 0.60, 64: 0.40, 32: 0.18}[plan.tile["m"]]
     if plan.tile["k"] % 8 == 0:
-        return crossover
-    # Chunks narrower than 8 columns: on 32 rows A's pieces are packed once per call, and the
-    # tile then took 1.00 ms at 10 % listed where 32x32 blocks took 0.71 (the 32x32 line
-    # crosses cuBLAS at 18 %). Taller blocks gather them element by element in every thread
-    # block: the same ratio measured so on 32 rows (1.51 ms; 32x1 line crossing cuBLAS at 7 %)
-    # is assumed for them. Packed 32x1 pieces at 8192^3 crossed cuBLAS at 12 % listed on an H200
-    # but at 7.4 % on an H100 (1.515 ms at 10 % and 0.598 at 1 %, cuBLAS 1.25): the lower is
-    # kept (0.08 x the 0.9 of 8192^3's call floor), as running dense where PIT would have won
-    # by a few percent costs less than the reverse.
-    return 0.08 if plan.tile["m"] == 32 else round(crossover * 0.4, 2)
+        return {128: 0.60, 64: 0.44, 32: 0.19}[plan.tile["m"]]
+    # Chunks narrower than 8 columns. Taller blocks than 32 rows gather them element by element
+    # in every thread block: the ratio measured so on 32 rows before packing (1.51 ms against
+    # 0.71 for 32x32 blocks at 10 % listed; a 32x1 line crossing cuBLAS at 7 %) is assumed
+    # for them, against their blocks' crossing before session 13 (0.60 and 0.40 rows of 128
+    # and 64: not measured since).
+    return {128: 0.24, 64: 0.16, 32: 0.15}[plan.tile["m"]]
 
 
 # A PIT call on Hopper costs about this much however little is listed (detection, launches,

@@ -24,8 +24,8 @@ operations. What PIT needs of it:
   listed chunks), read from the index on the device: no host sync.
 - **SWrite in the epilogue.** Each thread writes its accumulators to the output row the
   :class:`Access` names (a scatter for gathered rows), cast to the output dtype.
-- **Launch order** (knob ``row_group``): which tiles run at once, so which operand L2 keeps
-  (:func:`block_tile`).
+- **Launch order** (knob ``row_tiles_first``): which tiles run at once, so which operand L2
+  keeps (:func:`block_tile`).
 - **Split k** (knob ``split_k``). Few thread blocks (a few gathered rows, each walking all of k)
   leave SMs idle; ``split_k`` thread blocks then share each tile's k steps, and each adds its
   partial sums to C with atomics (C zeroed before; float16 and bfloat16 outputs add in pairs,
@@ -66,7 +66,6 @@ REGISTERS_PER_SM = 64 * 1024
 SWIZZLE_128B = 3  # the descriptor's layout code for the 128-byte swizzle
 SWIZZLE_ATOM_BYTES = 1024  # eight 128-byte rows: the stride between row groups of 8
 SPLITS = (1, 2, 3, 4, 6, 8)  # thread blocks per tile along k
-ROW_GROUPS = (1, 4, 8, 16, 32, 0)  # row tiles launched down each column tile (0: all of them)
 
 # Per output dtype: the device function that adds 16 bytes of staged results to C, where split
 # k's parts meet, and the element and the 4-byte unit it adds atomically (pairs of 16-bit values).
@@ -130,7 +129,7 @@ class WarpgroupMatmul:
     tiles, ``row`` and ``k`` (``k_source``) from an :class:`Access`."""
 
     name = "warpgroup_matmul"
-    version = 4  # 2: split k; 3: launch order; 4: launch order by groups of row tiles
+    version = 3  # 2: split k; 3: launch order
 
     @dataclass(frozen=True)
     class Knobs:
@@ -145,11 +144,12 @@ class WarpgroupMatmul:
         pack_a: bool = False
         # Thread blocks per tile, each summing a share of its k steps into C with atomics.
         split_k: int = 1
-        # Launch order: consecutive thread blocks take ``row_group`` row tiles of one column
-        # tile, then the same row tiles of the next column tile; 1: column tiles first (the
-        # blocks running at once share A's rows), 0: all row tiles (they share B's column
-        # panel). See :func:`block_tile`; the default is the form's (:meth:`WarpgroupMatmul.default`).
-        row_group: int = 1
+        # Launch order: consecutive thread blocks take the row tiles of one column tile (the
+        # blocks running at once then share B's column panel in L2) instead of the column tiles
+        # of one row tile (which share A's rows, but each row tile reads its own listed rows of
+        # B from memory). See :func:`block_tile`; the default order is the form's
+        # (:meth:`WarpgroupMatmul.default`).
+        row_tiles_first: bool = False
 
         def __post_init__(self):
             check(
@@ -162,7 +162,6 @@ class WarpgroupMatmul:
             )
             check(self.stages >= (3 if self.overlap else 2), f"stages must be >= {3 if self.overlap else 2}, got {self.stages!r}")
             check(self.split_k in SPLITS, f"split_k must be one of {SPLITS}, got {self.split_k!r}")
-            check(self.row_group in ROW_GROUPS, f"row_group must be one of {ROW_GROUPS} (0: all row tiles), got {self.row_group!r}")
             check(
                 self.shared_bytes <= MAX_SHARED_BYTES,
                 f"{self.stages} stages of a {self.block_m}x{self.block_n} tile need {self.shared_bytes} bytes "
@@ -211,23 +210,24 @@ class WarpgroupMatmul:
         the best without packing: 128 took 2.88). ``packed=False`` (a product too large to
         pack) gives the best unpacked setting; other heights are not measured packed.
 
-        Launch order (``row_group``, :func:`block_tile`): blocks of 32 or 64 rows of A (the
-        reduce form: row blocks list different chunks of k) launch row tiles first; blocks of
-        128 rows and gathered rows (``row_gather``: every row tile reads all of B) column tiles
-        first. H100, 8192^3 float16 at 90 %, tile alone, column tiles first against row tiles
-        first: 32x1 pieces 1.072 against 0.813 ms (0.182 against 0.170 at 99 %), 64x64 blocks
-        0.515 against 0.369, 32x32 0.946 against 0.721; but 128x128 blocks 0.348 against 0.371,
-        128x16 0.406 against 0.494, and whole rows 0.297 against 0.334
-        (``benchmarks/results/tile-sweep-row-tiles-first-session13-*.log``). Row tiles first,
-        64x64 blocks ran best 256 columns wide with 2 stages: 0.323 ms against 0.364 at 128
-        columns and 4 stages, the best column tiles first (same sweep).
+        Launch order: blocks of 32 or 64 rows of A (the reduce form: row blocks list different
+        chunks of k) launch row tiles first; blocks of 128 rows and gathered rows
+        (``row_gather``: every row tile reads all of B) column tiles first. H100, 8192^3
+        float16 at 90 %, tile alone, column tiles first against row tiles first: 32x1 pieces
+        1.072 against 0.813 ms (0.182 against 0.170 at 99 %), 64x64 blocks 0.515 against 0.369,
+        32x32 0.946 against 0.721; but 128x128 blocks 0.348 against 0.371, 128x16 0.406 against
+        0.494, and whole rows 0.297 against 0.334. Row tiles first, 64x64 blocks ran best 256
+        columns wide with 2 stages: 0.323 ms at 90 % against 0.364 at 128 columns and 4 stages
+        (1.440 against 1.792 at 50 %, 0.089 against 0.100 at 99 %). Groups of 4 to 32 row tiles
+        down each column tile, between the two orders, ran slower than the better of them in
+        every case measured (``benchmarks/results/tile-sweep-launch-order-session13-*.log``).
         """
         shape = self._default_shape(block_m, narrow_k, packed)
         if row_gather or block_m > 64:
             return shape
         if block_m == 64 and not narrow_k:
             shape = replace(shape, block_n=256, stages=2)
-        return replace(shape, row_group=0)
+        return replace(shape, row_tiles_first=True)
 
     def _default_shape(self, block_m: int, narrow_k: bool, packed: bool) -> Knobs:
         if block_m == TRANSPOSED_ROWS:  # occupancy is what it lacks: double buffering only
@@ -247,10 +247,10 @@ class WarpgroupMatmul:
         rows, which need no fixed row block): then the other heights' defaults at each width,
         the shorter tiles that fill more SMs where few rows are listed, and the 64-row ones
         with k split in 2 and 4 (more thread blocks still). Every setting launches in the
-        default's order; last, the default launched in each other order (:data:`ROW_GROUPS`,
-        :func:`block_tile`; for narrow chunks, gathered and packed)."""
+        default's order; last, the default at each width launched in the other order
+        (:func:`block_tile`; for narrow chunks, gathered and packed)."""
         default = first or self.default(block_m, narrow_k, row_gather=any_height)
-        order = dict(row_group=default.row_group)
+        order = dict(row_tiles_first=default.row_tiles_first)
         settings = [replace(knobs, pack_a=packed, **order) for packed in ((False, True) if narrow_k else (False,))
                     for knobs in self._settings(block_m)]
         if any_height:
@@ -258,9 +258,10 @@ class WarpgroupMatmul:
                          for knobs in self._widths(self.default(height, row_gather=True))]
             settings += [replace(knobs, split_k=split, **order) for knobs in self._widths(self.default(64, row_gather=True))
                          for split in (2, 4) if knobs.block_n <= 128]
-        settings += [replace(default, row_group=group, pack_a=packed) for group in ROW_GROUPS
+        settings += [replace(knobs, row_tiles_first=not default.row_tiles_first, pack_a=packed) for knobs in self._widths(default)
                      for packed in ((False, True) if narrow_k else (default.pack_a,))]
-        yield from dict.fromkeys([default, *settings])  # each once, in order
+        yield default
+        yield from (knobs for knobs in settings if knobs != default)
 
     def _widths(self, knobs: Knobs) -> Iterator[Knobs]:
         for block_n in (256, 128, 64):
@@ -289,38 +290,25 @@ class WarpgroupMatmul:
         return _kernel(knobs, K, N, dtype, out_dtype, access)
 
 
-def block_tile(bid, row_tiles, tiles_n: int, split: int, row_group: int) -> tuple:
+def block_tile(bid, row_tiles, tiles_n: int, split: int, row_tiles_first: bool) -> tuple:
     """``(row tile, column tile, part of k)`` of thread block ``bid`` (TIR expressions or ints).
 
-    The parts of one tile are adjacent. Then ``row_group`` row tiles of one column tile follow
-    each other, then the same row tiles of the next column tile, and after the last column
-    tile the next group of row tiles (the last group may be shorter). With 1 (column tiles
-    first) the thread blocks running at once share one row tile's A, and each row tile reads
-    its listed rows of B again; with 0 (all row tiles: row tiles first) they read one column
-    panel of B (8192 x 256 half-precision values is 4 MiB), which stays in L2 while every row
-    tile passes over it, and each column tile reads A again. Between them, a group keeps both
-    a band of A and a few panels of B in L2.
-
-    Blocks of 32 or 64 rows that list different k chunks (32x1 pieces, 64x64 blocks at random)
-    reread a tenth of B per row tile at 90 %: at 8192^3 that counts 1.6 (64x64) to 3.3 GB
-    (32x1) read with column tiles first, and their tile ran 1.46x slower on an H100 than on an
-    H200 (32x1), the ratio of the two memories' bandwidths. Row tiles first, it ran 24-28 %
-    faster on an H100 (see :meth:`WarpgroupMatmul.default`).
+    The parts of one tile are adjacent. By default the column tiles of one row tile follow each
+    other: the thread blocks running at once share that row tile's A, and each row tile reads
+    its listed rows of B again. With ``row_tiles_first`` the row tiles of one column tile follow
+    each other: those running at once read one column panel of B (8192 x 256 half-precision
+    values is 4 MiB), which stays in L2 while every row tile passes over it. Blocks of 32 or 64
+    rows that list different k chunks (32x1 pieces, 64x64 blocks at random) reread a tenth of B
+    per row tile at 90 %: at 8192^3 that counts 1.6 (64x64) to 3.3 GB (32x1) read by default,
+    and their tile ran 1.46x slower on an H100 than on an H200 (32x1), the ratio of the two
+    memories' bandwidths. Launched row tiles first, it ran 24-28 % faster on an H100 (see
+    :meth:`WarpgroupMatmul.default`), where whole rows, which read all of B in every row tile
+    anyway, ran 12 % slower, and blocks of 128 rows, which reread B 4 times less, 7-22 %.
     """
     part, tile = bid % split, bid // split
-    if row_group == 1:
-        return tile // tiles_n, tile % tiles_n, part
-    if row_group == 0:
+    if row_tiles_first:
         return tile % row_tiles, tile // row_tiles, part
-    first = tile // (row_group * tiles_n) * row_group  # the group's first row tile
-    rows = _least(row_group, row_tiles - first)  # row tiles in this group
-    within = tile - first * tiles_n
-    return first + within % rows, within // rows, part
-
-
-def _least(a, b):
-    """``min`` of ints, or of TIR expressions."""
-    return min(a, b) if isinstance(a, int) and isinstance(b, int) else tirx.min(a, b)
+    return tile // tiles_n, tile % tiles_n, part
 
 
 def swizzled(row, chunk):
@@ -379,7 +367,7 @@ def _kernel(knobs, K: int, N: int, dtype: str, out_dtype: str, access: Access):
         acc = T.alloc_buffer((ACC,), "float32", scope="local")
         desc_a: T.uint64
         desc_b: T.uint64
-        t, column_tile, part = T.meta_var(block_tile(bid, access.row_tiles(ops, BM), TILES_N, SPLIT, knobs.row_group))
+        t, column_tile, part = T.meta_var(block_tile(bid, access.row_tiles(ops, BM), TILES_N, SPLIT, knobs.row_tiles_first))
         n0 = T.meta_var(column_tile * BN)
         group = T.meta_var(tx // WARPGROUP)
         # Split k: this thread block's share of the tile's steps, from step ``k_first`` on.

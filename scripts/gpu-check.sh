@@ -20,10 +20,10 @@
 #   bash scripts/gpu-check.sh session11  # what session 11 ran only in part on a GPU: the warpgroup and sparse_matmul gpu tests, then spmm
 #   bash scripts/gpu-check.sh session12  # the launch order row tiles first: its gpu tests, then the default against it at 8192^3
 #   bash scripts/gpu-check.sh session13  # blocks launched row tiles first by default: their gpu tests, sweeps in that order, the kernels' crossover
-#   bash scripts/gpu-check.sh groups     # launch orders by groups of row tiles: their gpu tests, then every group size at 8192^3
+#   bash scripts/gpu-check.sh tables13   # the README's tables at 8192^3: float16 one call and back to back, bfloat16 one call
 # Logs and results are copied under $OUT when the device tool provides it.
 set -uo pipefail
-stage=${1:?usage: scripts/gpu-check.sh tests|kernels|spmm|tuning|sweep|warpgroup|hopper|tables|packed|rows|auto|recheck|verify|measure|session8|host|compare|session11|session12|session13|groups}
+stage=${1:?usage: scripts/gpu-check.sh tests|kernels|spmm|tuning|sweep|warpgroup|hopper|tables|packed|rows|auto|recheck|verify|measure|session8|host|compare|session11|session12|session13|tables13}
 if ls .whl/*.whl > /dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
@@ -131,15 +131,15 @@ case "$stage" in
       | grep -E " (pit|pit_kernel|cublas) " ;;
   session12)  # row_tiles_first (measured on no GPU when written): correctness, then the default with and without it
     t=tests/codegen/test_warpgroup.py
-    timeout 240 python3 -P -m pytest -q -p no:cacheprovider -m gpu --maxfail=10 "$t::test_row_tiles_first_computes_every_tile" \
+    timeout 240 python3 -P -m pytest -q -p no:cacheprovider -m gpu --maxfail=10 "$t::test_the_other_launch_order_computes_every_tile" \
       "$t::test_every_setting_the_tuner_tries_is_correct[32-(32, 1)]" 2>&1 | tee "$out/gpu-session12.log" | tail -5
     timeout 280 python3 -P scripts/gpu_tile_sweep.py --cases 32x1:0.9,32x1:0.99,64x64:0.9,32x32:0.9,row:0.9 \
-      --toggle row_tiles_first --json "$out/sweep-row-tiles-first.json" 2>&1 | tee "$out/sweep-row-tiles-first.log" | tail -14 ;;
+      --vary row_tiles_first=false,true --json "$out/sweep-row-tiles-first.json" 2>&1 | tee "$out/sweep-row-tiles-first.log" | tail -14 ;;
   session13)  # the new default order of blocks: correctness of both orders, the settings in it, where PIT's kernels cross cuBLAS
     t=tests/codegen/test_warpgroup.py
     timeout 260 python3 -P -m pytest -q -p no:cacheprovider -m gpu --maxfail=10 "$t" -k "sparse_A_on_warpgroups or other_launch_order" \
       2>&1 | tee "$out/gpu-session13.log" | tail -4
-    timeout 30 python3 -P scripts/gpu_tile_sweep.py --cases 128x128:0.9,128x16:0.9 --toggle row_tiles_first \
+    timeout 30 python3 -P scripts/gpu_tile_sweep.py --cases 128x128:0.9,128x16:0.9 --vary row_tiles_first=false,true \
       --json "$out/sweep-order-128.json" 2>&1 | tee "$out/sweep-session13.log" | tail -4
     for c in 64x64:0.9 32x32:0.9; do
       timeout 70 python3 -P scripts/gpu_tile_sweep.py --cases $c --knob row_tiles_first=True --json "$out/sweep-${c%%:*}.json" 2>&1 \
@@ -149,15 +149,15 @@ case "$stage" in
       --json "$out/sweep-32x1.json" 2>&1 | tee -a "$out/sweep-session13.log" | tail -20
     timeout 110 python3 -P benchmarks/spmm.py --sizes 8192 --dtypes float16 --micro-tiles 32x1,32x32,64x64 --sparsities 0.5,0.8,0.9 \
       2>&1 | tee "$out/spmm-crossover.log" | grep -E " (pit_kernel|cublas) " ;;
-  groups)  # the sweeps' logs go to one file: the device tool brings back at most 8
-    timeout 200 python3 -P -m pytest -q -p no:cacheprovider -m gpu --maxfail=10 tests/codegen/test_warpgroup.py -k "other_launch_orders" \
-      2>&1 | tee "$out/gpu-groups.log" | tail -3
-    timeout 60 python3 -P scripts/gpu_tile_sweep.py --cases 64x64:0.5,64x64:0.99 --knob block_n=128 --knob stages=4 --knob overlap=False \
-      --knob row_group=0 --json "$out/sweep-64x64-before.json" 2>&1 | tee "$out/sweep-groups.log" | tail -2
-    timeout 240 python3 -P scripts/gpu_tile_sweep.py --vary row_group=1,4,8,16,32,0 --json "$out/sweep-groups.json" \
-      --cases 128x128:0.9,128x16:0.9,64x64:0.5,64x64:0.8,64x64:0.9,64x64:0.99,32x32:0.9,32x1:0.9,row:0.9 2>&1 | tee -a "$out/sweep-groups.log" | tail -56
-    timeout 40 python3 -P scripts/gpu_tile_sweep.py --cases 32x1:0.8,32x32:0.8 --vary row_group=0 --json "$out/sweep-crossover.json" \
-      2>&1 | tee -a "$out/sweep-groups.log" | tail -3 ;;
+  tables13)  # each spmm run merges its records into the results file before the next starts
+    cases=(--micro-tiles row,32x1,32x32,64x64 --merge)
+    timeout 170 python3 -P benchmarks/spmm.py --sizes 8192 --dtypes float16 --sparsities 0,0.5,0.9,0.99 "${cases[@]}" 2>&1 \
+      | tee "$out/spmm.log" | grep -E " (pit|pit_kernel|cublas) "
+    timeout 120 python3 -P benchmarks/spmm.py --sizes 8192 --dtypes float16 --batch 10 --sparsities 0.9,0.99 "${cases[@]}" 2>&1 \
+      | tee -a "$out/spmm.log" | grep -E " (pit|cublas) "
+    timeout 170 python3 -P benchmarks/spmm.py --sizes 8192 --dtypes bfloat16 --sparsities 0,0.5,0.9,0.99 "${cases[@]}" 2>&1 \
+      | tee -a "$out/spmm.log" | grep -E " (pit|cublas) "
+    grep -E "checked=False|Error" "$out/spmm.log" | head ;;
   sweep)
     timeout 540 python3 -P scripts/gpu_tile_sweep.py --json "$out/sweep.json" 2>&1 | tee "$out/sweep.log" | tail -80 ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;

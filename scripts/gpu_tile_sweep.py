@@ -38,7 +38,7 @@ def main() -> None:
     parser.add_argument("--knob", action="append", default=[], metavar="NAME=VALUE",
                         help="keep only the settings with this knob value (repeatable), e.g. block_m=64")
     parser.add_argument("--vary", metavar="NAME=V1,V2,...", default=None,
-                        help="time only the default with this knob set to each value, e.g. row_group=1,8,0")
+                        help="time only the default with this knob set to each value, e.g. row_tiles_first=false,true")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     device, dtype, size = torch.device("cuda"), torch.float16, args.size
@@ -66,7 +66,8 @@ def main() -> None:
         if args.vary:
             knob, values = args.vary.split("=", 1)
             kind = type(getattr(default, knob))
-            space = [replace(default, **{knob: kind(value)}) for value in values.split(",")]
+            parse = (lambda text: text.lower() in ("1", "true")) if kind is bool else kind
+            space = [replace(default, **{knob: parse(value)}) for value in values.split(",")]
         for knobs in space:
             begin = time.perf_counter()
             try:

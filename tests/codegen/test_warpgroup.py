@@ -25,7 +25,7 @@ from pit_compiler.codegen.warpgroup import (
 )
 from pit_compiler.ir import InvalidKnobs, SparsityAttr, plan_pit
 from pit_compiler.runtime import KernelCache, RecentCounts
-from pit_compiler.schedules.warpgroup_matmul import ROW_GROUPS, WarpgroupMatmul, block_tile, swizzled
+from pit_compiler.schedules.warpgroup_matmul import WarpgroupMatmul, block_tile, swizzled
 from cuda_build import SM90, assert_compiles_for_sm90
 from sparse_data import (
     assert_matches_reference,
@@ -37,11 +37,10 @@ from sparse_data import (
 )
 
 Knobs = WarpgroupMatmul.Knobs
-T_BID, T_ROWS = tvm.tirx.Var("bid", "int32"), tvm.tirx.Var("row_tiles", "int32")
 # The defaults of blocks of A (the reduce form); those of 32 and 64 rows launch row tiles first:
 ROWS_128 = Knobs()
-ROWS_64 = Knobs(block_m=64, block_n=256, stages=2, overlap=False, row_group=0)  # a lone warpgroup's
-ROWS_32 = Knobs(block_m=32, block_n=128, stages=2, overlap=False, row_group=0)  # the transposed tile's
+ROWS_64 = Knobs(block_m=64, block_n=256, stages=2, overlap=False, row_tiles_first=True)  # a lone warpgroup's
+ROWS_32 = Knobs(block_m=32, block_n=128, stages=2, overlap=False, row_tiles_first=True)  # the transposed tile's
 NARROW_32 = replace(ROWS_32, block_n=64, pack_a=True)  # its default for chunks narrower than 8
 GATHERED_32 = replace(ROWS_32, block_n=256)  # the same where A cannot be packed
 # Gathered rows launch column tiles first: the default (``Knobs()``) and the shorter tile.
@@ -67,23 +66,16 @@ def test_knobs_refuse_what_cannot_launch(knobs, problem):
         Knobs(**knobs)
 
 
-@pytest.mark.parametrize("row_group", [1, 2, 4, 0])
+@pytest.mark.parametrize("row_tiles_first", [False, True])
 @pytest.mark.parametrize("split", [1, 3])
-def test_each_thread_block_takes_one_part_of_one_tile(row_group, split):
+def test_each_thread_block_takes_one_part_of_one_tile(row_tiles_first, split):
     """The launch order: every (row tile, column tile, part of k) once; a tile's parts adjacent,
-    then the next row tile of the group down the column tile, or the next column tile (groups
-    of 1); a group's row tiles over every column tile before the next group's."""
+    then the next row tile of the column tile (row tiles first) or the next column tile."""
     row_tiles, tiles_n = 5, 7
-    taken = [block_tile(bid, row_tiles, tiles_n, split, row_group) for bid in range(row_tiles * tiles_n * split)]
+    taken = [block_tile(bid, row_tiles, tiles_n, split, row_tiles_first) for bid in range(row_tiles * tiles_n * split)]
     assert sorted(taken) == [(t, c, p) for t in range(row_tiles) for c in range(tiles_n) for p in range(split)]
     assert taken[:split] == [(0, 0, part) for part in range(split)]
-    assert taken[split] == ((0, 1, 0) if row_group == 1 else (1, 0, 0))
-    group = row_group or row_tiles
-    for first in range(0, row_tiles, group):  # each group's blocks in one run, column by column
-        blocks = taken[first * tiles_n * split:(first + group) * tiles_n * split]
-        assert {t for t, _, _ in blocks} == set(range(first, min(first + group, row_tiles)))
-        assert [c for _, c, _ in blocks] == sorted(c for _, c, _ in blocks)
-    assert all(isinstance(e, tvm.tirx.Expr) for e in block_tile(T_BID, T_ROWS, 7, split, row_group))  # and in TIR
+    assert taken[split] == ((1, 0, 0) if row_tiles_first else (0, 1, 0))
 
 
 @pytest.mark.parametrize("block_m", [32, 64, 128])
@@ -114,7 +106,7 @@ def test_gathered_rows_try_every_height_and_blocks_keep_theirs():
     space = warpgroup_space(default, rows)
     assert space[0] == default == Knobs() and len(set(space)) == len(space)
     assert {k.block_m for k in space} == {128, 64, 32} and GATHER_64 in space
-    assert replace(ROWS_32, row_group=1) in space and {k.row_group for k in space[:-len(ROW_GROUPS)]} == {1}
+    assert replace(ROWS_32, row_tiles_first=False) in space and not any(k.row_tiles_first for k in space[:-3])
     assert fitting_warpgroup_knobs(default, ROWS_32, rows) == ROWS_32
     blocks = plan_for((64, 64))
     assert fitting_warpgroup_knobs(ROWS_64, ROWS_32, blocks) == ROWS_64  # not its rows
@@ -137,7 +129,7 @@ def test_swizzle_spreads_each_chunk_column_over_eight_rows():
     [((64, 64), {}, ROWS_64), ((128, 8), {}, ROWS_128), ((64, 16), dict(dtype="bfloat16"), ROWS_64),
      ((64, 64), dict(out="float32"), ROWS_64), ((1, None), {}, Knobs()), ((4, None), dict(dtype="bfloat16"), Knobs()),
      ((32, 32), {}, ROWS_32), ((32, 8), dict(dtype="bfloat16"), ROWS_32), ((32, 1), {}, NARROW_32), ((16, 32), {}, None),
-     ((64, 4), {}, replace(GATHER_64, block_n=256, row_group=0)), ((64, 64), dict(K=100), None), ((1, None), dict(N=100), None),
+     ((64, 4), {}, replace(GATHER_64, block_n=256, row_tiles_first=True)), ((64, 64), dict(K=100), None), ((1, None), dict(N=100), None),
      ((64, 64), dict(dtype="float32"), None), ((64, 64), dict(b_dtype="bfloat16"), None), ((64, 64), dict(ndim=3), None),
      ((64, 64), dict(target=Target({"kind": "cuda", "arch": "sm_80"})), None), ((64, 64), dict(target=Target("llvm")), None),
      ((64, 64), dict(a_transposed=True), None), ((1, 32), dict(sparse="B"), None), ((32, 1), dict(form="scatter"), None)],
@@ -168,9 +160,9 @@ def test_serves_blocks_of_32_64_or_128_rows_and_whole_rows(tile, kw, expected):
      ("row_gather", (1,), "float16", "float16", replace(ROWS_64, split_k=4)),
      ("reduce", (64, 64), "bfloat16", "float32", replace(ROWS_64, split_k=3)),
      ("reduce", (32, 1), "bfloat16", "bfloat16", replace(NARROW_32, split_k=2)),
-     ("reduce", (32, 1), "float16", "float16", replace(NARROW_32, row_group=1)),
-     ("reduce", (64, 64), "float16", "float32", replace(ROWS_64, row_group=8, split_k=2)),
-     ("row_gather", (1,), "bfloat16", "bfloat16", Knobs(row_group=0))],
+     ("reduce", (32, 1), "float16", "float16", replace(NARROW_32, row_tiles_first=False)),
+     ("reduce", (64, 64), "float16", "float32", replace(ROWS_64, row_tiles_first=False, split_k=2)),
+     ("row_gather", (1,), "bfloat16", "bfloat16", Knobs(row_tiles_first=True))],
     ids=str,
 )
 def test_builds_warpgroup_mma_for_sm90a(form, shape, dtype, out, knobs, tmp_path):
@@ -283,14 +275,12 @@ def test_split_k_parts_sum_to_the_product(tile, knobs, dtype, out_dtype, split, 
      ((128, 8), ROWS_128, torch.float16, torch.float16)],
     ids=str,
 )
-def test_the_other_launch_orders_compute_every_tile(tile, knobs, dtype, out_dtype, split, density, on_warpgroups):
-    """Launched in the orders its form does not take by default (column tiles first, row tiles
-    first, groups of 4 row tiles with a shorter last group; alone and with split k), each tile
-    is computed once, exactly."""
-    others = [group for group in (1, 4, 0) if group != knobs.row_group]
-    for group in others:
-        check_knobs(tile, replace(knobs, row_group=group, split_k=split), dtype, out_dtype, density, seed=20 + split)
-    assert on_warpgroups == [True] * len(others)
+def test_the_other_launch_order_computes_every_tile(tile, knobs, dtype, out_dtype, split, density, on_warpgroups):
+    """Launched in the order its form does not take by default (column tiles first for blocks,
+    row tiles first for gathered rows; alone and with split k), each tile is computed once, exactly."""
+    flipped = replace(knobs, row_tiles_first=not knobs.row_tiles_first, split_k=split)
+    check_knobs(tile, flipped, dtype, out_dtype, density, seed=20 + split)
+    assert on_warpgroups == [True]
 
 
 def check_knobs(tile, knobs, dtype, out_dtype, density, seed):
