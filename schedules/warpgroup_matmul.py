@@ -221,9 +221,15 @@ class WarpgroupMatmul:
         (1.440 against 1.792 at 50 %, 0.089 against 0.100 at 99 %). Groups of 4 to 32 row tiles
         down each column tile, between the two orders, ran slower than the better of them in
         every case measured (``benchmarks/results/tile-sweep-launch-order-session13-*.log``).
+        Where A is gathered element by element in every thread block (narrow chunks not
+        packed), column tiles first: the thread blocks of a row block then read A's scattered
+        elements while they are in cache. 32x1 pieces at 99 %, gathered and 256 wide, took
+        0.92-0.94 ms through ``sparse_matmul`` row tiles first, against 0.46-0.54 column tiles
+        first the session before (H100, ``spmm-session13-*.log``).
         """
         shape = self._default_shape(block_m, narrow_k, packed)
-        if row_gather or block_m > 64:
+        gathers_a = narrow_k and not (packed and block_m == TRANSPOSED_ROWS)
+        if row_gather or block_m > 64 or gathers_a:
             return shape
         if block_m == 64 and not narrow_k:
             shape = replace(shape, block_n=256, stages=2)

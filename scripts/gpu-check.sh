@@ -21,9 +21,10 @@
 #   bash scripts/gpu-check.sh session12  # the launch order row tiles first: its gpu tests, then the default against it at 8192^3
 #   bash scripts/gpu-check.sh session13  # blocks launched row tiles first by default: their gpu tests, sweeps in that order, the kernels' crossover
 #   bash scripts/gpu-check.sh tables13   # the README's tables at 8192^3: float16 one call and back to back, bfloat16 one call
+#   bash scripts/gpu-check.sh narrow13   # 32x1 pieces with very few listed: gathered (each launch order) against packed, then spmm
 # Logs and results are copied under $OUT when the device tool provides it.
 set -uo pipefail
-stage=${1:?usage: scripts/gpu-check.sh tests|kernels|spmm|tuning|sweep|warpgroup|hopper|tables|packed|rows|auto|recheck|verify|measure|session8|host|compare|session11|session12|session13|tables13}
+stage=${1:?usage: scripts/gpu-check.sh tests|kernels|spmm|tuning|sweep|warpgroup|hopper|tables|packed|rows|auto|recheck|verify|measure|session8|host|compare|session11|session12|session13|tables13|narrow13}
 if ls .whl/*.whl > /dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
@@ -158,6 +159,13 @@ case "$stage" in
     timeout 170 python3 -P benchmarks/spmm.py --sizes 8192 --dtypes bfloat16 --sparsities 0,0.5,0.9,0.99 "${cases[@]}" 2>&1 \
       | tee -a "$out/spmm.log" | grep -E " (pit|cublas) "
     grep -E "checked=False|Error" "$out/spmm.log" | head ;;
+  narrow13)
+    timeout 90 python3 -P scripts/gpu_tile_sweep.py --cases 32x1:0.99,32x1:0.97 --knob block_n=256 --knob stages=2 --knob overlap=False \
+      --knob pack_a=False --json "$out/sweep-narrow-gathered.json" 2>&1 | tee "$out/sweep-narrow.log" | tail -4
+    timeout 60 python3 -P scripts/gpu_tile_sweep.py --cases 32x1:0.99,32x1:0.97 --vary row_tiles_first=true \
+      --json "$out/sweep-narrow-packed.json" 2>&1 | tee -a "$out/sweep-narrow.log" | tail -2
+    timeout 150 python3 -P benchmarks/spmm.py --sizes 8192 --dtypes float16,bfloat16 --micro-tiles 32x1 --sparsities 0.97,0.99 --merge \
+      2>&1 | tee "$out/spmm-narrow.log" | grep -E " (pit|pit_kernel|cublas) " ;;
   sweep)
     timeout 540 python3 -P scripts/gpu_tile_sweep.py --json "$out/sweep.json" 2>&1 | tee "$out/sweep.log" | tail -80 ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;

@@ -42,7 +42,7 @@ ROWS_128 = Knobs()
 ROWS_64 = Knobs(block_m=64, block_n=256, stages=2, overlap=False, row_tiles_first=True)  # a lone warpgroup's
 ROWS_32 = Knobs(block_m=32, block_n=128, stages=2, overlap=False, row_tiles_first=True)  # the transposed tile's
 NARROW_32 = replace(ROWS_32, block_n=64, pack_a=True)  # its default for chunks narrower than 8
-GATHERED_32 = replace(ROWS_32, block_n=256)  # the same where A cannot be packed
+GATHERED_32 = replace(ROWS_32, block_n=256, row_tiles_first=False)  # the same where A is not packed
 # Gathered rows launch column tiles first: the default (``Knobs()``) and the shorter tile.
 GATHER_64 = Knobs(block_m=64, block_n=128, stages=4, overlap=False)
 
@@ -129,7 +129,7 @@ def test_swizzle_spreads_each_chunk_column_over_eight_rows():
     [((64, 64), {}, ROWS_64), ((128, 8), {}, ROWS_128), ((64, 16), dict(dtype="bfloat16"), ROWS_64),
      ((64, 64), dict(out="float32"), ROWS_64), ((1, None), {}, Knobs()), ((4, None), dict(dtype="bfloat16"), Knobs()),
      ((32, 32), {}, ROWS_32), ((32, 8), dict(dtype="bfloat16"), ROWS_32), ((32, 1), {}, NARROW_32), ((16, 32), {}, None),
-     ((64, 4), {}, replace(GATHER_64, block_n=256, row_tiles_first=True)), ((64, 64), dict(K=100), None), ((1, None), dict(N=100), None),
+     ((64, 4), {}, replace(GATHER_64, block_n=256)), ((64, 64), dict(K=100), None), ((1, None), dict(N=100), None),
      ((64, 64), dict(dtype="float32"), None), ((64, 64), dict(b_dtype="bfloat16"), None), ((64, 64), dict(ndim=3), None),
      ((64, 64), dict(target=Target({"kind": "cuda", "arch": "sm_80"})), None), ((64, 64), dict(target=Target("llvm")), None),
      ((64, 64), dict(a_transposed=True), None), ((1, 32), dict(sparse="B"), None), ((32, 1), dict(form="scatter"), None)],
