@@ -226,29 +226,6 @@ def row_gather_knobs(default: WarpgroupMatmul.Knobs, rows: int | None, N: int, s
     return candidates[-1]
 
 
-# Below this share of narrow chunks listed, 32-row blocks run unpacked and 256 columns wide.
-# From an H200 (8192^3 float16, kernels with detection): packed and 64 wide, 0.589 ms at 1 %
-# listed and 1.11 at 10 %; gathered and 256 wide, 0.422 and 1.63 (the session before): the
-# lines through them cross at 3.2 %.
-PACK_FROM = 0.032
-
-
-def narrow_chunk_knobs(default: WarpgroupMatmul.Knobs, listed: int | None, slots: int) -> WarpgroupMatmul.Knobs:
-    """Knobs for 32-row blocks of chunks narrower than 8 columns, ``listed`` of ``slots`` listed
-    (None: not known yet): ``default`` (A packed, 64 columns wide) or, with very few listed,
-    A gathered and 256 wide: the packed tile's thread blocks then hold one or two k steps each,
-    and 4 times as many of them cost more than the gathering they save."""
-    if listed is None or listed >= PACK_FROM * slots:
-        return default
-    return _gathered_narrow_chunks(default.block_m)
-
-
-@functools.lru_cache(maxsize=None)
-def _gathered_narrow_chunks(block_m: int) -> WarpgroupMatmul.Knobs:
-    """The unpacked default of narrow chunks (built once: knobs check themselves when made)."""
-    return WarpgroupMatmul().default(block_m, narrow_k=True, packed=False)
-
-
 @functools.lru_cache(maxsize=None)
 def _shorter_row_tiles() -> tuple:
     """64x128, then 64x64 (built once: knobs check themselves when made, on every call else)."""

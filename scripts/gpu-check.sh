@@ -22,9 +22,10 @@
 #   bash scripts/gpu-check.sh session13  # blocks launched row tiles first by default: their gpu tests, sweeps in that order, the kernels' crossover
 #   bash scripts/gpu-check.sh tables13   # the README's tables at 8192^3: float16 one call and back to back, bfloat16 one call
 #   bash scripts/gpu-check.sh narrow13   # 32x1 pieces with very few listed: gathered (each launch order) against packed, then spmm
+#   bash scripts/gpu-check.sh packed13   # spmm of 32x1 pieces with very few listed, now always packed
 # Logs and results are copied under $OUT when the device tool provides it.
 set -uo pipefail
-stage=${1:?usage: scripts/gpu-check.sh tests|kernels|spmm|tuning|sweep|warpgroup|hopper|tables|packed|rows|auto|recheck|verify|measure|session8|host|compare|session11|session12|session13|tables13|narrow13}
+stage=${1:?usage: scripts/gpu-check.sh tests|kernels|spmm|tuning|sweep|warpgroup|hopper|tables|packed|rows|auto|recheck|verify|measure|session8|host|compare|session11|session12|session13|tables13|narrow13|packed13}
 if ls .whl/*.whl > /dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
@@ -166,6 +167,9 @@ case "$stage" in
       --json "$out/sweep-narrow-packed.json" 2>&1 | tee -a "$out/sweep-narrow.log" | tail -2
     timeout 150 python3 -P benchmarks/spmm.py --sizes 8192 --dtypes float16,bfloat16 --micro-tiles 32x1 --sparsities 0.97,0.99 --merge \
       2>&1 | tee "$out/spmm-narrow.log" | grep -E " (pit|pit_kernel|cublas) " ;;
+  packed13)
+    timeout 150 python3 -P benchmarks/spmm.py --sizes 8192 --dtypes float16,bfloat16 --micro-tiles 32x1 --sparsities 0.97,0.99 --merge \
+      2>&1 | tee "$out/spmm-packed.log" | grep -E " (pit|pit_kernel|cublas|pit_detect) " ;;
   sweep)
     timeout 540 python3 -P scripts/gpu_tile_sweep.py --json "$out/sweep.json" 2>&1 | tee "$out/sweep.log" | tail -80 ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;

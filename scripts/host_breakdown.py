@@ -64,7 +64,6 @@ STEPS = [
     (ops, "_tile_by_count", False),
     (ops, "capturing_graph", False),
     (ops, "row_gather_knobs", False),
-    (ops, "narrow_chunk_knobs", False),
     (ops, "_aligned", False),
     (cost_model, "tuned_knobs", False),
     (cost_model, "tile_database", False),
