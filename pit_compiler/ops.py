@@ -572,11 +572,10 @@ def _warpgroup_crossover(plan: PITPlan) -> float:
         return 0.70
     if plan.tile["k"] % 8 == 0:
         return {128: 0.60, 64: 0.44, 32: 0.19}[plan.tile["m"]]
-    # Chunks narrower than 8 columns. Taller blocks than 32 rows gather them element by element
-    # in every thread block: the ratio measured so on 32 rows before packing (1.51 ms against
-    # 0.71 for 32x32 blocks at 10 % listed; a 32x1 line crossing cuBLAS at 7 %) is assumed
-    # for them, against their blocks' crossing before session 13 (0.60 and 0.40 rows of 128
-    # and 64: not measured since).
+    # Chunks narrower than 8 columns: packed on 32 rows (0.15, above). Taller blocks gather
+    # them element by element in every thread block, not measured so: their crossovers stay
+    # at 0.4 of what their blocks' were before session 13 (0.60 and 0.40), the ratio measured
+    # on 32 rows before packing (1.51 ms against 0.71 for 32x32 blocks at 10 % listed).
     return {128: 0.24, 64: 0.16, 32: 0.15}[plan.tile["m"]]
 
 
