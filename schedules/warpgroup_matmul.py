@@ -198,11 +198,14 @@ class WarpgroupMatmul:
         return target.kind.name == "cuda" and str(target.attrs.get("arch", "")) in ("sm_90", "sm_90a")
 
     def default(self, block_m: int, narrow_k: bool = False, packed: bool = True, row_gather: bool = False) -> Knobs:
-        """The setting for thread blocks of ``block_m`` rows, as measured on an H200 (8192^3,
-        float16, 0 and 90 % sparse): 128 rows run best 256 columns wide, 4 stages, MMAs
-        overlapped (0.79 of cuBLAS on dense input); a lone warpgroup (64 rows) best 128 wide,
-        4 stages, not overlapped (0.44: each thread block reloads B for its 64 rows); the
-        transposed 32-row tile 128 wide with 2 stages (0.25, 5 thread blocks per SM).
+        """The setting for thread blocks of ``block_m`` rows: gathered rows (``row_gather``)
+        or blocks of A (the reduce form).
+
+        Shape, as measured on an H200 (8192^3, float16, 0 and 90 % sparse, column tiles first):
+        128 rows run best 256 columns wide, 4 stages, MMAs overlapped (0.79 of cuBLAS on dense
+        input); a lone warpgroup (64 rows) best 128 wide, 4 stages, not overlapped (0.44: each
+        thread block reloads B for its 64 rows), which gathered rows keep; the transposed
+        32-row tile 128 wide with 2 stages (0.25, 5 thread blocks per SM).
 
         ``narrow_k``: chunks of k narrower than 8 columns. On 32 rows, A's listed pieces packed
         once per call (``pack_a``) and 64 columns wide: 1.00 ms at 90 % (32x1 pieces), against
@@ -210,22 +213,22 @@ class WarpgroupMatmul:
         the best without packing: 128 took 2.88). ``packed=False`` (a product too large to
         pack) gives the best unpacked setting; other heights are not measured packed.
 
-        Launch order: blocks of 32 or 64 rows of A (the reduce form: row blocks list different
-        chunks of k) launch row tiles first; blocks of 128 rows and gathered rows
-        (``row_gather``: every row tile reads all of B) column tiles first. H100, 8192^3
-        float16 at 90 %, tile alone, column tiles first against row tiles first: 32x1 pieces
-        1.072 against 0.813 ms (0.182 against 0.170 at 99 %), 64x64 blocks 0.515 against 0.369,
-        32x32 0.946 against 0.721; but 128x128 blocks 0.348 against 0.371, 128x16 0.406 against
-        0.494, and whole rows 0.297 against 0.334. Row tiles first, 64x64 blocks ran best 256
-        columns wide with 2 stages: 0.323 ms at 90 % against 0.364 at 128 columns and 4 stages
-        (1.440 against 1.792 at 50 %, 0.089 against 0.100 at 99 %). Groups of 4 to 32 row tiles
-        down each column tile, between the two orders, ran slower than the better of them in
-        every case measured (``benchmarks/results/tile-sweep-launch-order-session13-*.log``).
-        Where A is gathered element by element in every thread block (narrow chunks not
-        packed), column tiles first: the thread blocks of a row block then read A's scattered
-        elements while they are in cache. 32x1 pieces at 99 %, gathered and 256 wide, took
-        0.92-0.94 ms through ``sparse_matmul`` row tiles first, against 0.46-0.54 column tiles
-        first the session before (H100, ``spmm-session13-*.log``).
+        Launch order (:func:`block_tile`), H100, 8192^3 float16 at 90 %, tile alone, column
+        tiles first against row tiles first: 32x1 pieces 1.072 against 0.813 ms (0.182 against
+        0.170 at 99 %), 64x64 blocks 0.515 against 0.369, 32x32 0.946 against 0.721; but
+        128x128 blocks 0.348 against 0.371, 128x16 0.406 against 0.494, and whole rows 0.297
+        against 0.334. So blocks of 32 or 64 rows (row blocks that list different chunks of k)
+        launch row tiles first; blocks of 128 rows and gathered rows (every row tile reads all
+        of B) column tiles first; and so does A gathered element by element in every thread
+        block (narrow chunks not packed), whose thread blocks of one row block then read A's
+        scattered elements while they are in cache: 32x1 pieces at 99 %, gathered and 256 wide,
+        took 0.92-0.94 ms through ``sparse_matmul`` row tiles first, against 0.46-0.54 column
+        tiles first the session before. Row tiles first, 64x64 blocks ran best 256 columns wide
+        with 2 stages: 0.323 ms at 90 % against 0.364 at 128 columns and 4 stages (1.440
+        against 1.792 at 50 %, 0.089 against 0.100 at 99 %). Groups of 4 to 32 row tiles down
+        each column tile, between the two orders, ran slower than the better of them in every
+        case measured. (``benchmarks/results/tile-sweep-launch-order-session13-*.log`` and
+        ``spmm-session13-*.log``.)
         """
         shape = self._default_shape(block_m, narrow_k, packed)
         gathers_a = narrow_k and not (packed and block_m == TRANSPOSED_ROWS)
