@@ -231,7 +231,7 @@ class WarpgroupMatmul:
         ``spmm-session13-*.log``.)
         """
         shape = self._default_shape(block_m, narrow_k, packed)
-        gathers_a = narrow_k and not (packed and block_m == TRANSPOSED_ROWS)
+        gathers_a = narrow_k and not shape.pack_a  # element by element, in every thread block
         if row_gather or block_m > 64 or gathers_a:
             return shape
         if block_m == 64 and not narrow_k:

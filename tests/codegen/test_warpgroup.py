@@ -276,8 +276,9 @@ def test_split_k_parts_sum_to_the_product(tile, knobs, dtype, out_dtype, split, 
     ids=str,
 )
 def test_the_other_launch_order_computes_every_tile(tile, knobs, dtype, out_dtype, split, density, on_warpgroups):
-    """Launched in the order its form does not take by default (column tiles first for blocks,
-    row tiles first for gathered rows; alone and with split k), each tile is computed once, exactly."""
+    """Launched in the order its setting does not take by default (row tiles first where that
+    is column tiles first, and the reverse; alone and with split k), each tile is computed once,
+    exactly."""
     flipped = replace(knobs, row_tiles_first=not knobs.row_tiles_first, split_k=split)
     check_knobs(tile, flipped, dtype, out_dtype, density, seed=20 + split)
     assert on_warpgroups == [True]
