@@ -13,6 +13,9 @@ thread block's rows and k positions come from.
 - Row gather (whole rows or runs of ``rpc`` rows of A): gathered row ``g`` is row
   ``idx[0, g // rpc] * rpc + g % rpc``; thread blocks past the listed rows do nothing, and each
   row's result is written straight to its own row of C (C's unlisted rows are zeroed before).
+- Strips (row pieces of one k chunk, ``rpc x bk``: 1x32, 1x64 ...): each chunk of k lists its own
+  rows, gathered as above per chunk; their products are added to a float32 C zeroed before
+  (:mod:`..schedules.warpgroup_strips`).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from pit_compiler.schedules.warpgroup_matmul import (
     hopper_target,
 )
 
+from pit_compiler.schedules import warpgroup_strips
 from pit_compiler.schedules.common import PARALLEL_LOOPS
 
 from .build import CompilationError, compile_primfunc, default_knobs, kept_per_plan, kernel_key
@@ -129,10 +133,7 @@ def row_gather_access(rows_per_chunk: int, K: int, block_m: int) -> Access:
     """Thread block ``t`` computes gathered rows ``t * block_m ...`` (see the module docstring)."""
 
     def row(ops, t, r):
-        g = t * block_m + r
-        chunk = g // rows_per_chunk
-        row = ops.Idx[0, tirx.min(chunk, ops.P - 1)] * rows_per_chunk + g % rows_per_chunk
-        return row, tirx.all(chunk < ops.Cnt[0], row < ops.M)
+        return warpgroup_strips.gathered_row(ops.Cnt, ops.Idx, ops.M, ops.P, 0, t * block_m + r, rows_per_chunk)
 
     return Access(
         name=f"row gather rpc={rows_per_chunk}",
@@ -148,7 +149,8 @@ def row_gather_access(rows_per_chunk: int, K: int, block_m: int) -> Access:
 def warpgroup_kernel(form: str, shape: tuple, K: int, N: int, dtype: str, out_dtype: str, target: Target,
                      cache: KernelCache, knobs: WarpgroupMatmul.Knobs):
     """The compiled ``main(A, B, cnt, idx, C)`` of ``form`` ("reduce" with ``shape = (bm, bk)``,
-    "row_gather" with ``shape = (rows_per_chunk,)``)."""
+    "row_gather" with ``shape = (rows_per_chunk,)``, "strips" with ``shape = (rows_per_chunk, bk)``,
+    whose C is float32 whatever ``out_dtype``)."""
     import tvm
 
     template = WarpgroupMatmul()
@@ -156,11 +158,12 @@ def warpgroup_kernel(form: str, shape: tuple, K: int, N: int, dtype: str, out_dt
     key = kernel_key("warpgroup", signature, {"in": dtype, "out": out_dtype}, target, knobs)
 
     def build():
-        if form == "reduce":
-            access = (packed_access if knobs.pack_a else reduce_access)(*shape, K)
+        if form == "strips":
+            func = warpgroup_strips.kernel(knobs, K, N, *shape, dtype)
+        elif form == "reduce":
+            func = template.kernel(knobs, K, N, dtype, out_dtype, (packed_access if knobs.pack_a else reduce_access)(*shape, K))
         else:
-            access = row_gather_access(*shape, K, knobs.block_m)
-        func = template.kernel(knobs, K, N, dtype, out_dtype, access)
+            func = template.kernel(knobs, K, N, dtype, out_dtype, row_gather_access(*shape, K, knobs.block_m))
         try:
             return tvm.compile(tvm.IRModule({"main": func}), target=hopper_target(target), tir_pipeline="tirx")
         except Exception as error:  # TVM raises many types; the user gets one, with the cause
@@ -180,8 +183,9 @@ def warpgroup_knobs(plan, ndim: int, K: int, N: int, dtype: str, b_dtype: str, o
     K and N multiples of 8 (16-byte rows), on sm_90: the reduce form of blocks of 32 (the
     transposed tile), 64 or 128 rows (one thread block each), their chunks of k copied 8
     columns at a time where they are multiples of 8, else packed first (on 32 rows) or
-    element by element (32x1 pieces); and whole rows (row gather; the default tile is 128 rows,
-    :func:`row_gather_knobs` picks shorter ones for few rows). Asked on every call: answers are kept.
+    element by element (32x1 pieces); whole rows (row gather; the default tile is 128 rows,
+    :func:`row_gather_knobs` picks shorter ones for few rows); and row pieces of k chunks 8 to 64
+    columns wide (strips: 1x32, 1x64 ...). Asked on every call: answers are kept.
     """
     template = WarpgroupMatmul()
     applies = (
@@ -202,7 +206,18 @@ def warpgroup_knobs(plan, ndim: int, K: int, N: int, dtype: str, b_dtype: str, o
         return template.default(plan.tile["m"], narrow_k=plan.tile["k"] % CHUNK != 0)
     if plan.form == "scatter" and not plan.accumulate:
         return template.default(128, row_gather=True)
+    if plan.form == "scatter" and warpgroup_strips.serves_chunk(plan.tile["m"], plan.tile["k"]):
+        return warpgroup_strips.default()
     return None
+
+
+def warpgroup_form(plan) -> tuple[str, tuple]:
+    """``(form, shape)`` of :func:`warpgroup_kernel` that computes ``plan``."""
+    if plan.form == "reduce":
+        return "reduce", (plan.tile["m"], plan.tile["k"])
+    if plan.accumulate:
+        return "strips", (plan.tile["m"], plan.tile["k"])
+    return "row_gather", (plan.tile["m"],)
 
 
 def row_gather_knobs(default: WarpgroupMatmul.Knobs, rows: int | None, N: int, sms: int) -> WarpgroupMatmul.Knobs:
@@ -235,16 +250,27 @@ def _shorter_row_tiles() -> tuple:
 
 def fitting_warpgroup_knobs(default: WarpgroupMatmul.Knobs, tuned, plan) -> WarpgroupMatmul.Knobs:
     """``tuned`` (from the tile database or the tuner) where it fits the call's rows (any
-    height for gathered rows, the row block's own for blocks), else ``default``."""
-    fits = isinstance(tuned, WarpgroupMatmul.Knobs) and (plan.form != "reduce" or tuned.block_m == default.block_m)
-    return tuned if fits else default
+    height for gathered rows, the row block's own for blocks, a setting the strips kernel has
+    for strips), else ``default``."""
+    if not isinstance(tuned, WarpgroupMatmul.Knobs):
+        return default
+    if plan.form == "reduce":
+        return tuned if tuned.block_m == default.block_m else default
+    if plan.accumulate:
+        try:
+            warpgroup_strips.check_knobs(tuned)
+        except ValueError:
+            return default
+    return tuned
 
 
 def warpgroup_space(default: WarpgroupMatmul.Knobs, plan=None) -> list[WarpgroupMatmul.Knobs]:
     """The settings the tuner measures for ``plan``, ``default`` first: columns, stages and MMA
     overlap vary; the rows are fixed for blocks (one row block per thread block) and vary for
     gathered rows, which are also split along k; for chunks narrower than 8 columns A is
-    gathered or packed first."""
+    gathered or packed first. Strips: :func:`~pit_compiler.schedules.warpgroup_strips.space`."""
+    if plan is not None and plan.accumulate:
+        return warpgroup_strips.space(default)
     narrow = plan is not None and plan.form == "reduce" and plan.tile["k"] % CHUNK != 0
     rows = plan is not None and plan.form != "reduce"
     return list(WarpgroupMatmul().space(default.block_m, first=default, narrow_k=narrow, any_height=rows))

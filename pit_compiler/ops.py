@@ -20,6 +20,7 @@ from pit_compiler.codegen.warpgroup import (
     pack_kernel,
     packed_columns,
     row_gather_knobs,
+    warpgroup_form,
     warpgroup_kernel,
     warpgroup_knobs,
 )
@@ -435,7 +436,7 @@ class Route(NamedTuple):
     signature: tuple  # :func:`call_signature`
     detection: DetectionArgs | None  # how an unmasked call detects its index (:func:`detection_args`)
     slots: int  # micro-tile slots of that index, which :func:`dense_wins` weighs the listed against
-    zeroes_output: bool  # the row gather on warpgroups runs: C is zeroed first (:func:`run_on_warpgroups`)
+    zeroes_output: bool  # gathered rows or strips write ``out`` on warpgroups: it is zeroed first (:func:`run_on_warpgroups`)
 
 
 # Route per call signature (its shapes, strides, dtypes, device and options). Every call asks,
@@ -484,7 +485,12 @@ def _derive_route(A, B, out, sparse, tile, grid_shape, form, unmasked, cover, un
         detection = detection_args(plan, tile, False, plan.sparse.upper())
         operand = {"A": A, "B": B}[sparse]
         slots = math.prod(index_shape((1, *operand.shape) if operand.dim() == 2 else operand.shape, detection))
-    zeroes_output = plan.form != "reduce" and warpgroup_knobs(plan, *facts) is not None
+    # Gathered rows and strips on warpgroups zero C before they write it (strips: a float32 C).
+    zeroes_output = (
+        plan.form != "reduce"
+        and (not plan.accumulate or out.dtype == torch.float32)
+        and warpgroup_knobs(plan, *facts) is not None
+    )
     return Route(
         False, a_transposed, b_transposed, compact_b, flipped, plan, tuple(tile), tuple(grid_shape),
         reads_row_blocks(plan), facts, dense_crossover(plan, A, B, out), call_signature(plan, A, B),
@@ -538,6 +544,8 @@ def dense_crossover(plan: PITPlan, A, B, out) -> float:
     """
     facts = _call_facts(A, B, out)
     if warpgroup_knobs(plan, *facts) is not None:
+        if plan.accumulate:
+            return round(strips_crossover(A.shape[-2], facts[1], facts[2], plan.tile["k"]), 4)
         return round(_warpgroup_crossover(plan) * _room_above_call_floor(A.shape[-2], facts[1], facts[2]), 3)
     path = tensor_core_kernel(plan, *facts)
     if path == "row_gather":
@@ -577,6 +585,28 @@ def _warpgroup_crossover(plan: PITPlan) -> float:
     # at 0.4 of what their blocks' were before session 13 (0.60 and 0.40), the ratio measured
     # on 32 rows before packing (1.51 ms against 0.71 for 32x32 blocks at 10 % listed).
     return {128: 0.24, 64: 0.16, 32: 0.15}[plan.tile["m"]]
+
+
+# The strips kernel's time (row pieces of k chunks, :mod:`~pit_compiler.schedules.warpgroup_strips`),
+# detection and its float32 C's zeroing and cast included: fixed + per output element + per add.
+# Fitted to "pit_kernel" of ``benchmarks/spmm.py`` on an H100 (float16; 8192^3, 1x32 pieces at 1,
+# 2, 5 and 10 % listed: 0.78, 1.02, 1.71, 3.10 ms; 1x64 at the same: 0.64, 0.79, 1.15, 1.74;
+# 4096^3, 1x32 at 1 %: 0.196): L2 adds ~6.7e11 float32 values a second, four per reduction.
+STRIPS_FIXED_MS = 0.042
+STRIPS_MS_PER_OUTPUT = 7.3e-9  # zeroing C, casting it (float32 C: 12 bytes an element), detection
+STRIPS_MS_PER_ADD = 1.49e-9
+
+
+def strips_crossover(M: int, K: int, N: int, bk: int) -> float:
+    """:func:`dense_crossover` of the strips kernel: the share of listed pieces at which its time
+    (each listed piece adds ``N`` values to each of its rows: ``share * M * K / bk * N`` adds in
+    all) reaches cuBLAS's. At 8192^3: 3.6 % for 1x32 pieces (measured: between 2 and 5 %), 7.3 %
+    for 1x64 (between 5 and 10 %); at 4096^3, 0.6 % and 1.2 % (1x32 at 1 % ran 0.196 ms against
+    cuBLAS's 0.171, 1x64 0.179 against 0.172); none under about 3850^3."""
+    dense_ms = 2 * M * K * N / DENSE_FLOP_PER_MS
+    fixed_ms = STRIPS_FIXED_MS + STRIPS_MS_PER_OUTPUT * M * N
+    all_listed_ms = STRIPS_MS_PER_ADD * M * -(-K // bk) * N
+    return max(0.0, (dense_ms - fixed_ms) / all_listed_ms) if all_listed_ms > 0 else 0.0
 
 
 # A PIT call on Hopper costs about this much however little is listed (detection, launches,
@@ -689,8 +719,9 @@ def too_dense(listed: int, crossover: float, slots: int) -> bool:
 
 def tensor_core_path(plan: PITPlan, A, B, out) -> str | None:
     """The dedicated tensor-core kernel that computes ``plan`` on these (storage-order) operands:
-    ``"row_gather"``, ``"reduce"``, or None where the template-scheduled kernel runs. The tuner
-    asks too, so that it times the kernel run time will use."""
+    ``"row_gather"``, ``"reduce"``, ``"strips"`` (row pieces of k chunks, on Hopper), or None where
+    the template-scheduled kernel runs. The tuner asks too, so that it times the kernel run time
+    will use."""
     return tensor_core_kernel(plan, *_call_facts(A, B, out))
 
 
@@ -698,7 +729,7 @@ def tensor_core_kernel(plan: PITPlan, ndim: int, K: int, N: int, dtype: str, b_d
     """:func:`tensor_core_path` from what it depends on: the operands' rank, K and N, their TVM
     dtypes and the target (the tuner and the cost model ask before any operand exists)."""
     if warpgroup_knobs(plan, ndim, K, N, dtype, b_dtype, out_dtype, target) is not None:
-        return "reduce" if plan.form == "reduce" else "row_gather"
+        return warpgroup_form(plan)[0]
     if _row_gather_fits(plan, ndim, K, N, dtype, b_dtype, out_dtype, target):
         return "row_gather"
     if _reduce_tile_default(plan, ndim, K, N, dtype, b_dtype, out_dtype, target) is not None:
@@ -781,9 +812,14 @@ def run_on_warpgroups(
         knobs = _tile_by_count(plan, A, B, index, default, N, listed)
     knobs = fitting_warpgroup_knobs(default, knobs, plan)
     A, B = _aligned(A), _aligned(B)
-    C = out if _warpgroup_ready(out) else torch.empty_like(out, memory_format=torch.contiguous_format)
-    if plan.form == "reduce":
-        form, shape = "reduce", (plan.tile["m"], plan.tile["k"])
+    form, shape = warpgroup_form(plan)
+    if form == "strips":  # partial sums of several chunks meet in C: added in float32
+        out_dtype = "float32"
+        direct = out.dtype == torch.float32 and _warpgroup_ready(out)
+        C = out if direct else torch.empty(out.shape, dtype=torch.float32, device=out.device)
+    else:
+        C = out if _warpgroup_ready(out) else torch.empty_like(out, memory_format=torch.contiguous_format)
+    if form == "reduce":
         width = packed_columns(shape[1], K)
         if knobs.pack_a and A.shape[0] * width > MAX_ELEMENTS:  # the packed copy: 32-bit indexing too
             unpacked = WarpgroupMatmul().default(knobs.block_m, narrow_k=True, packed=False)
@@ -793,10 +829,8 @@ def run_on_warpgroups(
             packed = torch.empty(A.shape[0], width, dtype=A.dtype, device=A.device)
             pack_kernel(*shape, K, dtype, target, kernel_cache())(A, index.counts[0], index.indices[0], packed)
             A = packed
-    else:
-        form, shape = "row_gather", (plan.tile["m"],)
-        if not (zeroed and C is out):
-            C.zero_()  # the kernel writes the listed rows only
+    elif not (zeroed and C is out):
+        C.zero_()  # gathered rows: the kernel writes the listed rows only; strips add to C
     if knobs.split_k > 1 and form == "reduce":
         C.zero_()  # the parts of each tile add to it
     kernel = warpgroup_kernel(form, shape, K, N, dtype, out_dtype, target, kernel_cache(), knobs)
@@ -822,7 +856,7 @@ def _tile_by_count(plan: PITPlan, A, B, index: MicroTileIndex, default, N: int, 
     While a CUDA graph is captured: the tile of the signature's last call before (its kernel
     built then: none is loaded during a capture), and nothing is posted.
     """
-    if plan.form == "reduce":
+    if plan.form == "reduce" or plan.accumulate:  # blocks, strips: one tile whatever the count
         return default
     call = call_signature(plan, A, B)
     if capturing_graph(A.device):

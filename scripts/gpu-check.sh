@@ -23,10 +23,12 @@
 #   bash scripts/gpu-check.sh tables13   # the README's tables at 8192^3: float16 one call and back to back, bfloat16 one call
 #   bash scripts/gpu-check.sh narrow13   # 32x1 pieces with very few listed: gathered (each launch order) against packed, then spmm
 #   bash scripts/gpu-check.sh packed13   # spmm of 32x1 pieces with very few listed, now always packed
-#   bash scripts/gpu-check.sh pending    # what no GPU ran after session 13: every tuner setting of 64x32, 128x8, 2-row chunks; 4096^3; models
+#   bash scripts/gpu-check.sh session14  # every tuner setting of 64x32, 128x8, 2-row chunks (unrun since split k); spmm of 1x32 and 1x64
+#   bash scripts/gpu-check.sh tables14   # the 4096^3 spmm table and benchmarks/models.py, unrun since session 13
+#   bash scripts/gpu-check.sh strips     # row pieces of k chunks on their warpgroup kernel: gpu tests, every setting, spmm of 1x32 and 1x64
 # Logs and results are copied under $OUT when the device tool provides it.
 set -uo pipefail
-stage=${1:?usage: scripts/gpu-check.sh tests|kernels|spmm|tuning|sweep|warpgroup|hopper|tables|packed|rows|auto|recheck|verify|measure|session8|host|compare|session11|session12|session13|tables13|narrow13|packed13|pending}
+stage=${1:?usage: scripts/gpu-check.sh tests|kernels|spmm|tuning|sweep|warpgroup|hopper|tables|packed|rows|auto|recheck|verify|measure|session8|host|compare|session11|session12|session13|tables13|narrow13|packed13|session14|tables14|strips}
 if ls .whl/*.whl > /dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
@@ -171,13 +173,30 @@ case "$stage" in
   packed13)
     timeout 150 python3 -P benchmarks/spmm.py --sizes 8192 --dtypes float16,bfloat16 --micro-tiles 32x1 --sparsities 0.97,0.99 --merge \
       2>&1 | tee "$out/spmm-packed.log" | grep -E " (pit|pit_kernel|cublas|pit_detect) " ;;
-  pending)  # every setting since split k and the launch order (64 rows now row tiles first), then the tables session 13 left
+  session14)  # what no GPU ran after session 13 (every tuner setting of 64x32, 128x8, 2-row chunks), then spmm of the strips
     t=tests/codegen/test_warpgroup.py::test_every_setting_the_tuner_tries_is_correct
     timeout 280 python3 -P -m pytest -q -p no:cacheprovider -m gpu --maxfail=10 "$t[64-(64, 32)]" "$t[128-(128, 8)]" "$t[64-(2, None)]" \
       2>&1 | tee "$out/gpu-pending.log" | tail -4
+    timeout 200 python3 -P benchmarks/spmm.py --sizes 4096,8192 --dtypes float16,bfloat16 --micro-tiles 1x32,1x64 \
+      --sparsities 0,0.5,0.9,0.95,0.99 --merge 2>&1 | tee "$out/spmm-strips.log" | grep -E " (pit|cublas) " ;;
+  tables14)  # the 4096^3 table and the models, which session 13 left unrun
     timeout 90 python3 -P benchmarks/spmm.py --sizes 4096 --dtypes float16 --micro-tiles row,32x1,32x32,64x64 --sparsities 0,0.5,0.9,0.99 \
       --merge 2>&1 | tee "$out/spmm.log" | grep -E " (pit|cublas) "
     timeout "${MODELS_TIMEOUT:-180}" python3 -P benchmarks/models.py 2>&1 | tee "$out/models.log" | grep -E "eager|pit " ;;
+  strips)  # row pieces of k chunks (1x32, 1x64, ...) on their own warpgroup kernel: gpu tests, every setting, spmm
+    t=tests/codegen/test_warpgroup.py
+    python3 -P -m pytest -q -p no:cacheprovider -m gpu --collect-only "$t" 2>/dev/null \
+      | grep -E "\((1|2), (8|16|24|32|64)\)|graph_capture" > /tmp/strip-tests
+    echo "$(wc -l < /tmp/strip-tests) strip tests"
+    tr '\n' '\0' < /tmp/strip-tests | timeout 170 xargs -0 python3 -P -m pytest -q -p no:cacheprovider -m gpu --maxfail=10 \
+      2>&1 | tee "$out/gpu-strips.log" | tail -6
+    for c in ${STRIP_SWEEPS:-1x32:0.99 1x32:0.9 1x64:0.95}; do
+      timeout 65 python3 -P scripts/gpu_tile_sweep.py --cases $c --json "$out/sweep-${c/:/-}.json" 2>&1 \
+        | tee -a "$out/sweep-strips.log" | sort -t: -k3 -n | head -5
+    done
+    timeout 140 python3 -P benchmarks/spmm.py --sizes 4096,8192 --dtypes float16 --micro-tiles 1x32,1x64 \
+      --sparsities "${STRIP_SPARSITIES:-0,0.5,0.9,0.95,0.99}" \
+      --merge 2>&1 | tee "$out/spmm-strips.log" | grep -E " (pit|pit_kernel|cublas|cusparse_csr) " ;;
   sweep)
     timeout 540 python3 -P scripts/gpu_tile_sweep.py --json "$out/sweep.json" 2>&1 | tee "$out/sweep.log" | tail -80 ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;

@@ -348,6 +348,23 @@ def test_each_kernel_has_its_measured_crossover(tile, dtype, crossover, size, mo
     assert ops.dense_crossover(plan, A, B, out) == pytest.approx(crossover * room, abs=0.006)
 
 
+@pytest.mark.parametrize("tile, size, crossover", [((1, 32), 8192, 0.0365), ((1, 64), 8192, 0.073), ((2, 32), 8192, 0.0365),
+                                                  ((1, 16), 8192, 0.0182), ((1, 64), 4096, 0.0117), ((1, 32), 2048, 0.0)], ids=str)
+def test_strips_cross_cublas_where_their_adds_reach_its_time(tile, size, crossover, monkeypatch):
+    """Row pieces of k chunks on Hopper (strips): each listed piece adds N float32 values to each
+    of its rows, so their crossover falls with the chunk's width and, past a fixed cost per output
+    element, rises with the product's size; none for small products."""
+    from pit_compiler import ops
+    from pit_compiler.ir import SparsityAttr, plan_pit
+    from tvm.target import Target
+
+    monkeypatch.setattr(ops, "target_for", lambda device: Target({"kind": "cuda", "arch": "sm_90"}))
+    A, B, out = (torch.empty((), dtype=torch.float16).expand(size, size) for _ in range(3))
+    plan = plan_pit(ops.matmul_contraction(2), SparsityAttr("A", tile), {"m": size, "n": size, "k": size})
+    assert plan.accumulate and ops.tensor_core_path(plan, A, B, out) == "strips"
+    assert ops.dense_crossover(plan, A, B, out) == pytest.approx(crossover, abs=0.0005)
+
+
 @pytest.mark.parametrize("fallback", [True, False])
 @pytest.mark.parametrize("sparse,tile", [("A", (32, 1)), ("A", (1, None)), ("B", (1, 32))], ids=str)
 def test_dense_fallback_runs_torch_matmul_exactly(sparse, tile, fallback, monkeypatch):

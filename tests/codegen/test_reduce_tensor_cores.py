@@ -195,15 +195,18 @@ def test_tensor_core_path_names_the_kernel_that_runs(tile, dtype, N, path, monke
 
 
 @pytest.mark.parametrize(
-    "tile, dtype, cover",
-    [((1, 32), torch.float16, (16, 32)), ((1, 64), torch.float16, (16, 64)), ((8, 8), torch.float16, (16, 8)),
-     ((1, 32), torch.bfloat16, (32, 32)), ((8, 16), torch.bfloat16, (32, 16)), ((1, 4), torch.bfloat16, (32, 4)),
-     ((32, 1), torch.float16, None), ((1, 32), torch.float32, None), ((3, 5), torch.float16, None),
-     ((1, None), torch.float16, None)],
+    "tile, dtype, cover, target",
+    [((1, 32), torch.float16, (16, 32), SM80), ((1, 64), torch.float16, (16, 64), SM80), ((8, 8), torch.float16, (16, 8), SM90),
+     ((1, 32), torch.float16, None, SM90), ((1, 64), torch.bfloat16, None, SM90), ((2, 16), torch.bfloat16, None, SM90),
+     ((8, 16), torch.bfloat16, (32, 16), SM90), ((1, 4), torch.bfloat16, (32, 4), SM90),
+     ((32, 1), torch.float16, None, SM90), ((1, 32), torch.float32, None, SM90), ((3, 5), torch.float16, None, SM90),
+     ((1, None), torch.float16, None, SM90)],
     ids=str,
 )
-def test_tensor_core_cover_stacks_whole_micro_tiles(tile, dtype, cover, monkeypatch):
-    monkeypatch.setattr(ops, "target_for", lambda device: SM90)
+def test_tensor_core_cover_stacks_whole_micro_tiles(tile, dtype, cover, target, monkeypatch):
+    """A micro-tile no tensor-core tile takes runs as the shortest stack of whole ones that one
+    does; row pieces of k chunks 8 to 64 wide have their own kernel on Hopper (strips)."""
+    monkeypatch.setattr(ops, "target_for", lambda device: target)
     M, K, N = 512, 256, 384
     plan = plan_pit(ops.matmul_contraction(2), SparsityAttr("A", (tile[0], tile[1] or K)), {"m": M, "n": N, "k": K})
     A, B, out = torch.empty(M, K, dtype=dtype), torch.empty(K, N, dtype=dtype), torch.empty(M, N, dtype=dtype)

@@ -25,6 +25,7 @@ from pit_compiler.codegen.warpgroup import (
 )
 from pit_compiler.ir import InvalidKnobs, SparsityAttr, plan_pit
 from pit_compiler.runtime import KernelCache, RecentCounts
+from pit_compiler.schedules import warpgroup_strips
 from pit_compiler.schedules.warpgroup_matmul import WarpgroupMatmul, block_tile, swizzled
 from cuda_build import SM90, assert_compiles_for_sm90
 from sparse_data import (
@@ -45,6 +46,7 @@ NARROW_32 = replace(ROWS_32, block_n=64, pack_a=True)  # its default for chunks 
 GATHERED_32 = replace(ROWS_32, block_n=256, row_tiles_first=False)  # the same where A is not packed
 # Gathered rows launch column tiles first: the default (``Knobs()``) and the shorter tile.
 GATHER_64 = Knobs(block_m=64, block_n=128, stages=4, overlap=False)
+STRIPS = Knobs(block_m=64, block_n=256, stages=4, overlap=False, row_tiles_first=True)  # row pieces of k chunks (1x32 ...)
 
 
 def plan_for(tile, M=512, K=256, N=384, sparse="A", form=None, a_transposed=False):
@@ -114,6 +116,22 @@ def test_gathered_rows_try_every_height_and_blocks_keep_theirs():
     assert fitting_warpgroup_knobs(ROWS_64, None, blocks) == ROWS_64
 
 
+def test_strips_try_both_heights_and_keep_to_settings_they_have():
+    """Row pieces of k chunks: one or two warpgroups, every width and 2 to 4 buffers, the
+    default first; a tuned setting of another kernel (a transposed tile, split k, a pack) is
+    not taken."""
+    strips = plan_for((1, 32))
+    space = warpgroup_space(STRIPS, strips)
+    assert space[0] == STRIPS and len(set(space)) == len(space) == 21
+    assert {k.block_m for k in space} == {64, 128} and {k.block_n for k in space} == {64, 128, 256}
+    assert replace(STRIPS, row_tiles_first=False) in space
+    for knobs in space:
+        warpgroup_strips.check_knobs(knobs)
+    for other in (ROWS_32, replace(STRIPS, split_k=2), replace(STRIPS, pack_a=True)):
+        assert fitting_warpgroup_knobs(STRIPS, other, strips) == STRIPS
+    assert fitting_warpgroup_knobs(STRIPS, space[5], strips) == space[5]
+
+
 def test_swizzle_spreads_each_chunk_column_over_eight_rows():
     """The 128-byte swizzle: a row's 8 chunks stay in its 128 bytes, and the same chunk of 8
     consecutive rows lands in 8 different 16-byte bank groups (conflict-free copies and reads)."""
@@ -132,7 +150,9 @@ def test_swizzle_spreads_each_chunk_column_over_eight_rows():
      ((64, 4), {}, replace(GATHER_64, block_n=256)), ((64, 64), dict(K=100), None), ((1, None), dict(N=100), None),
      ((64, 64), dict(dtype="float32"), None), ((64, 64), dict(b_dtype="bfloat16"), None), ((64, 64), dict(ndim=3), None),
      ((64, 64), dict(target=Target({"kind": "cuda", "arch": "sm_80"})), None), ((64, 64), dict(target=Target("llvm")), None),
-     ((64, 64), dict(a_transposed=True), None), ((1, 32), dict(sparse="B"), None), ((32, 1), dict(form="scatter"), None)],
+     ((64, 64), dict(a_transposed=True), None), ((1, 32), dict(sparse="B"), None), ((32, 1), dict(form="scatter"), None),
+     ((1, 32), {}, STRIPS), ((1, 64), dict(dtype="bfloat16", out="float32"), STRIPS), ((2, 8), {}, STRIPS), ((4, 24), {}, STRIPS),
+     ((1, 4), {}, None), ((1, 72), {}, None), ((1, 32), dict(ndim=3), None)],
     ids=str,
 )
 def test_serves_blocks_of_32_64_or_128_rows_and_whole_rows(tile, kw, expected):
@@ -143,7 +163,7 @@ def test_serves_blocks_of_32_64_or_128_rows_and_whole_rows(tile, kw, expected):
     assert knobs == expected
     if expected is not None:
         path = ops.tensor_core_kernel(plan, 2, K, N, dtype, dtype, kw.get("out", dtype), SM90)
-        assert path == ("reduce" if plan.form == "reduce" else "row_gather")
+        assert path == {"reduce": "reduce", "scatter": "strips" if plan.accumulate else "row_gather"}[plan.form]
 
 
 @pytest.mark.parametrize(
@@ -162,14 +182,21 @@ def test_serves_blocks_of_32_64_or_128_rows_and_whole_rows(tile, kw, expected):
      ("reduce", (32, 1), "bfloat16", "bfloat16", replace(NARROW_32, split_k=2)),
      ("reduce", (32, 1), "float16", "float16", replace(NARROW_32, row_tiles_first=False)),
      ("reduce", (64, 64), "float16", "float32", replace(ROWS_64, row_tiles_first=False, split_k=2)),
-     ("row_gather", (1,), "bfloat16", "bfloat16", Knobs(row_tiles_first=True))],
+     ("row_gather", (1,), "bfloat16", "bfloat16", Knobs(row_tiles_first=True)),
+     ("strips", (1, 32), "float16", "float32", STRIPS),
+     ("strips", (1, 64), "bfloat16", "float32", Knobs(block_m=128, block_n=128, stages=3, overlap=False)),
+     ("strips", (2, 24), "float16", "float32", replace(STRIPS, block_n=64, stages=2, row_tiles_first=False)),
+     ("strips", (1, 8), "bfloat16", "float32", Knobs(block_m=128, block_n=64, stages=2, overlap=False))],
     ids=str,
 )
 def test_builds_warpgroup_mma_for_sm90a(form, shape, dtype, out, knobs, tmp_path):
     K, N = 520, 776  # not multiples of the tile: predicated copies and stores
     executable = warpgroup_kernel.__wrapped__(form, shape, K, N, dtype, out, SM90, KernelCache(tmp_path / "cache"), knobs)
     assert executable is not None
-    func = WarpgroupMatmul().kernel(knobs, K, N, dtype, out, _access(form, shape, K, knobs))
+    if form == "strips":
+        func = warpgroup_strips.kernel(knobs, K, N, *shape, dtype)
+    else:
+        func = WarpgroupMatmul().kernel(knobs, K, N, dtype, out, _access(form, shape, K, knobs))
     source = tvm.compile(tvm.IRModule({"main": func}), target=Target({"kind": "cuda", "arch": "sm_90a"}),
                          tir_pipeline="tirx").mod.imports[0].inspect_source()
     wgmma = {"float16": "f32.f16.f16", "bfloat16": "f32.bf16.bf16"}[dtype]
@@ -177,6 +204,7 @@ def test_builds_warpgroup_mma_for_sm90a(form, shape, dtype, out, knobs, tmp_path
     assert f"wgmma.mma_async.sync.aligned.m64n{n}k16.{wgmma}" in source
     assert "cp.async.cg.shared.global" in source  # B's rows, and A's where its chunks are 8 wide
     assert ("atomicAdd" in source) == (knobs.split_k > 1)  # split k: the parts add to C
+    assert ("red.global.add.v4.f32" in source) == (form == "strips")  # strips: the chunks add to C
     report = assert_compiles_for_sm90(source, tmp_path, "warpgroup", form, flags=("-Xptxas", "-v"), arch="sm_90a")
     if report is not None:
         assert "0 bytes spill stores" in report, report
@@ -209,7 +237,8 @@ def on_warpgroups(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize(
-    "tile", [(64, 64), (128, 8), (64, 24), (32, 32), (32, 8), (32, 1), (64, 4), (1, None), (4, None)], ids=str
+    "tile", [(64, 64), (128, 8), (64, 24), (32, 32), (32, 8), (32, 1), (64, 4), (1, None), (4, None), (1, 32), (1, 64), (2, 16)],
+    ids=str,
 )
 @pytest.mark.parametrize("density", [1.0, 0.5, 0.1, 0.0])
 @pytest.mark.parametrize("M,K,N", [(1000, 520, 776), (256, 512, 384), (70, 64, 40)], ids=str)
@@ -219,7 +248,7 @@ def test_sparse_A_on_warpgroups(tile, density, M, K, N, dtype, on_warpgroups):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("tile", [(64, 64), (128, 16), (32, 16)], ids=str)
+@pytest.mark.parametrize("tile", [(64, 64), (128, 16), (32, 16), (1, 32)], ids=str)
 def test_float32_output_and_grid_mask(tile, on_warpgroups):
     """float32 out, the index built from a micro-tile mask that lists less than A holds."""
     check_float32_out_from_mask(tile, (330, 256, 264), 0.4, "cuda", halve=True)
@@ -228,7 +257,9 @@ def test_float32_output_and_grid_mask(tile, on_warpgroups):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    "block_m, tile", [(32, (32, 32)), (32, (32, 1)), (64, (64, 32)), (128, (128, 8)), (128, (1, None)), (64, (2, None))], ids=str
+    "block_m, tile",
+    [(32, (32, 32)), (32, (32, 1)), (64, (64, 32)), (128, (128, 8)), (128, (1, None)), (64, (2, None)), (64, (1, 32)), (64, (2, 24))],
+    ids=str,
 )
 def test_every_setting_the_tuner_tries_is_correct(block_m, tile, on_warpgroups):
     M, K, N = 300, 392, 520
@@ -298,17 +329,19 @@ def check_knobs(tile, knobs, dtype, out_dtype, density, seed):
 
 
 @pytest.mark.gpu
-def test_whole_rows_need_no_host_read_under_graph_capture(on_warpgroups):
-    """The row gather reads the listed count on the device: it runs inside a CUDA graph."""
+@pytest.mark.parametrize("tile", [(1, None), (1, 32)], ids=str)
+def test_gathered_rows_need_no_host_read_under_graph_capture(tile, on_warpgroups):
+    """Gathered rows (whole rows, and the rows of each chunk of k for strips) read their
+    listed counts on the device: they run inside a CUDA graph."""
     M, K, N = 512, 256, 384
-    A, _ = micro_tile_sparse((M, K), (1, None), 0.3, torch.float16, "cuda", seed=5)
+    A, _ = micro_tile_sparse((M, K), tile, 0.3, torch.float16, "cuda", seed=5)
     B = dense_operand((K, N), torch.float16, "cuda", seed=6)
     out = poisoned((M, N), torch.float16, "cuda")
-    pit.sparse_matmul(A, B, micro_tile=(1, None), out=out, dense_fallback=False)  # builds outside the capture
+    pit.sparse_matmul(A, B, micro_tile=tile, out=out, dense_fallback=False)  # builds outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        pit.sparse_matmul(A, B, micro_tile=(1, None), out=out, dense_fallback=False)
-    A2, _ = micro_tile_sparse((M, K), (1, None), 0.6, torch.float16, "cuda", seed=9)
+        pit.sparse_matmul(A, B, micro_tile=tile, out=out, dense_fallback=False)
+    A2, _ = micro_tile_sparse((M, K), tile, 0.6, torch.float16, "cuda", seed=9)
     A.copy_(A2)
     out.fill_(float("nan"))
     graph.replay()
@@ -389,6 +422,50 @@ def test_each_thread_block_gathers_exactly_its_listed_operands(form, tile, M, K,
         result[block_rows] = A.double()[block_rows][:, columns] @ B.double()[columns]
         written += block_rows.tolist()
     assert len(written) == len(set(written)), "a row of C is written by two thread blocks"
+    assert_matches_reference(result.float(), A.double() @ B.double())
+
+
+@pytest.mark.parametrize(
+    "tile, M, K, N, density, block_m",
+    [((1, 32), 300, 200, 16, 0.3, 64), ((1, 64), 130, 136, 8, 0.9, 128), ((2, 24), 131, 72, 8, 0.5, 64),
+     ((1, 8), 70, 40, 8, 1.0, 64), ((1, 32), 90, 64, 8, 0.0, 64)],
+    ids=str,
+)
+def test_each_strip_tile_gathers_exactly_the_rows_its_chunk_lists(tile, M, K, N, density, block_m):
+    """The strips kernel's row tiles (``warpgroup_strips.row_tiles`` and ``gathered_row``,
+    evaluated on the CPU from PIT's own detection): each chunk's tiles gather every row it
+    lists once and nothing else, and adding each tile's product over its chunk's columns to a
+    zeroed C, as the kernel's atomics do, gives A @ B (tails of M, K and the last tile included)."""
+    from tvm import te, tirx
+
+    A, _ = micro_tile_sparse((M, K), tile, density, torch.float32, seed=M + K)
+    B = dense_operand((K, N), torch.float32, seed=N)
+    index = ops.index_for(plan_for(tile, M=M, K=K, N=N), A, None, tile, None)
+    counts, indices = index.counts[0], index.indices[0]
+    Q, P = indices.shape
+    assert Q == math.ceil(K / tile[1])
+    Cnt, Idx = te.placeholder((Q,), "int32", name="Cnt"), te.placeholder((Q, P), "int32", name="Idx")
+    most = math.ceil(P * tile[0] / block_m)  # row tiles of a chunk listing every row
+    row_of = lambda q, g: warpgroup_strips.gathered_row(Cnt, Idx, tirx.const(M, "int32"), tirx.const(P, "int32"), q, g, tile[0])  # noqa: E731
+    tiles = te.compute((Q,), lambda q: warpgroup_strips.row_tiles(Cnt, q, tile[0], block_m), name="tiles")
+    rows = te.compute((Q, most * block_m), lambda q, g: row_of(q, g)[0], name="rows")
+    listed = te.compute((Q, most * block_m), lambda q, g: tirx.Cast("int32", row_of(q, g)[1]), name="listed")
+    module = tvm.compile(te.create_prim_func([Cnt, Idx, tiles, rows, listed]), target="llvm")
+    arrays = [counts.clone(), indices.clone(), torch.zeros(Q, dtype=torch.int32),
+              torch.zeros(Q, most * block_m, dtype=torch.int32), torch.zeros(Q, most * block_m, dtype=torch.int32)]
+    module(*arrays)
+    tiles, rows, listed = arrays[2].numpy(), arrays[3].numpy(), arrays[4].numpy().astype(bool)
+    result = torch.zeros(M, N, dtype=torch.float64)
+    for q in range(Q):
+        taken = listed[q] & (np.arange(most * block_m) < tiles[q] * block_m)
+        assert not (listed[q] & ~taken).any(), f"chunk {q} stops before a listed row"
+        chunk_rows = torch.from_numpy(rows[q][taken]).long()
+        assert len(set(chunk_rows.tolist())) == len(chunk_rows), f"chunk {q} gathers a row twice"
+        assert (chunk_rows >= 0).all() and (chunk_rows < M).all()
+        columns = slice(q * tile[1], min((q + 1) * tile[1], K))
+        nonzero = (A[:, columns] != 0).any(dim=1).nonzero().flatten()
+        assert set(nonzero.tolist()) <= set(chunk_rows.tolist()), f"chunk {q} misses a row it lists"
+        result[chunk_rows] += A.double()[chunk_rows, columns] @ B.double()[columns]
     assert_matches_reference(result.float(), A.double() @ B.double())
 
 

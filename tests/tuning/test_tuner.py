@@ -199,7 +199,7 @@ def test_bad_arguments_name_the_argument(kwargs, match):
     [((32, 1), "float16", "reduce", "warpgroup_matmul"), ((16, 32), "float16", "reduce", "tensor_core_matmul"),
      ((1, None), "float16", "row_gather", "warpgroup_matmul"),
      ((64, 64), "bfloat16", "reduce", "warpgroup_matmul"), ((32, 1), "float32", None, "simt_threads"),
-     ((1, 32), "float16", None, "simt_threads")],
+     ((1, 32), "float16", "strips", "warpgroup_matmul"), ((1, 4), "float16", None, "simt_threads")],
     ids=str,
 )
 def test_cuda_tasks_measure_the_kernel_run_time_takes(micro_tile, dtype, kernel, template, tmp_path):
@@ -219,7 +219,7 @@ def test_cuda_tasks_measure_the_kernel_run_time_takes(micro_tile, dtype, kernel,
     assert task.workload["template"]["name"] == template
     assert kernel_template(task.plan, run.shape, dtype, SM90).name == template
     knobs = [k for k, _ in task.todo]
-    if template == "warpgroup_matmul":  # Hopper's tile, for whole rows and 32-, 64- or 128-row blocks
+    if template == "warpgroup_matmul":  # Hopper's tiles: whole rows, 32-, 64- or 128-row blocks, strips
         default = warpgroup_knobs(task.plan, 2, 512, 384, dtype, dtype, dtype, SM90)
         assert knobs == warpgroup_space(default, task.plan)
     elif kernel == "reduce":
