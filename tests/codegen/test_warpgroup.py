@@ -544,6 +544,41 @@ def test_a_packed_setting_hands_the_tile_the_packed_copy(pack, monkeypatch):
         assert packs == [] and a_read.data_ptr() == A.data_ptr()
 
 
+@pytest.mark.parametrize("out_dtype, zeroed", [(torch.float16, False), (torch.bfloat16, False), (torch.float32, False),
+                                               (torch.float32, True)], ids=str)
+def test_strips_add_into_a_zeroed_float32_C_then_cast(out_dtype, zeroed, monkeypatch):
+    """Plumbing of the strips (kernel stubbed by its CPU equivalent, an sm_90 target): the kernel
+    gets a zeroed float32 C (the output itself where it is float32 and the caller did not zero
+    it already, else a buffer), adds each chunk's gathered product to it, and a 16-bit output
+    receives the cast sum; only a float32 output is zeroed ahead of detection by the caller."""
+    M, K, N = 70, 96, 40
+    dtype = torch.bfloat16 if out_dtype == torch.bfloat16 else torch.float16
+    A, _ = micro_tile_sparse((M, K), (1, 32), 0.4, dtype, seed=3)
+    B = dense_operand((K, N), dtype, seed=4)
+    plan = plan_for((1, 32), M=M, K=K, N=N)
+    index = ops.index_for(plan, A, None, (1, 32), None)  # detected on the CPU
+    stub_warpgroup_tiles(monkeypatch)
+    launched = []
+
+    def strips(a, b, cnt, idx, c):  # what the GPU kernel adds
+        launched.append(c)
+        for q in range(cnt.shape[0]):
+            rows = idx[q, : cnt[q]].long()
+            chunk = slice(q * 32, (q + 1) * 32)
+            c[rows] += a[rows, chunk].float() @ b[chunk].float()
+
+    monkeypatch.setattr(ops, "warpgroup_kernel", lambda form, shape, K, N, dtype, out, *rest: (
+        launched.append((form, shape, out)) or strips))
+    out = torch.zeros(M, N, dtype=out_dtype) if zeroed else poisoned((M, N), out_dtype)
+    assert ops.run_on_warpgroups(plan, A, B, out, index, zeroed=zeroed)
+    (form, shape, kernel_out), C = launched
+    assert (form, shape, kernel_out) == ("strips", (1, 32), "float32") and C.dtype == torch.float32
+    assert (C is out) == (out_dtype == torch.float32)
+    assert_matches_reference(out, A.double() @ B.double())
+    route = ops._derive_route(A, B, out, "A", (1, 32), (M, 3), None, True, True, True)
+    assert route.plan.accumulate and route.zeroes_output == (out_dtype == torch.float32)
+
+
 def test_a_product_too_large_to_pack_gathers_A(monkeypatch):
     """A packed copy past 32-bit indexing is not made: the default then runs its best gathered
     setting, a tuned packed one the same setting gathered."""
