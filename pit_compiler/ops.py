@@ -436,7 +436,7 @@ class Route(NamedTuple):
     signature: tuple  # :func:`call_signature`
     detection: DetectionArgs | None  # how an unmasked call detects its index (:func:`detection_args`)
     slots: int  # micro-tile slots of that index, which :func:`dense_wins` weighs the listed against
-    zeroes_output: bool  # gathered rows or strips write ``out`` on warpgroups: it is zeroed first (:func:`run_on_warpgroups`)
+    zeroes_output: bool  # the warpgroup kernel writes ``out`` zeroed first (:func:`zeroes_out_first`)
 
 
 # Route per call signature (its shapes, strides, dtypes, device and options). Every call asks,
@@ -485,12 +485,7 @@ def _derive_route(A, B, out, sparse, tile, grid_shape, form, unmasked, cover, un
         detection = detection_args(plan, tile, False, plan.sparse.upper())
         operand = {"A": A, "B": B}[sparse]
         slots = math.prod(index_shape((1, *operand.shape) if operand.dim() == 2 else operand.shape, detection))
-    # Gathered rows and strips on warpgroups zero C before they write it (strips: a float32 C).
-    zeroes_output = (
-        plan.form != "reduce"
-        and (not plan.accumulate or out.dtype == torch.float32)
-        and warpgroup_knobs(plan, *facts) is not None
-    )
+    zeroes_output = zeroes_out_first(plan, out.dtype) and warpgroup_knobs(plan, *facts) is not None
     return Route(
         False, a_transposed, b_transposed, compact_b, flipped, plan, tuple(tile), tuple(grid_shape),
         reads_row_blocks(plan), facts, dense_crossover(plan, A, B, out), call_signature(plan, A, B),
@@ -753,8 +748,9 @@ def _call_facts(A, B, out) -> tuple:
 def tensor_core_cover(plan: PITPlan, A, B, out) -> PITPlan:
     """``plan``, or where its micro-tile of A has no tensor-core kernel here, the plan of the
     shortest micro-tile a tensor-core tile serves that stacks whole ones of it (1x32 row pieces
-    run as 16x32 blocks on ``mma.sync``; in bfloat16, which that tile does not take, as 32x32
-    blocks on Hopper's warpgroup tile).
+    run as 16x32 blocks on ``mma.sync``; bfloat16 1x4 pieces, which that tile does not take, as
+    32x4 blocks on Hopper's warpgroup tile, where row pieces of k chunks 8 to 64 wide have their
+    own kernel, the strips).
 
     Exact only for an index detected from A itself: a listed block then carries the zeros
     around A's pieces into the product. It lists more of A than the pieces do (at 90 % of
@@ -815,7 +811,7 @@ def run_on_warpgroups(
     form, shape = warpgroup_form(plan)
     if form == "strips":  # partial sums of several chunks meet in C: added in float32
         out_dtype = "float32"
-        direct = out.dtype == torch.float32 and _warpgroup_ready(out)
+        direct = zeroes_out_first(plan, out.dtype) and _warpgroup_ready(out)
         C = out if direct else torch.empty(out.shape, dtype=torch.float32, device=out.device)
     else:
         C = out if _warpgroup_ready(out) else torch.empty_like(out, memory_format=torch.contiguous_format)
@@ -838,6 +834,14 @@ def run_on_warpgroups(
     if C is not out:
         out.copy_(C)
     return True
+
+
+def zeroes_out_first(plan: PITPlan, out_dtype: torch.dtype) -> bool:
+    """Whether the warpgroup kernel of ``plan`` writes into ``out`` (of ``out_dtype``) zeroed
+    first: gathered rows write the listed rows alone, and strips add to a float32 C, which is
+    ``out`` itself only where it is float32. :func:`pit_matmul` then queues the zeroing ahead of
+    detection (``Route.zeroes_output``)."""
+    return plan.form == "scatter" and (not plan.accumulate or out_dtype == torch.float32)
 
 
 _COUNTED_TILES: dict = {}  # call signature -> the tile its newest call outside graph capture ran

@@ -579,6 +579,59 @@ def test_strips_add_into_a_zeroed_float32_C_then_cast(out_dtype, zeroed, monkeyp
     assert route.plan.accumulate and route.zeroes_output == (out_dtype == torch.float32)
 
 
+def emulate_strips(monkeypatch) -> list:
+    """From here on ops sees an sm_90 target whose strips kernel is its CPU equivalent (any other
+    warpgroup kernel fails the test) and whose detection runs on the CPU; returns the
+    ``(shape, C)`` of each strips launch."""
+    stub_warpgroup_tiles(monkeypatch)
+    detect_kernel = ops.detect_kernel  # (order, blocked, permuted, tile, tile, dtype, target, ...)
+    monkeypatch.setattr(ops, "detect_kernel", lambda *a, **k: detect_kernel(*a[:6], Target("llvm"), *a[7:], **k))
+    launched = []
+
+    def kernel(form, shape, K, N, dtype, out_dtype, *rest):
+        assert (form, out_dtype) == ("strips", "float32"), form
+        rows_per_chunk, bk = shape
+
+        def strips(a, b, cnt, idx, c):  # chunk q adds its listed rows' product over its columns
+            launched.append((shape, c))
+            for q in range(cnt.shape[0]):
+                rows = (idx[q, : cnt[q]].long().view(-1, 1) * rows_per_chunk + torch.arange(rows_per_chunk)).flatten()
+                rows = rows[rows < a.shape[0]]
+                chunk = slice(q * bk, (q + 1) * bk)
+                c[rows] += a[rows, chunk].float() @ b[chunk].float()
+
+        return strips
+
+    monkeypatch.setattr(ops, "warpgroup_kernel", kernel)
+    return launched
+
+
+@pytest.mark.parametrize(
+    "sparse, tile, dtype, layout",
+    [("A", (1, 32), torch.float16, "plain"), ("A", (2, 16), torch.bfloat16, "plain"), ("A", (1, 64), torch.float16, "b_transposed"),
+     ("B", (32, 1), torch.float16, "b_transposed"), ("B", (64, 1), torch.bfloat16, "b_transposed")],
+    ids=str,
+)
+def test_strips_serve_sparse_matmul_as_on_a_gpu(sparse, tile, dtype, layout, monkeypatch):
+    """``pit.sparse_matmul`` on an sm_90 target (strips emulated on the CPU) sends row pieces of
+    k chunks to the strips: of A, of A with B a transposed view (its compact copy), and of a
+    pruned weight's transpose (B = W.t() with 32x1 pieces: 1x32 pieces of W, run as
+    C^T = W A^T); the result, in the output's dtype, is A @ B."""
+    M, K, N = 72, 104, 48
+    shape = (M, K) if sparse == "A" else (K, N)
+    S, _ = micro_tile_sparse(shape, tile, 0.4, dtype, seed=21)
+    D = dense_operand((K, N) if sparse == "A" else (M, K), dtype, seed=22)
+    A, B = (S, D) if sparse == "A" else (D, S)
+    if layout == "b_transposed":
+        B = B.t().contiguous().t()
+    launched = emulate_strips(monkeypatch)
+    out = poisoned((M, N), dtype)
+    pit.sparse_matmul(A, B, sparse=sparse, micro_tile=tile, out=out)
+    (strips_shape, C), = launched
+    assert strips_shape == (tile if sparse == "A" else tile[::-1]) and C.dtype == torch.float32
+    assert_matches_reference(out, A.double() @ B.double())
+
+
 def test_a_product_too_large_to_pack_gathers_A(monkeypatch):
     """A packed copy past 32-bit indexing is not made: the default then runs its best gathered
     setting, a tuned packed one the same setting gathered."""
