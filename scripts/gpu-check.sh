@@ -8,27 +8,15 @@
 #   bash scripts/gpu-check.sh warpgroup  # the gpu tests of the Hopper warpgroup tile and of the paths beside it
 #   bash scripts/gpu-check.sh hopper     # the warpgroup tile's gpu tests, then spmm at 8192^3 for the cases it changed
 #   bash scripts/gpu-check.sh tables     # the fallback's and the 32-row tile's gpu tests, then spmm for the tables of benchmarks/RESULTS.md
-#   bash scripts/gpu-check.sh packed     # the narrow-chunk and no-wait gpu tests, then the 32x1 sweep (pack_a or not)
-#   bash scripts/gpu-check.sh rows       # every tuner setting's gpu test, the no-wait ones, then whole rows at every tile height
 #   bash scripts/gpu-check.sh auto       # benchmarks/tuning.py at 8192^3 (32x1, 64x64), then benchmarks/models.py
-#   bash scripts/gpu-check.sh recheck    # the packed 32x1 gpu tests, spmm of whole rows and 32x1, auto's profile (.proto2/tiles.json)
-#   bash scripts/gpu-check.sh verify     # the gpu tests of attention's dense products, batched MoE and the fallback
-#   bash scripts/gpu-check.sh session8   # verify, then measure
 #   bash scripts/gpu-check.sh host       # the compile test, models.py with the host's cProfile table
-#   bash scripts/gpu-check.sh measure    # spmm where session 7's unmeasured changes act (4096^3, 99 %), then models.py
 #   bash scripts/gpu-check.sh compare    # host time per call and the OPT FFN: a baseline tree carried in .baseline/, then this one
-#   bash scripts/gpu-check.sh session11  # what session 11 ran only in part on a GPU: the warpgroup and sparse_matmul gpu tests, then spmm
-#   bash scripts/gpu-check.sh session12  # the launch order row tiles first: its gpu tests, then the default against it at 8192^3
-#   bash scripts/gpu-check.sh session13  # blocks launched row tiles first by default: their gpu tests, sweeps in that order, the kernels' crossover
-#   bash scripts/gpu-check.sh tables13   # the README's tables at 8192^3: float16 one call and back to back, bfloat16 one call
-#   bash scripts/gpu-check.sh narrow13   # 32x1 pieces with very few listed: gathered (each launch order) against packed, then spmm
-#   bash scripts/gpu-check.sh packed13   # spmm of 32x1 pieces with very few listed, now always packed
 #   bash scripts/gpu-check.sh session14  # every tuner setting of 64x32, 128x8, 2-row chunks (unrun since split k); spmm of 1x32 and 1x64
 #   bash scripts/gpu-check.sh tables14   # the 4096^3 spmm table and benchmarks/models.py, unrun since session 13
 #   bash scripts/gpu-check.sh strips     # row pieces of k chunks on their warpgroup kernel: gpu tests, every setting, spmm of 1x32 and 1x64
 # Logs and results are copied under $OUT when the device tool provides it.
 set -uo pipefail
-stage=${1:?usage: scripts/gpu-check.sh tests|kernels|spmm|tuning|sweep|warpgroup|hopper|tables|packed|rows|auto|recheck|verify|measure|session8|host|compare|session11|session12|session13|tables13|narrow13|packed13|session14|tables14|strips}
+stage=${1:?usage: scripts/gpu-check.sh tests|kernels|spmm|tuning|sweep|warpgroup|hopper|tables|auto|host|compare|strips|session14|tables14}
 if ls .whl/*.whl > /dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
@@ -76,103 +64,15 @@ case "$stage" in
     timeout 150 python3 -P benchmarks/spmm.py --sizes 8192 --dtypes bfloat16 "${cases[@]}" 2>&1 | tee -a "$out/spmm.log" | grep -c checked=True
     timeout 80 python3 -P benchmarks/spmm.py --sizes 4096 --dtypes float16 "${cases[@]}" 2>&1 | tee -a "$out/spmm.log" | grep -c checked=True
     grep -E "checked=False|Error" "$out/spmm.log" | head ;;
-  packed)
-    timeout 300 python3 -P -m pytest -q -p no:cacheprovider -m gpu --maxfail=10 tests/codegen/test_warpgroup.py \
-      tests/runtime/test_recent_counts.py tests/tuning/test_tuning_gpu.py tests/test_sparse_matmul.py \
-      -k "every_setting or 32 or wait or auto or tuner or fallback" 2>&1 | tee "$out/gpu-packed.log" | tail -15
-    timeout 240 python3 -P scripts/gpu_tile_sweep.py --cases 32x1:0.9 --json "$out/sweep-32x1.json" 2>&1 \
-      | tee "$out/sweep.log" | tail -40 ;;
-  rows)
-    timeout 240 python3 -P -m pytest -q -p no:cacheprovider -m gpu --maxfail=10 tests/codegen/test_warpgroup.py::test_every_setting_the_tuner_tries_is_correct \
-      tests/runtime/test_recent_counts.py tests/tuning/test_tuning_gpu.py tests/test_sparse_matmul.py -k "every_setting or wait or recent or tuner or auto or fallback" \
-      2>&1 | tee "$out/gpu-rows.log" | tail -8
-    timeout 150 python3 -P scripts/gpu_tile_sweep.py --cases row:0.99,row:0.95,row:0.9 --json "$out/sweep-rows-8192.json" 2>&1 \
-      | tee "$out/sweep.log" | tail -62
-    timeout 80 python3 -P scripts/gpu_tile_sweep.py --size 4096 --cases row:0.99,row:0.9 --json "$out/sweep-rows-4096.json" 2>&1 \
-      | tee -a "$out/sweep.log" | tail -42 ;;
   auto)  # the README's tuning summary, then the models table (each writes its JSON when it ends)
     timeout 330 python3 -P benchmarks/tuning.py --sizes 8192 --micro-tiles 32x1,64x64 --sparsities 0.5,0.95 \
       --patterns 32x1,64x64 --seeds 1 --trials 32 --repeat 5 --db "$out/tiles.json" 2>&1 | tee "$out/tuning.log" | tail -32
     timeout "${MODELS_TIMEOUT:-200}" python3 -P benchmarks/models.py 2>&1 | tee "$out/models.log" | grep -E "eager|pit " ;;
-  recheck)
-    t=tests/codegen/test_warpgroup.py
-    ids=("$t::test_every_setting_the_tuner_tries_is_correct[32-(32, 1)]" "$t::test_every_setting_the_tuner_tries_is_correct[128-(1, None)]")
-    for d in 1.0 0.1 0.0; do for dt in float16 bfloat16; do ids+=("$t::test_sparse_A_on_warpgroups[1000-520-776-$d-(32, 1)-torch.$dt]"); done; done
-    timeout 120 python3 -P -m pytest -q -p no:cacheprovider -m gpu --maxfail=5 "${ids[@]}" 2>&1 | tee "$out/gpu-recheck.log" | tail -3
-    cases=(--micro-tiles row,32x1 --sparsities 0,0.5,0.9,0.99 --merge)
-    timeout 100 python3 -P benchmarks/spmm.py --sizes 8192 --dtypes float16,bfloat16 "${cases[@]}" 2>&1 | tee "$out/spmm.log" \
-      | grep -E " (pit|pit_kernel|cublas) "
-    timeout 50 python3 -P benchmarks/spmm.py --sizes 4096 --dtypes float16 "${cases[@]}" 2>&1 | tee -a "$out/spmm.log" | grep -E " (pit|pit_kernel|cublas) "
-    timeout 100 python3 -P scripts/gpu_auto_profile.py --db .proto2/tiles.json 2>&1 | tee "$out/auto-profile.log" | tail -8 ;;
-  measure)  # models (attention's dense products, batched MoE, linears' compact weights), the size-aware crossover
-    # (4096^3), the count-chosen 32x1 tile (99 %)
-    timeout "${MODELS_TIMEOUT:-150}" python3 -P benchmarks/models.py --profile 2>&1 | tee "$out/models.log" | grep -E "eager|pit "
-    timeout 60 python3 -P benchmarks/spmm.py --sizes 8192 --dtypes float16 --micro-tiles 32x1,row --sparsities 0.9,0.99 --merge 2>&1 \
-      | tee "$out/spmm.log" | grep -E " (pit|pit_kernel|cublas) "
-    cases=(--micro-tiles row,32x1,32x32,64x64 --sparsities 0,0.5,0.9,0.99 --merge)
-    [ "${SPMM_4096:-1}" = 1 ] && timeout 90 python3 -P benchmarks/spmm.py --sizes 4096 --dtypes float16 "${cases[@]}" 2>&1 | tee -a "$out/spmm.log" \
-      | grep -E " (pit|cublas) " ;;
-  session8)  # verify, then the models and spmm at 8192^3 (measure without 4096^3), in one call
-    VERIFY_TIMEOUT=140 bash "$0" verify
-    SPMM_4096=0 bash "$0" measure ;;
-  verify)  # the gpu tests of what no GPU has run yet: attention's dense products, batched MoE, the fallback's choices
-    timeout "${VERIFY_TIMEOUT:-300}" python3 -P -m pytest -v -p no:cacheprovider -m gpu --maxfail=10 tests/test_sparse_matmul.py \
-      "tests/nn/test_attention.py::test_dense_products_where_pit_has_no_tensor_core_kernel" tests/nn/test_linear.py \
-      "tests/nn/test_attention.py::test_torch_compile_traces_attention_in_one_graph" tests/runtime/test_recent_counts.py tests/nn/test_moe.py \
-      -k "moe or MoE or eager or experts or capacity or gradients or recent or dense_products or fallback or crossover or wait or compact or pruned or linear or Linear or torch_compile" \
-      2>&1 | tee "$out/gpu-verify.log" | tail -15 ;;
   host)  # the compile test, then where the host time of PIT's models goes (cProfile) beside their GPU kernels
     timeout 100 python3 -P -m pytest -q -p no:cacheprovider -m gpu "tests/nn/test_attention.py::test_torch_compile_traces_attention_in_one_graph" \
       2>&1 | tee "$out/gpu-host.log" | tail -3
     timeout "${MODELS_TIMEOUT:-200}" python3 -P benchmarks/models.py --cases "${MODELS:-opt,bert,longformer}" --profile --host-profile 2>&1 \
       | tee "$out/models.log" | grep -E "eager|pit " ;;
-  session11)  # every tuner setting of the warpgroup tile (split k included) and the kept routes, then spmm alone and back to back
-    timeout 330 python3 -P -m pytest -q -p no:cacheprovider -m gpu --maxfail=10 tests/codegen/test_warpgroup.py \
-      tests/test_sparse_matmul.py 2>&1 | tee "$out/gpu-session11.log" | tail -8
-    cases=(--micro-tiles row,32x1,32x32,64x64 --sparsities 0.9,0.99 --merge)
-    timeout 120 python3 -P benchmarks/spmm.py --sizes 8192 --dtypes float16 "${cases[@]}" 2>&1 | tee "$out/spmm.log" \
-      | grep -E " (pit|pit_kernel|cublas) "
-    timeout 120 python3 -P benchmarks/spmm.py --sizes 8192 --dtypes float16 --batch 10 "${cases[@]}" 2>&1 | tee -a "$out/spmm.log" \
-      | grep -E " (pit|pit_kernel|cublas) " ;;
-  session12)  # row_tiles_first (measured on no GPU when written): correctness, then the default with and without it
-    t=tests/codegen/test_warpgroup.py
-    timeout 240 python3 -P -m pytest -q -p no:cacheprovider -m gpu --maxfail=10 "$t::test_the_other_launch_order_computes_every_tile" \
-      "$t::test_every_setting_the_tuner_tries_is_correct[32-(32, 1)]" 2>&1 | tee "$out/gpu-session12.log" | tail -5
-    timeout 280 python3 -P scripts/gpu_tile_sweep.py --cases 32x1:0.9,32x1:0.99,64x64:0.9,32x32:0.9,row:0.9 \
-      --vary row_tiles_first=false,true --json "$out/sweep-row-tiles-first.json" 2>&1 | tee "$out/sweep-row-tiles-first.log" | tail -14 ;;
-  session13)  # the new default order of blocks: correctness of both orders, the settings in it, where PIT's kernels cross cuBLAS
-    t=tests/codegen/test_warpgroup.py
-    timeout 260 python3 -P -m pytest -q -p no:cacheprovider -m gpu --maxfail=10 "$t" -k "sparse_A_on_warpgroups or other_launch_order" \
-      2>&1 | tee "$out/gpu-session13.log" | tail -4
-    timeout 30 python3 -P scripts/gpu_tile_sweep.py --cases 128x128:0.9,128x16:0.9 --vary row_tiles_first=false,true \
-      --json "$out/sweep-order-128.json" 2>&1 | tee "$out/sweep-session13.log" | tail -4
-    for c in 64x64:0.9 32x32:0.9; do
-      timeout 70 python3 -P scripts/gpu_tile_sweep.py --cases $c --knob row_tiles_first=True --json "$out/sweep-${c%%:*}.json" 2>&1 \
-        | tee -a "$out/sweep-session13.log" | sort -t: -k3 -n | head -4
-    done
-    timeout 60 python3 -P scripts/gpu_tile_sweep.py --cases 32x1:0.9 --knob row_tiles_first=True --knob pack_a=True \
-      --json "$out/sweep-32x1.json" 2>&1 | tee -a "$out/sweep-session13.log" | tail -20
-    timeout 110 python3 -P benchmarks/spmm.py --sizes 8192 --dtypes float16 --micro-tiles 32x1,32x32,64x64 --sparsities 0.5,0.8,0.9 \
-      2>&1 | tee "$out/spmm-crossover.log" | grep -E " (pit_kernel|cublas) " ;;
-  tables13)  # each spmm run merges its records into the results file before the next starts
-    cases=(--micro-tiles row,32x1,32x32,64x64 --merge)
-    timeout 170 python3 -P benchmarks/spmm.py --sizes 8192 --dtypes float16 --sparsities 0,0.5,0.9,0.99 "${cases[@]}" 2>&1 \
-      | tee "$out/spmm.log" | grep -E " (pit|pit_kernel|cublas) "
-    timeout 120 python3 -P benchmarks/spmm.py --sizes 8192 --dtypes float16 --batch 10 --sparsities 0.9,0.99 "${cases[@]}" 2>&1 \
-      | tee -a "$out/spmm.log" | grep -E " (pit|cublas) "
-    timeout 170 python3 -P benchmarks/spmm.py --sizes 8192 --dtypes bfloat16 --sparsities 0,0.5,0.9,0.99 "${cases[@]}" 2>&1 \
-      | tee -a "$out/spmm.log" | grep -E " (pit|cublas) "
-    grep -E "checked=False|Error" "$out/spmm.log" | head ;;
-  narrow13)
-    timeout 90 python3 -P scripts/gpu_tile_sweep.py --cases 32x1:0.99,32x1:0.97 --knob block_n=256 --knob stages=2 --knob overlap=False \
-      --knob pack_a=False --json "$out/sweep-narrow-gathered.json" 2>&1 | tee "$out/sweep-narrow.log" | tail -4
-    timeout 60 python3 -P scripts/gpu_tile_sweep.py --cases 32x1:0.99,32x1:0.97 --vary row_tiles_first=true \
-      --json "$out/sweep-narrow-packed.json" 2>&1 | tee -a "$out/sweep-narrow.log" | tail -2
-    timeout 150 python3 -P benchmarks/spmm.py --sizes 8192 --dtypes float16,bfloat16 --micro-tiles 32x1 --sparsities 0.97,0.99 --merge \
-      2>&1 | tee "$out/spmm-narrow.log" | grep -E " (pit|pit_kernel|cublas) " ;;
-  packed13)
-    timeout 150 python3 -P benchmarks/spmm.py --sizes 8192 --dtypes float16,bfloat16 --micro-tiles 32x1 --sparsities 0.97,0.99 --merge \
-      2>&1 | tee "$out/spmm-packed.log" | grep -E " (pit|pit_kernel|cublas|pit_detect) " ;;
   session14)  # what no GPU ran after session 13 (every tuner setting of 64x32, 128x8, 2-row chunks), then spmm of the strips
     t=tests/codegen/test_warpgroup.py::test_every_setting_the_tuner_tries_is_correct
     timeout 280 python3 -P -m pytest -q -p no:cacheprovider -m gpu --maxfail=10 "$t[64-(64, 32)]" "$t[128-(128, 8)]" "$t[64-(2, None)]" \
