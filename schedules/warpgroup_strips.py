@@ -20,8 +20,9 @@ One thread block per (chunk, column tile):
   overwrites the accumulators.
 - **SWrite as adds.** Each thread adds its accumulators, four columns at a time (two threads
   swap pairs), to its rows of C with ``red.global.add.v4.f32``: no return value, so nothing
-  waits for it, and the next row tile's MMAs start at once. C is float32 (zeroed before), whatever the inputs, so the partial
-  sums are added at full precision (the caller casts once at the end).
+  waits for it, and the next row tile's MMAs start at once. C is float32 (zeroed before),
+  whatever the inputs, so the partial sums are added at full precision (the caller casts once
+  at the end).
 
 Knobs (a :class:`~.warpgroup_matmul.WarpgroupMatmul.Knobs`): ``block_m`` (64 or 128 rows: one or
 two warpgroups), ``block_n``, ``stages``, and ``row_tiles_first``, which here launches the chunks
@@ -58,8 +59,8 @@ RED_PAIRS = "pit_red_f32x4_pairs"
 # Called by every lane of a warp (it shuffles): lanes 2j and 2j + 1 hold two columns each of
 # two 8-column groups of one row; they swap pairs so that each adds four consecutive columns,
 # 16 bytes, with one reduction (the even lane the first group's, the odd lane the second's).
-# L2 performs adds per operation, not per byte: two columns at a time took 8.1 ms for 1x32
-# pieces at 90 % (8192^3, H100), about 1e11 adds of 8 bytes a second.
+# H100, 8192^3 float16, tile alone: 1x32 pieces at 99 % took 0.70-0.72 ms adding two columns
+# a reduction, 0.665-0.675 adding four; 1x64 at 95 % 1.134-1.155 against 0.995-1.019.
 RED_SOURCE = f"""
 __forceinline__ __device__ void {RED_PAIRS}(float* out, int add, int odd, float a0, float a1, float b0, float b1) {{
     float r0 = __shfl_xor_sync(0xffffffffu, odd ? a0 : b0, 1);
@@ -78,10 +79,11 @@ def serves_chunk(rows_per_chunk: int, bk: int) -> bool:
 
 def default() -> Knobs:
     """One warpgroup, 256 columns, 4 buffers of row tiles, the chunks of one column tile one
-    after another. H100, 8192^3 float16, 1x32 pieces at 99 %, two columns a reduction: 0.70 ms
-    so against 1.00 with the column tiles of one chunk together (every setting of both within
-    0.97-1.02 ms of each other in that order); the blocks running at once then add to the same
-    columns of C."""
+    after another, so that the blocks running at once add to the same columns of C (which stay
+    in L2). H100, 8192^3 float16, tile alone: 1x32 pieces at 99 %, every setting in that order
+    0.665-0.675 ms (this one 0.671), against 0.972-0.980 for its widths with the column tiles of
+    one chunk together; 1x64 at 95 %, 0.995-1.019 against 2.03-2.11; 1x32 at 90 % (two columns
+    a reduction), 3.83-3.97 against 7.98-8.62."""
     return Knobs(block_m=64, block_n=256, stages=4, overlap=False, row_tiles_first=True)
 
 
