@@ -497,7 +497,8 @@ def test_dense_fallback_on_the_gpu(density, dense, monkeypatch):
 def test_a_known_count_decides_before_detection(monkeypatch):
     """After a signature's first call, the fallback is decided by the newest count that reached
     the host before detecting (queued ahead of it: the GPU works while the host goes on);
-    detection still runs, for the next call's count. Exact on every path."""
+    detection still runs, for the next call's count, except on the calls a known count sends to
+    cuBLAS after the first of them (one in ``DENSE_PROBE_EVERY`` detects). Exact on every path."""
     from pit_compiler import ops
 
     monkeypatch.setattr(ops, "falls_back_on", lambda device: True)  # as on a GPU
@@ -514,7 +515,8 @@ def test_a_known_count_decides_before_detection(monkeypatch):
         (0.1, ["dense", "detect"]),  # decided by the dense count before it
         (0.1, ["detect", "pit"]),
         (1.0, ["detect", "pit"]),
-        (0.1, ["dense", "detect"]),
+        (0.1, ["dense"]),  # sent to cuBLAS by a known count a second time: no detection
+        (0.1, ["dense"]),  # still decided by call 4's count
     ]
     for seed, (density, steps_expected) in enumerate(expected):
         A, _ = micro_tile_sparse((70, 48), (32, 1), density, torch.float32, "cpu", seed=30 + seed)
@@ -523,6 +525,49 @@ def test_a_known_count_decides_before_detection(monkeypatch):
         pit.sparse_matmul(A, B, micro_tile=(32, 1), out=out)
         assert_matches_reference(out, A.double() @ B.double())
         assert steps == steps_expected, (density, steps)
+
+
+@pytest.mark.parametrize("keep_index", [False, True])
+def test_calls_a_known_count_sends_to_cubLAS_detect_one_time_in_eight(keep_index, monkeypatch):
+    """While the newest count sends a signature's calls to cuBLAS, the first of them and then
+    one in ``DENSE_PROBE_EVERY`` detect (refreshing that count); the rest return None without
+    detecting, exact. A caller that keeps the index (autograd) detects on every call; so does
+    another signature, which keeps its own turns; and a pattern turned sparse is followed from
+    the next probe on."""
+    from pit_compiler import ops
+
+    monkeypatch.setattr(ops, "falls_back_on", lambda device: True)  # as on a GPU
+    monkeypatch.setattr(ops, "dense_crossover", lambda *a: 0.5)
+    monkeypatch.setattr(ops, "RECENT_COUNTS", RecentCounts())
+    detections = []
+    detect_as = ops.detect_as
+    monkeypatch.setattr(ops, "detect_as", lambda *a: detections.append(True) or detect_as(*a))
+    B = dense_operand((48, 40), torch.float32, "cpu", seed=21)
+    dense_A, _ = micro_tile_sparse((70, 48), (32, 1), 1.0, torch.float32, "cpu", seed=31)
+    sparse_A, _ = micro_tile_sparse((70, 48), (32, 1), 0.1, torch.float32, "cpu", seed=32)
+
+    def call(A, tile=(32, 1)):
+        out = poisoned((70, 40), torch.float32, "cpu")
+        detections.clear()
+        used = ops.pit_matmul(A, B, out, "A", tile, (3, 48 // tile[1]), None, None, dense_fallback=True, keep_index=keep_index)
+        assert_matches_reference(out, A.double() @ B.double())
+        return bool(detections), used
+
+    every = ops.DENSE_PROBE_EVERY
+    first = call(dense_A)  # reads its own count
+    assert first[0] and first[1] is not None
+    calls = [call(dense_A) for _ in range(2 * every + 1)]
+    detected = [d for d, _ in calls]
+    if keep_index:
+        assert all(detected) and all(used is not None for _, used in calls)
+    else:
+        assert detected == [turn % every == 0 for turn in range(len(calls))]
+        assert all((used is None) != d for d, used in calls)
+    assert call(dense_A, tile=(16, 1))[0]  # another signature: its own first call
+    # The pattern turns sparse one call past a probe: followed from the next probe on.
+    steps = [call(sparse_A)[0] for _ in range(every + 1)]
+    assert steps == ([True] * (every + 1) if keep_index else [False] * (every - 1) + [True, True])
+    assert call(sparse_A)[1] is not None  # PIT's kernel, on the sparse count
 
 
 @pytest.mark.gpu
