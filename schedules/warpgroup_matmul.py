@@ -65,6 +65,9 @@ MAX_SHARED_BYTES = 227 * 1024  # what one thread block may opt in to on sm_90
 REGISTERS_PER_SM = 64 * 1024
 SWIZZLE_128B = 3  # the descriptor's layout code for the 128-byte swizzle
 SWIZZLE_ATOM_BYTES = 1024  # eight 128-byte rows: the stride between row groups of 8
+# wgmma descriptor strides, in 16-byte units: between row groups of 8, and between B's panels.
+ROW_GROUP_STRIDE = SWIZZLE_ATOM_BYTES // 16
+PANEL_STRIDE = BLOCK_K * 128 // 16
 SPLITS = (1, 2, 3, 4, 6, 8)  # thread blocks per tile along k
 
 # Per output dtype: the device function that adds 16 bytes of staged results to C, where split
@@ -325,6 +328,12 @@ def swizzled(row, chunk):
     return row * BLOCK_K + (chunk ^ row % 8) * CHUNK
 
 
+def b_swizzled(p, chunk_n):
+    """Element offset, in a tile of B, of k position ``p``'s 16-byte chunk ``chunk_n``: B is
+    stored MN-major in panels of 64 columns, each ``BLOCK_K`` swizzled 128-byte rows."""
+    return chunk_n // 8 * BLOCK_K * 64 + swizzled(p, chunk_n % 8)
+
+
 def _kernel(knobs, K: int, N: int, dtype: str, out_dtype: str, access: Access):
     BM, BN, S = knobs.block_m, knobs.block_n, knobs.stages
     THREADS, ACC, TRANSPOSED = knobs.threads, knobs.accumulators, knobs.transposed
@@ -342,8 +351,6 @@ def _kernel(knobs, K: int, N: int, dtype: str, out_dtype: str, access: Access):
     IN_FLIGHT = 1 if knobs.overlap else 0  # MMA groups left running after each step
     shape = "m64n32k16" if TRANSPOSED else f"m64n{BN}k16"
     wgmma = f"wgmma.mma_async.sync.aligned.{shape}.f32.{INPUT_DTYPES[dtype]}.{INPUT_DTYPES[dtype]}"
-    a_sdo = SWIZZLE_ATOM_BYTES // 16  # descriptor strides count 16-byte units
-    b_ldo = BLOCK_K * 128 // 16  # B: from one 64-column panel to the next
     zero = T.uint32(0)
     full = T.uint32(16)
 
@@ -436,7 +443,7 @@ def _kernel(knobs, K: int, N: int, dtype: str, out_dtype: str, access: Access):
                     chunk_n = T.meta_var((j * THREADS + tx) % (BN // CHUNK))
                     column = T.meta_var(T.if_then_else(b_bytes[j] > zero, n0 + chunk_n * CHUNK, 0))
                     T.ptx["cp.async.cg.shared.global"](
-                        smem.ptr_to([S * A_TILE + s % S * B_TILE + chunk_n // 8 * BLOCK_K * 64 + swizzled(p, chunk_n % 8)]),
+                        smem.ptr_to([S * A_TILE + s % S * B_TILE + b_swizzled(p, chunk_n)]),
                         B.ptr_to([b_row[j], column]),
                         16,
                         b_bytes[j],
@@ -454,14 +461,14 @@ def _kernel(knobs, K: int, N: int, dtype: str, out_dtype: str, access: Access):
                     # them before would make ptxas serialize the MMAs.
                     first = T.meta_var(s == AHEAD and kk == 0)
                     a_rows = T.meta_var(smem.ptr_to([u * A_TILE + group * WARPGROUP_ROWS * BLOCK_K + kk * MMA_K]))
-                    T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc_a), a_rows, 1, a_sdo, SWIZZLE_128B)
+                    T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc_a), a_rows, 1, ROW_GROUP_STRIDE, SWIZZLE_128B)
                     # Transposed, one MMA per panel: B^T's 64 columns (MN-major, M side) times A^T
                     # (K-major, N side); else one over all of B's panels.
                     for panel in T.unroll(PANELS if TRANSPOSED else 1):
                         T.cuda.wgmma.encode_matrix_descriptor(
                             T.address_of(desc_b),
                             smem.ptr_to([S * A_TILE + u * B_TILE + panel * BLOCK_K * 64 + kk * MMA_K * 64]),
-                            b_ldo, a_sdo, SWIZZLE_128B,
+                            PANEL_STRIDE, ROW_GROUP_STRIDE, SWIZZLE_128B,
                         )
                         if TRANSPOSED:
                             T.ptx[wgmma](

@@ -44,11 +44,13 @@ from .warpgroup_matmul import (
     CHUNK,
     INPUT_DTYPES,
     MMA_K,
+    PANEL_STRIDE,
+    ROW_GROUP_STRIDE,
     SWIZZLE_128B,
-    SWIZZLE_ATOM_BYTES,
     WARPGROUP,
     WARPGROUP_ROWS,
     WarpgroupMatmul,
+    b_swizzled,
     block_tile,
     swizzled,
 )
@@ -147,8 +149,6 @@ def _kernel(knobs: Knobs, K: int, N: int, rpc: int, bk: int, dtype: str):
     A_TILE = BM * BLOCK_K  # elements per buffer of A (full 64-position rows: the swizzle's)
     AHEAD = S - 1  # row tiles whose copies are in flight
     wgmma = f"wgmma.mma_async.sync.aligned.m64n{BN}k16.f32.{INPUT_DTYPES[dtype]}.{INPUT_DTYPES[dtype]}"
-    a_sdo = SWIZZLE_ATOM_BYTES // 16  # descriptor strides count 16-byte units
-    b_ldo = BLOCK_K * 128 // 16  # B: from one 64-column panel to the next
     zero, full = T.uint32(0), T.uint32(16)
 
     @T.prim_func
@@ -186,7 +186,7 @@ def _kernel(knobs: Knobs, K: int, N: int, rpc: int, bk: int, dtype: str):
                         if copy < B_TOTAL:
                             inside = T.meta_var(p < bk and q * bk + p < K and n0 + chunk_n * CHUNK < N)
                             T.ptx["cp.async.cg.shared.global"](
-                                smem.ptr_to([S * A_TILE + chunk_n // 8 * BLOCK_K * 64 + swizzled(p, chunk_n % 8)]),
+                                smem.ptr_to([S * A_TILE + b_swizzled(p, chunk_n)]),
                                 B.ptr_to([T.if_then_else(inside, q * bk + p, 0), T.if_then_else(inside, n0 + chunk_n * CHUNK, 0)]),
                                 16,
                                 T.if_then_else(inside, full, zero),
@@ -217,9 +217,9 @@ def _kernel(knobs: Knobs, K: int, N: int, rpc: int, bk: int, dtype: str):
                 T.ptx.wgmma.fence.sync.aligned()
                 for kk in T.unroll(MMAS):
                     a_rows = T.meta_var(smem.ptr_to([u % S * A_TILE + group * WARPGROUP_ROWS * BLOCK_K + kk * MMA_K]))
-                    T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc_a), a_rows, 1, a_sdo, SWIZZLE_128B)
+                    T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc_a), a_rows, 1, ROW_GROUP_STRIDE, SWIZZLE_128B)
                     T.cuda.wgmma.encode_matrix_descriptor(
-                        T.address_of(desc_b), smem.ptr_to([S * A_TILE + kk * MMA_K * 64]), b_ldo, a_sdo, SWIZZLE_128B
+                        T.address_of(desc_b), smem.ptr_to([S * A_TILE + kk * MMA_K * 64]), PANEL_STRIDE, ROW_GROUP_STRIDE, SWIZZLE_128B
                     )
                     # The first MMA overwrites the accumulators (scale-d 0).
                     T.ptx[wgmma](*[acc[i] for i in range(ACC)], desc_a, desc_b, kk > 0, 1, 1, 0, 1)
