@@ -27,7 +27,7 @@ from pit_compiler.codegen.warpgroup import (
 from pit_compiler.schedules.tensor_core_matmul import TensorCoreMatmul
 from pit_compiler.schedules.warpgroup_matmul import WarpgroupMatmul
 from pit_compiler.ir import Contraction, PITPlan, SparsityAttr, as_contraction, plan_pit
-from pit_compiler.runtime import CompactCopies, KernelCache, MicroTileIndex, RecentCounts, default_cache_dir, kept
+from pit_compiler.runtime import CompactCopies, KernelCache, MicroTileIndex, RecentCounts, default_cache_dir, kept, next_turn
 from pit_compiler.targets import mma_sync_dtypes, target_for
 from pit_compiler.validation import MAX_ELEMENTS
 
@@ -433,11 +433,7 @@ _DENSE_TURNS: dict = {}  # call signature -> calls sent to cuBLAS by a known cou
 def probes_while_dense(signature) -> bool:
     """Whether this call, which a known count already sent to cuBLAS, detects all the same (the
     first such call of a signature, then one in :data:`DENSE_PROBE_EVERY`)."""
-    if len(_DENSE_TURNS) > 4096:  # signatures of shapes long gone
-        _DENSE_TURNS.clear()
-    turn = _DENSE_TURNS.get(signature, 0)
-    _DENSE_TURNS[signature] = turn + 1
-    return turn % DENSE_PROBE_EVERY == 0
+    return next_turn(_DENSE_TURNS, signature) % DENSE_PROBE_EVERY == 0
 
 
 class Route(NamedTuple):

@@ -1,4 +1,5 @@
-"""Answers kept per call signature: bounded memo tables that start over when full.
+"""Answers kept per call signature: bounded memo tables that start over when full, and
+bounded per-key turn counters (which calls of a signature do extra work).
 
 PIT decides much of each call from its operands' shapes, layouts and dtypes and from the tile
 database's version (routes, detections, which tensor-core tile serves a plan, tuned knobs, the
@@ -25,3 +26,12 @@ def kept(store: dict, key, derive: Callable[[], Answer], capacity: int = CAPACIT
             store.clear()
         found = store[key] = derive()
     return found
+
+
+def next_turn(store: dict, key, capacity: int = CAPACITY) -> int:
+    """How many times ``key`` was counted in ``store`` before (0 the first time), then one more;
+    past ``capacity`` keys the store starts over, as :func:`kept`'s do."""
+    if key not in store and len(store) >= capacity:
+        store.clear()
+    turn = store[key] = store.get(key, -1) + 1
+    return turn

@@ -22,7 +22,7 @@ import torch
 
 from pit_compiler.ir import SparsityAttr, plan_pit
 from pit_compiler.codegen import kernel_order
-from pit_compiler.runtime import RecentCounts, kept
+from pit_compiler.runtime import RecentCounts, kept, next_turn
 from pit_compiler.ops import detect_grid_pieces, is_transposed_view, matmul_contraction, tensor_core_kernel, tvm_dtype
 from pit_compiler.schedules import template_for
 from pit_compiler.codegen.warpgroup import warpgroup_knobs
@@ -459,9 +459,7 @@ def _rival_to_probe(weighed: _Weighed, predicted: dict, choice: str) -> str | No
     rivals = [name for name in sorted(weighed.models) if name != choice and weighed.bounds[name] < predicted[choice]]
     if not rivals:
         return None
-    if len(_probe_turn) > 4096:
-        _probe_turn.clear()
-    turn = _probe_turn[weighed.key] = _probe_turn.get(weighed.key, -1) + 1
+    turn = next_turn(_probe_turn, weighed.key)
     close = [name for name in rivals if predicted[name] < CLOSE * predicted[choice]]
     if close:
         return close[turn % len(close)]
