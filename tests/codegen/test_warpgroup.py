@@ -557,22 +557,11 @@ def test_strips_add_into_a_zeroed_float32_C_then_cast(out_dtype, zeroed, monkeyp
     B = dense_operand((K, N), dtype, seed=4)
     plan = plan_for((1, 32), M=M, K=K, N=N)
     index = ops.index_for(plan, A, None, (1, 32), None)  # detected on the CPU
-    stub_warpgroup_tiles(monkeypatch)
-    launched = []
-
-    def strips(a, b, cnt, idx, c):  # what the GPU kernel adds
-        launched.append(c)
-        for q in range(cnt.shape[0]):
-            rows = idx[q, : cnt[q]].long()
-            chunk = slice(q * 32, (q + 1) * 32)
-            c[rows] += a[rows, chunk].float() @ b[chunk].float()
-
-    monkeypatch.setattr(ops, "warpgroup_kernel", lambda form, shape, K, N, dtype, out, *rest: (
-        launched.append((form, shape, out)) or strips))
+    launched = emulate_strips(monkeypatch)  # checks the form and the float32 C it is built for
     out = torch.zeros(M, N, dtype=out_dtype) if zeroed else poisoned((M, N), out_dtype)
     assert ops.run_on_warpgroups(plan, A, B, out, index, zeroed=zeroed)
-    (form, shape, kernel_out), C = launched
-    assert (form, shape, kernel_out) == ("strips", (1, 32), "float32") and C.dtype == torch.float32
+    (shape, C), = launched
+    assert shape == (1, 32) and C.dtype == torch.float32
     assert (C is out) == (out_dtype == torch.float32)
     assert_matches_reference(out, A.double() @ B.double())
     route = ops._derive_route(A, B, out, "A", (1, 32), (M, 3), None, True, True, True)
