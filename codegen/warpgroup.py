@@ -14,8 +14,8 @@ thread block's rows and k positions come from.
   ``idx[0, g // rpc] * rpc + g % rpc``; thread blocks past the listed rows do nothing, and each
   row's result is written straight to its own row of C (C's unlisted rows are zeroed before).
 - Strips (row pieces of one k chunk, ``rpc x bk``: 1x32, 1x64 ...): each chunk of k lists its own
-  rows, gathered as above per chunk; their products are added to a float32 C zeroed before
-  (:mod:`..schedules.warpgroup_strips`).
+  rows, gathered as above per chunk; their products are added to a float32 C zeroed before, or
+  with the knob ``adds16`` to a 16-bit one (:mod:`..schedules.warpgroup_strips`).
 """
 
 from __future__ import annotations
@@ -150,7 +150,7 @@ def warpgroup_kernel(form: str, shape: tuple, K: int, N: int, dtype: str, out_dt
                      cache: KernelCache, knobs: WarpgroupMatmul.Knobs):
     """The compiled ``main(A, B, cnt, idx, C)`` of ``form`` ("reduce" with ``shape = (bm, bk)``,
     "row_gather" with ``shape = (rows_per_chunk,)``, "strips" with ``shape = (rows_per_chunk, bk)``,
-    whose C is float32 whatever ``out_dtype``)."""
+    whose C is :func:`~pit_compiler.schedules.warpgroup_strips.c_dtype`, passed as ``out_dtype``)."""
     import tvm
 
     template = WarpgroupMatmul()
@@ -252,7 +252,7 @@ def fitting_warpgroup_knobs(default: WarpgroupMatmul.Knobs, tuned, plan) -> Warp
     """``tuned`` (from the tile database or the tuner) where it fits the call's rows (any
     height for gathered rows, the row block's own for blocks, a setting the strips kernel has
     for strips), else ``default``."""
-    if not isinstance(tuned, WarpgroupMatmul.Knobs):
+    if not isinstance(tuned, WarpgroupMatmul.Knobs) or (tuned.adds16 and not plan.accumulate):
         return default
     if plan.form == "reduce":
         return tuned if tuned.block_m == default.block_m else default

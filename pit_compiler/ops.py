@@ -24,6 +24,7 @@ from pit_compiler.codegen.warpgroup import (
     warpgroup_kernel,
     warpgroup_knobs,
 )
+from pit_compiler.schedules import warpgroup_strips
 from pit_compiler.schedules.tensor_core_matmul import TensorCoreMatmul
 from pit_compiler.schedules.warpgroup_matmul import WarpgroupMatmul
 from pit_compiler.ir import Contraction, PITPlan, SparsityAttr, as_contraction, plan_pit
@@ -827,10 +828,12 @@ def run_on_warpgroups(
     knobs = fitting_warpgroup_knobs(default, knobs, plan)
     A, B = _aligned(A), _aligned(B)
     form, shape = warpgroup_form(plan)
-    if form == "strips":  # partial sums of several chunks meet in C: added in float32
-        out_dtype = "float32"
-        direct = zeroes_out_first(plan, out.dtype) and _warpgroup_ready(out)
-        C = out if direct else torch.empty(out.shape, dtype=torch.float32, device=out.device)
+    if form == "strips":  # partial sums of several chunks meet in C: added in float32, or 16 bits
+        if knobs.adds16 and not (out.dtype == A.dtype and reduced_precision_allowed(out.dtype)):
+            knobs = replace(knobs, adds16=False)  # a float32 output, or PyTorch's switch is off
+        out_dtype = warpgroup_strips.c_dtype(knobs, dtype)
+        c_dtype = out.dtype if knobs.adds16 else torch.float32
+        C = out if out.dtype == c_dtype and _warpgroup_ready(out) else torch.empty(out.shape, dtype=c_dtype, device=out.device)
     else:
         C = out if _warpgroup_ready(out) else torch.empty_like(out, memory_format=torch.contiguous_format)
     if form == "reduce":
@@ -852,6 +855,16 @@ def run_on_warpgroups(
     if C is not out:
         out.copy_(C)
     return True
+
+
+def reduced_precision_allowed(dtype: torch.dtype) -> bool:
+    """Whether PyTorch allows reduced-precision reductions in ``dtype`` products
+    (``torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction`` or ``allow_bf16_...``,
+    on by default; False for other types), as it does for cuBLAS's split-k sums: strips set to
+    ``adds16`` add their partial sums in 16 bits only then, each add rounded (one per listed
+    piece of an output row)."""
+    flag = {torch.float16: "allow_fp16_reduced_precision_reduction", torch.bfloat16: "allow_bf16_reduced_precision_reduction"}
+    return dtype in flag and bool(getattr(torch.backends.cuda.matmul, flag[dtype]))
 
 
 def zeroes_out_first(plan: PITPlan, out_dtype: torch.dtype) -> bool:

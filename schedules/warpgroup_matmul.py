@@ -132,7 +132,7 @@ class WarpgroupMatmul:
     tiles, ``row`` and ``k`` (``k_source``) from an :class:`Access`."""
 
     name = "warpgroup_matmul"
-    version = 3  # 2: split k; 3: launch order
+    version = 4  # 2: split k; 3: launch order; 4: the strips' 16-bit adds
 
     @dataclass(frozen=True)
     class Knobs:
@@ -153,6 +153,9 @@ class WarpgroupMatmul:
         # B from memory). See :func:`block_tile`; the default order is the form's
         # (:meth:`WarpgroupMatmul.default`).
         row_tiles_first: bool = False
+        # Strips only (:mod:`.warpgroup_strips`): add the chunks' partial sums to a C of the
+        # inputs' 16-bit type, each add rounded, instead of to a float32 C that is cast after.
+        adds16: bool = False
 
         def __post_init__(self):
             check(
@@ -299,6 +302,7 @@ class WarpgroupMatmul:
         check(dtype in INPUT_DTYPES, f"the warpgroup tile takes {sorted(INPUT_DTYPES)} inputs, got {dtype!r}")
         check(out_dtype in OUTPUT_DTYPES, f"the warpgroup tile writes {OUTPUT_DTYPES}, got {out_dtype!r}")
         check(K % CHUNK == 0 and N % CHUNK == 0, f"K and N must be multiples of {CHUNK} (16-byte rows), got {K}, {N}")
+        check(not knobs.adds16, f"adds16 is a setting of the strips kernel only, got {knobs!r}")
         return _kernel(knobs, K, N, dtype, out_dtype, access)
 
 

@@ -22,12 +22,15 @@ One thread block per (chunk, column tile):
   swap pairs), to its rows of C with ``red.global.add.v4.f32``: no return value, so nothing
   waits for it, and the next row tile's MMAs start at once. C is float32 (zeroed before),
   whatever the inputs, so the partial sums are added at full precision (the caller casts once
-  at the end).
+  at the end). With the knob ``adds16``, C has the inputs' 16-bit type instead and each thread
+  adds eight columns at a time (the four threads of a quad swap pairs) with
+  ``red.global.add.noftz.v4.f16x2`` (or ``bf16x2``): half the bytes and half the reductions,
+  no float32 C to clear and cast, but every add is rounded to 16 bits.
 
 Knobs (a :class:`~.warpgroup_matmul.WarpgroupMatmul.Knobs`): ``block_m`` (64 or 128 rows: one or
-two warpgroups), ``block_n``, ``stages``, and ``row_tiles_first``, which here launches the chunks
+two warpgroups), ``block_n``, ``stages``, ``row_tiles_first``, which here launches the chunks
 of one column tile one after another (else the column tiles of one chunk, which share its rows of
-A in L2).
+A in L2), and ``adds16``.
 """
 
 from __future__ import annotations
@@ -71,6 +74,38 @@ __forceinline__ __device__ void {RED_PAIRS}(float* out, int add, int odd, float 
     if (add) asm volatile("red.global.add.v4.f32 [%0], {{%1, %2, %3, %4}};" :: "l"(out), "f"(v0), "f"(v1), "f"(v2), "f"(v3) : "memory");
 }}
 """
+PACKED_PAIRS = {"float16": "f16x2", "bfloat16": "bf16x2"}  # two 16-bit columns in 32 bits
+
+
+def red_quads(dtype: str) -> tuple[str, str]:
+    """``(name, source)`` of the 16-bit adds' helper for ``dtype``, called by every lane of a warp (it shuffles): the
+    four lanes of a quad hold two columns each of four 8-column groups of one row; they swap
+    those pairs (a 4 x 4 transpose: in round ``r`` lanes ``t`` and ``t ^ r`` trade their pairs
+    of each other's group), so that lane ``t`` adds the ``t``-th group, eight consecutive
+    columns, 16 bytes, with one reduction."""
+    packed = PACKED_PAIRS[dtype]
+    return f"pit_red_{packed}_quads", f"""
+__forceinline__ __device__ unsigned pit_pack_{packed}(float lo, float hi) {{
+    unsigned d;  // cvt puts its first source in the upper half: hi, then lo
+    asm("cvt.rn.{packed}.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
+    return d;
+}}
+__forceinline__ __device__ unsigned pit_pick4(int x, unsigned a, unsigned b, unsigned c, unsigned d) {{
+    return x == 0 ? a : x == 1 ? b : x == 2 ? c : d;
+}}
+__forceinline__ __device__ void pit_red_{packed}_quads(void* out, int add, int t, float a0, float a1, float a2, float a3,
+                                                 float a4, float a5, float a6, float a7) {{
+    unsigned v0 = pit_pack_{packed}(a0, a1), v1 = pit_pack_{packed}(a2, a3);
+    unsigned v2 = pit_pack_{packed}(a4, a5), v3 = pit_pack_{packed}(a6, a7);
+    unsigned s0 = pit_pick4(t, v0, v1, v2, v3);  // received in round r: lane (t ^ r)'s pair of group t
+    unsigned s1 = __shfl_xor_sync(0xffffffffu, pit_pick4(t ^ 1, v0, v1, v2, v3), 1);
+    unsigned s2 = __shfl_xor_sync(0xffffffffu, pit_pick4(t ^ 2, v0, v1, v2, v3), 2);
+    unsigned s3 = __shfl_xor_sync(0xffffffffu, pit_pick4(t ^ 3, v0, v1, v2, v3), 3);
+    unsigned w0 = pit_pick4(t, s0, s1, s2, s3), w1 = pit_pick4(t ^ 1, s0, s1, s2, s3);  // columns 0-1, 2-3
+    unsigned w2 = pit_pick4(t ^ 2, s0, s1, s2, s3), w3 = pit_pick4(t ^ 3, s0, s1, s2, s3);  // 4-5, 6-7
+    if (add) asm volatile("red.global.add.noftz.v4.{packed} [%0], {{%1, %2, %3, %4}};" :: "l"(out), "r"(w0), "r"(w1), "r"(w2), "r"(w3) : "memory");
+}}
+"""
 
 
 def serves_chunk(rows_per_chunk: int, bk: int) -> bool:
@@ -92,12 +127,18 @@ def default() -> Knobs:
 def space(first: Knobs | None = None) -> list[Knobs]:
     """Every setting the tuner measures, ``first`` (default: :func:`default`) first: one or two
     warpgroups, 64 to 256 columns, 2 to 4 buffers, and the default's widths in the other
-    launch order."""
+    launch order and with the other adds (16-bit or float32)."""
     first = first or default()
     settings = [Knobs(block_m=block_m, block_n=block_n, stages=stages, overlap=False, row_tiles_first=first.row_tiles_first)
                 for block_m in (64, 128) for block_n in (256, 128, 64) for stages in (4, 3, 2)]
     settings += [replace(first, block_n=block_n, row_tiles_first=not first.row_tiles_first) for block_n in (256, 128, 64)]
+    settings += [replace(first, block_n=block_n, adds16=not first.adds16) for block_n in (256, 128, 64)]
     return [first, *(knobs for knobs in settings if knobs != first)]
+
+
+def c_dtype(knobs: Knobs, dtype: str) -> str:
+    """The type of the C the chunks add to: the inputs' with ``adds16``, else float32."""
+    return dtype if knobs.adds16 else "float32"
 
 
 def check_knobs(knobs: Knobs) -> None:
@@ -127,7 +168,7 @@ def row_tiles(Cnt, q, rows_per_chunk: int, block_m: int):
 
 def kernel(knobs: Knobs, K: int, N: int, rows_per_chunk: int, bk: int, dtype: str) -> tirx.PrimFunc:
     """``main(A, B, Cnt, Idx, C)``: ``C[rows of chunk q] += A[those rows, chunk q] @ B[chunk q]``
-    for every k chunk ``q`` of ``bk`` columns; ``C`` float32, zeroed by the caller."""
+    for every k chunk ``q`` of ``bk`` columns; ``C`` of :func:`c_dtype`, zeroed by the caller."""
     check(dtype in INPUT_DTYPES, f"the warpgroup tile takes {sorted(INPUT_DTYPES)} inputs, got {dtype!r}")
     check(serves_chunk(rows_per_chunk, bk), f"row pieces need a chunk of k that is a multiple of {CHUNK} up to {MAX_CHUNK}, got {bk!r}")
     check(K % CHUNK == 0 and N % CHUNK == 0, f"K and N must be multiples of {CHUNK} (16-byte rows), got {K}, {N}")
@@ -150,6 +191,7 @@ def _kernel(knobs: Knobs, K: int, N: int, rpc: int, bk: int, dtype: str):
     AHEAD = S - 1  # row tiles whose copies are in flight
     wgmma = f"wgmma.mma_async.sync.aligned.m64n{BN}k16.f32.{INPUT_DTYPES[dtype]}.{INPUT_DTYPES[dtype]}"
     zero, full = T.uint32(0), T.uint32(16)
+    red16, red16_source = red_quads(dtype)
 
     @T.prim_func
     def main(a: T.handle, b: T.handle, cnt: T.handle, idx: T.handle, c: T.handle):
@@ -159,7 +201,7 @@ def _kernel(knobs: Knobs, K: int, N: int, rpc: int, bk: int, dtype: str):
         B = T.match_buffer(b, (K, N), dtype, align=16)
         Cnt = T.match_buffer(cnt, (Q,), "int32")
         Idx = T.match_buffer(idx, (Q, P), "int32")
-        C = T.match_buffer(c, (M, N), "float32", align=16)
+        C = T.match_buffer(c, (M, N), c_dtype(knobs, dtype), align=16)
         T.device_entry()
         bid = T.cta_id([Q * TILES_N])
         tx = T.thread_id([THREADS])
@@ -233,17 +275,27 @@ def _kernel(knobs: Knobs, K: int, N: int, rpc: int, bk: int, dtype: str):
                     row, listed = T.meta_var(gathered_row(Cnt, Idx, M, P, q, u * BM + r, rpc))
                     out_row[half] = T.if_then_else(listed, row, 0)
                     out_listed[half] = listed
-                # Columns of 8-column groups i (even lanes) and i + 1 (odd), in pairs of groups.
-                odd = T.meta_var(lane % 2)
-                for i2 in T.unroll(ACC // 8):
-                    col = T.meta_var(n0 + i2 * 16 + odd * 8 + lane % 4 // 2 * 4)
-                    for half in T.unroll(2):
-                        first, second = T.meta_var((i2 * 8 + half * 2, i2 * 8 + 4 + half * 2))
-                        add = T.meta_var(out_listed[half] and col < N)
-                        T.evaluate(T.cuda.func_call(
-                            RED_PAIRS, C.ptr_to([out_row[half], T.if_then_else(add, col, 0)]), T.Cast("int32", add), odd,
-                            acc[first], acc[first + 1], acc[second], acc[second + 1], source_code=RED_SOURCE,
-                        ))
+                if knobs.adds16:  # 8-column group i4 * 4 + t to lane t of each quad (N: whole groups)
+                    for i4 in T.unroll(ACC // 16):
+                        col = T.meta_var(n0 + i4 * 32 + lane % 4 * 8)
+                        for half in T.unroll(2):
+                            add = T.meta_var(out_listed[half] and col < N)
+                            pairs = T.meta_var([acc[(i4 * 4 + j) * 4 + half * 2 + e] for j in range(4) for e in range(2)])
+                            T.evaluate(T.cuda.func_call(
+                                red16, C.ptr_to([out_row[half], T.if_then_else(add, col, 0)]), T.Cast("int32", add), lane % 4,
+                                *pairs, source_code=red16_source,
+                            ))
+                else:  # columns of 8-column groups i (even lanes) and i + 1 (odd), in pairs of groups
+                    odd = T.meta_var(lane % 2)
+                    for i2 in T.unroll(ACC // 8):
+                        col = T.meta_var(n0 + i2 * 16 + odd * 8 + lane % 4 // 2 * 4)
+                        for half in T.unroll(2):
+                            first, second = T.meta_var((i2 * 8 + half * 2, i2 * 8 + 4 + half * 2))
+                            add = T.meta_var(out_listed[half] and col < N)
+                            T.evaluate(T.cuda.func_call(
+                                RED_PAIRS, C.ptr_to([out_row[half], T.if_then_else(add, col, 0)]), T.Cast("int32", add), odd,
+                                acc[first], acc[first + 1], acc[second], acc[second + 1], source_code=RED_SOURCE,
+                            ))
 
     return main
 

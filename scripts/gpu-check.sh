@@ -13,7 +13,7 @@
 #   bash scripts/gpu-check.sh compare    # host time per call and the OPT FFN: a baseline tree carried in .baseline/, then this one
 #   bash scripts/gpu-check.sh session14  # every tuner setting of 64x32, 128x8, 2-row chunks (unrun since split k); the fallback's tests; spmm of 1x32 and 1x64
 #   bash scripts/gpu-check.sh tables14   # the 4096^3 spmm table and benchmarks/models.py, unrun since session 13
-#   bash scripts/gpu-check.sh strips     # row pieces of k chunks on their warpgroup kernel: gpu tests, every setting, spmm of 1x32 and 1x64
+#   bash scripts/gpu-check.sh strips     # row pieces of k chunks on their warpgroup kernel: gpu tests (16-bit adds too), every setting, spmm of 1x32 and 1x64
 # Logs and results are copied under $OUT when the device tool provides it.
 set -uo pipefail
 stage=${1:?usage: scripts/gpu-check.sh tests|kernels|spmm|tuning|sweep|warpgroup|hopper|tables|auto|host|compare|strips|session14|tables14}

@@ -53,3 +53,19 @@ def memory_kernel_cache():
     pit.set_kernel_cache(KernelCache(None))
     yield
     pit.set_kernel_cache(None)
+
+
+@pytest.fixture
+def reduced_precision_reductions():
+    """``allow(dtype, allowed)`` sets PyTorch's switch for reduced-precision reductions of
+    ``dtype`` products; each switch is put back after the test."""
+    matmul = torch.backends.cuda.matmul
+    flags = {torch.float16: "allow_fp16_reduced_precision_reduction", torch.bfloat16: "allow_bf16_reduced_precision_reduction"}
+    before = {flag: getattr(matmul, flag) for flag in flags.values()}
+
+    def allow(dtype: torch.dtype, allowed: bool) -> None:
+        setattr(matmul, flags[dtype], allowed)
+
+    yield allow
+    for flag, value in before.items():
+        setattr(matmul, flag, value)

@@ -56,11 +56,13 @@ def poisoned(shape, dtype, device="cpu") -> torch.Tensor:
     return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
 
-def assert_matches_reference(result: torch.Tensor, reference: torch.Tensor) -> None:
-    """``result`` equals the float64 ``reference`` up to the dtype's rounding; no NaN left."""
+def assert_matches_reference(result: torch.Tensor, reference: torch.Tensor, adds: int = 0) -> None:
+    """``result`` equals the float64 ``reference`` up to the dtype's rounding; no NaN left.
+    ``adds``: partial sums added to each element in its own dtype (each rounded: up to a unit
+    in the last place of the largest value more each)."""
     assert not torch.isnan(result).any(), "output has NaN: some element was never written"
     scale = max(reference.abs().max().item(), 1.0)
-    tolerance = RELATIVE_TOLERANCE[result.dtype] * scale
+    tolerance = (RELATIVE_TOLERANCE[result.dtype] + adds * torch.finfo(result.dtype).eps) * scale
     torch.testing.assert_close(result.double().cpu(), reference.double().cpu(), rtol=0, atol=tolerance)
 
 

@@ -353,8 +353,9 @@ class _Run:
         """The knob settings to measure: the target template's space, or the dedicated kernel's."""
         M, N, K = self.shape
         warpgroup = warpgroup_knobs(plan, 2, K, N, self.dtype, self.dtype, self.dtype, self.target)
-        if warpgroup is not None:
-            return warpgroup_space(warpgroup, plan)
+        if warpgroup is not None:  # 16-bit adds only where PyTorch allows reduced-precision sums
+            allowed = ops.reduced_precision_allowed(self.torch_dtype)
+            return [knobs for knobs in warpgroup_space(warpgroup, plan) if allowed or not knobs.adds16]
         if dedicated == "reduce":
             return reduce_tile_space(reduce_tile_knobs(plan, 2, K, N, self.dtype, self.dtype, self.target), N)
         if dedicated == "row_gather":

@@ -118,18 +118,24 @@ def test_gathered_rows_try_every_height_and_blocks_keep_theirs():
 
 def test_strips_try_both_heights_and_keep_to_settings_they_have():
     """Row pieces of k chunks: one or two warpgroups, every width and 2 to 4 buffers, the
-    default first; a tuned setting of another kernel (a transposed tile, split k, a pack) is
-    not taken."""
+    default first, and the default's widths with 16-bit adds; a tuned setting of another
+    kernel (a transposed tile, split k, a pack) is not taken, nor 16-bit adds by another kernel."""
     strips = plan_for((1, 32))
     space = warpgroup_space(STRIPS, strips)
-    assert space[0] == STRIPS and len(set(space)) == len(space) == 21
+    assert space[0] == STRIPS and len(set(space)) == len(space) == 24
     assert {k.block_m for k in space} == {64, 128} and {k.block_n for k in space} == {64, 128, 256}
     assert replace(STRIPS, row_tiles_first=False) in space
+    assert [k for k in space if k.adds16] == [replace(STRIPS, block_n=n, adds16=True) for n in (256, 128, 64)]
     for knobs in space:
         warpgroup_strips.check_knobs(knobs)
     for other in (ROWS_32, replace(STRIPS, split_k=2), replace(STRIPS, pack_a=True)):
         assert fitting_warpgroup_knobs(STRIPS, other, strips) == STRIPS
     assert fitting_warpgroup_knobs(STRIPS, space[5], strips) == space[5]
+    assert fitting_warpgroup_knobs(STRIPS, space[-1], strips) == space[-1]
+    for plan, default in ((plan_for((1, None)), Knobs()), (plan_for((64, 64)), ROWS_64)):
+        assert fitting_warpgroup_knobs(default, replace(default, adds16=True), plan) == default
+    with pytest.raises(ValueError, match="adds16 is a setting of the strips kernel only"):
+        WarpgroupMatmul().kernel(replace(ROWS_64, adds16=True), 256, 384, "float16", "float16", _access("reduce", (64, 64), 256, ROWS_64))
 
 
 def test_swizzle_spreads_each_chunk_column_over_eight_rows():
@@ -186,7 +192,9 @@ def test_serves_blocks_of_32_64_or_128_rows_and_whole_rows(tile, kw, expected):
      ("strips", (1, 32), "float16", "float32", STRIPS),
      ("strips", (1, 64), "bfloat16", "float32", Knobs(block_m=128, block_n=128, stages=3, overlap=False)),
      ("strips", (2, 24), "float16", "float32", replace(STRIPS, block_n=64, stages=2, row_tiles_first=False)),
-     ("strips", (1, 8), "bfloat16", "float32", Knobs(block_m=128, block_n=64, stages=2, overlap=False))],
+     ("strips", (1, 8), "bfloat16", "float32", Knobs(block_m=128, block_n=64, stages=2, overlap=False)),
+     ("strips", (1, 32), "float16", "float16", replace(STRIPS, adds16=True)),
+     ("strips", (1, 64), "bfloat16", "bfloat16", Knobs(block_m=128, block_n=64, stages=3, overlap=False, adds16=True))],
     ids=str,
 )
 def test_builds_warpgroup_mma_for_sm90a(form, shape, dtype, out, knobs, tmp_path):
@@ -204,7 +212,9 @@ def test_builds_warpgroup_mma_for_sm90a(form, shape, dtype, out, knobs, tmp_path
     assert f"wgmma.mma_async.sync.aligned.m64n{n}k16.{wgmma}" in source
     assert "cp.async.cg.shared.global" in source  # B's rows, and A's where its chunks are 8 wide
     assert ("atomicAdd" in source) == (knobs.split_k > 1)  # split k: the parts add to C
-    assert ("red.global.add.v4.f32" in source) == (form == "strips")  # strips: the chunks add to C
+    assert ("red.global.add.v4.f32" in source) == (form == "strips" and not knobs.adds16)  # strips: the chunks add to C
+    pairs = {"float16": "f16x2", "bfloat16": "bf16x2"}[dtype]
+    assert (f"red.global.add.noftz.v4.{pairs}" in source) == knobs.adds16  # ... in 16 bits, 8 columns at a time
     report = assert_compiles_for_sm90(source, tmp_path, "warpgroup", form, flags=("-Xptxas", "-v"), arch="sm_90a")
     if report is not None:
         assert "0 bytes spill stores" in report, report
@@ -273,7 +283,7 @@ def test_every_setting_the_tuner_tries_is_correct(block_m, tile, on_warpgroups):
     for knobs in space:
         out = poisoned((M, N), torch.float16, "cuda")
         assert ops.run_on_warpgroups(plan, A, B, out, index, knobs)
-        assert_matches_reference(out, reference)
+        assert_matches_reference(out, reference, adds=math.ceil(K / tile[1]) if knobs.adds16 else 0)
     assert on_warpgroups == [True] * len(space)
 
 
@@ -315,9 +325,25 @@ def test_the_other_launch_order_computes_every_tile(tile, knobs, dtype, out_dtyp
     assert on_warpgroups == [True]
 
 
-def check_knobs(tile, knobs, dtype, out_dtype, density, seed):
+@pytest.mark.gpu
+@pytest.mark.parametrize("density", [1.0, 0.5, 0.1, 0.0])
+@pytest.mark.parametrize(
+    "tile, knobs, dtype",
+    [((1, 32), replace(STRIPS, adds16=True), torch.float16), ((1, 64), replace(STRIPS, block_m=128, block_n=128, adds16=True), torch.bfloat16),
+     ((2, 24), replace(STRIPS, block_n=64, stages=2, adds16=True), torch.float16), ((1, 8), replace(STRIPS, adds16=True), torch.bfloat16)],
+    ids=str,
+)
+def test_strips_add_in_16_bits_where_set(tile, knobs, dtype, density, on_warpgroups):
+    """16-bit adds (eight columns a reduction, after the four lanes of a quad swap their pairs):
+    each listed piece lands in its own columns of its own row, within one rounding per chunk
+    of k of the float64 product."""
+    check_knobs(tile, knobs, dtype, dtype, density, seed=31, adds=math.ceil(392 / tile[1]))
+    assert on_warpgroups == [True]
+
+
+def check_knobs(tile, knobs, dtype, out_dtype, density, seed, adds=0):
     """The warpgroup tile with ``knobs`` on a 300 x 392 x 520 product (tails everywhere), into
-    a poisoned output, against the float64 product."""
+    a poisoned output, against the float64 product (``adds``: see ``assert_matches_reference``)."""
     M, K, N = 300, 392, 520
     A, _ = micro_tile_sparse((M, K), tile, density, dtype, "cuda", seed=seed)
     B = dense_operand((K, N), dtype, "cuda", seed=13)
@@ -325,7 +351,7 @@ def check_knobs(tile, knobs, dtype, out_dtype, density, seed):
     index = ops.index_for(plan, A, None, (tile[0], tile[1] or K), None)
     out = poisoned((M, N), out_dtype, "cuda")
     assert ops.run_on_warpgroups(plan, A, B, out, index, knobs)
-    assert_matches_reference(out, A.double() @ B.double())
+    assert_matches_reference(out, A.double() @ B.double(), adds)
 
 
 @pytest.mark.gpu
@@ -568,6 +594,29 @@ def test_strips_add_into_a_zeroed_float32_C_then_cast(out_dtype, zeroed, monkeyp
     assert route.plan.accumulate and route.zeroes_output == (out_dtype == torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_strips_set_to_16_bit_adds_add_into_the_output_itself(dtype, reduced_precision_reductions, monkeypatch):
+    """With ``adds16`` the strips add each chunk's product straight into the zeroed 16-bit
+    output (each add rounded): no float32 C and no cast. The same setting adds into a float32
+    C where PyTorch's switch for reduced-precision reductions of ``dtype`` is off, and where
+    the output is float32 (the output itself)."""
+    M, K, N = 70, 160, 40  # 5 chunks of 32 columns
+    A, _ = micro_tile_sparse((M, K), (1, 32), 0.6, dtype, seed=5)
+    B = dense_operand((K, N), dtype, seed=6)
+    plan = plan_for((1, 32), M=M, K=K, N=N)
+    index = ops.index_for(plan, A, None, (1, 32), None)
+    launched = emulate_strips(monkeypatch)
+    for allowed, out_dtype, c_dtype in ((True, dtype, dtype), (False, dtype, torch.float32), (True, torch.float32, torch.float32)):
+        reduced_precision_reductions(dtype, allowed)
+        assert ops.reduced_precision_allowed(dtype) == allowed
+        out = poisoned((M, N), out_dtype)
+        assert ops.run_on_warpgroups(plan, A, B, out, index, replace(STRIPS, adds16=True))
+        _, C = launched[-1]
+        assert C.dtype == c_dtype and (C is out) == (out_dtype == c_dtype)
+        assert_matches_reference(out, A.double() @ B.double(), adds=5)
+    assert not ops.reduced_precision_allowed(torch.float32)
+
+
 def emulate_strips(monkeypatch) -> list:
     """From here on ops sees an sm_90 target whose strips kernel is its CPU equivalent (any other
     warpgroup kernel fails the test) and whose detection runs on the CPU; returns the
@@ -577,17 +626,18 @@ def emulate_strips(monkeypatch) -> list:
     monkeypatch.setattr(ops, "detect_kernel", lambda *a, **k: detect_kernel(*a[:6], Target("llvm"), *a[7:], **k))
     launched = []
 
-    def kernel(form, shape, K, N, dtype, out_dtype, *rest):
-        assert (form, out_dtype) == ("strips", "float32"), form
+    def kernel(form, shape, K, N, dtype, out_dtype, target, cache, knobs):
+        assert (form, out_dtype) == ("strips", warpgroup_strips.c_dtype(knobs, dtype)), (form, out_dtype)
         rows_per_chunk, bk = shape
 
         def strips(a, b, cnt, idx, c):  # chunk q adds its listed rows' product over its columns
+            assert c.dtype == getattr(torch, out_dtype) and c.is_contiguous()
             launched.append((shape, c))
             for q in range(cnt.shape[0]):
                 rows = (idx[q, : cnt[q]].long().view(-1, 1) * rows_per_chunk + torch.arange(rows_per_chunk)).flatten()
                 rows = rows[rows < a.shape[0]]
                 chunk = slice(q * bk, (q + 1) * bk)
-                c[rows] += a[rows, chunk].float() @ b[chunk].float()
+                c[rows] = (c[rows].float() + a[rows, chunk].float() @ b[chunk].float()).to(c.dtype)  # rounded to C's type
 
         return strips
 

@@ -194,6 +194,17 @@ def test_bad_arguments_name_the_argument(kwargs, match):
         tune_matmul(options.pop("shape"), options.pop("dtype"), **options)
 
 
+def test_strips_measure_16_bit_adds_only_where_pytorch_allows_reduced_precision_sums(tmp_path, reduced_precision_reductions):
+    """With PyTorch's switch for reduced-precision float16 reductions off, the strips' settings
+    with 16-bit adds are not measured (run time would add in float32 with them)."""
+    reduced_precision_reductions(torch.float16, False)
+    run = tuner._Run((256, 384, 512), "float16", "A", (False, False), (0.9,), torch.device("cpu"), SM90,
+                     TileDatabase(tmp_path / "tiles.json"), EvaluatorConfig(), 0)
+    task = run.plan(0, (1, 32), 1000, tuner.TuneReport(run.shape, "float16", "A", str(SM90), str(tmp_path / "tiles.json")))
+    knobs = [k for k, _ in task.todo]
+    assert task.dedicated == "strips" and len(knobs) == 21 and not any(k.adds16 for k in knobs)
+
+
 @pytest.mark.parametrize(
     "micro_tile, dtype, kernel, template",
     [((32, 1), "float16", "reduce", "warpgroup_matmul"), ((16, 32), "float16", "reduce", "tensor_core_matmul"),
@@ -222,6 +233,7 @@ def test_cuda_tasks_measure_the_kernel_run_time_takes(micro_tile, dtype, kernel,
     if template == "warpgroup_matmul":  # Hopper's tiles: whole rows, 32-, 64- or 128-row blocks, strips
         default = warpgroup_knobs(task.plan, 2, 512, 384, dtype, dtype, dtype, SM90)
         assert knobs == warpgroup_space(default, task.plan)
+        assert any(k.adds16 for k in knobs) == (kernel == "strips")  # PyTorch allows 16-bit sums by default
     elif kernel == "reduce":
         default = reduce_tile_knobs(task.plan, 2, 512, 384, dtype, dtype, SM90)
         assert knobs == reduce_tile_space(default, 384)
