@@ -147,23 +147,25 @@ def row_gather_access(rows_per_chunk: int, K: int, block_m: int) -> Access:
 
 @functools.lru_cache(maxsize=1024)  # looked up on every call; the cache keeps what it returns for good
 def warpgroup_kernel(form: str, shape: tuple, K: int, N: int, dtype: str, out_dtype: str, target: Target,
-                     cache: KernelCache, knobs: WarpgroupMatmul.Knobs):
+                     cache: KernelCache, knobs: WarpgroupMatmul.Knobs, b_k_major: bool = False):
     """The compiled ``main(A, B, cnt, idx, C)`` of ``form`` ("reduce" with ``shape = (bm, bk)``,
     "row_gather" with ``shape = (rows_per_chunk,)``, "strips" with ``shape = (rows_per_chunk, bk)``,
-    whose C is :func:`~pit_compiler.schedules.warpgroup_strips.c_dtype`, passed as ``out_dtype``)."""
+    whose C is :func:`~pit_compiler.schedules.warpgroup_strips.c_dtype`, passed as ``out_dtype``);
+    B stored ``(K, N)``, or ``(N, K)`` with ``b_k_major`` (:func:`reads_b_k_major`)."""
     import tvm
 
     template = WarpgroupMatmul()
-    signature = f"{form} {shape} K={K} N={N} v{template.version}"
+    signature = f"{form} {shape} K={K} N={N} v{template.version}" + (" B(n,k)" if b_k_major else "")
     key = kernel_key("warpgroup", signature, {"in": dtype, "out": out_dtype}, target, knobs)
 
     def build():
         if form == "strips":
             func = warpgroup_strips.kernel(knobs, K, N, *shape, dtype)
         elif form == "reduce":
-            func = template.kernel(knobs, K, N, dtype, out_dtype, (packed_access if knobs.pack_a else reduce_access)(*shape, K))
+            access = (packed_access if knobs.pack_a else reduce_access)(*shape, K)
+            func = template.kernel(knobs, K, N, dtype, out_dtype, access, b_k_major)
         else:
-            func = template.kernel(knobs, K, N, dtype, out_dtype, row_gather_access(*shape, K, knobs.block_m))
+            func = template.kernel(knobs, K, N, dtype, out_dtype, row_gather_access(*shape, K, knobs.block_m), b_k_major)
         try:
             return tvm.compile(tvm.IRModule({"main": func}), target=hopper_target(target), tir_pipeline="tirx")
         except Exception as error:  # TVM raises many types; the user gets one, with the cause
@@ -175,11 +177,23 @@ def warpgroup_kernel(form: str, shape: tuple, K: int, N: int, dtype: str, out_dt
     return cache.main(key, build)
 
 
-@kept_per_plan
+# B stored (n, k), an nn.Linear weight's W.t(), read in place (K-major, laid out in shared memory
+# as A is) by the blocks and gathered rows whose chunks of k are multiples of 8 columns. Built and
+# checked on the CPU (session 15: the copies, descriptors and builds), not yet run on a GPU:
+# until its gpu tests pass there, such products read B from a compact (k, n) copy instead.
+READS_B_AS_STORED = False
+
+
+def reads_b_k_major(plan) -> bool:
+    """Whether the warpgroup tile computing ``plan`` reads B stored ``(n, k)`` (K-major)."""
+    return plan.contraction.order("b") == ("n", "k")
+
+
 def warpgroup_knobs(plan, ndim: int, K: int, N: int, dtype: str, b_dtype: str, out_dtype: str, target: Target):
     """The warpgroup tile's default knobs where it computes ``plan`` on this call, else None.
 
-    It serves a 2-D float16 or bfloat16 A stored (m, k) with B stored (k, n) of the same dtype,
+    It serves a 2-D float16 or bfloat16 A stored (m, k) with B stored (k, n) of the same dtype
+    (or, with :data:`READS_B_AS_STORED`, stored (n, k) where its chunks of k are multiples of 8),
     K and N multiples of 8 (16-byte rows), on sm_90: the reduce form of blocks of 32 (the
     transposed tile), 64 or 128 rows (one thread block each), their chunks of k copied 8
     columns at a time where they are multiples of 8, else packed first (on 32 rows) or
@@ -187,13 +201,21 @@ def warpgroup_knobs(plan, ndim: int, K: int, N: int, dtype: str, b_dtype: str, o
     :func:`row_gather_knobs` picks shorter ones for few rows); and row pieces of k chunks 8 to 64
     columns wide (strips: 1x32, 1x64 ...). Asked on every call: answers are kept.
     """
+    if not READS_B_AS_STORED and reads_b_k_major(plan):
+        return None
+    return _warpgroup_knobs(plan, ndim, K, N, dtype, b_dtype, out_dtype, target)
+
+
+@kept_per_plan
+def _warpgroup_knobs(plan, ndim: int, K: int, N: int, dtype: str, b_dtype: str, out_dtype: str, target: Target):
     template = WarpgroupMatmul()
+    k_major_b = plan.contraction.order("b") == ("n", "k") and not plan.accumulate and plan.tile["k"] % CHUNK == 0
     applies = (
         template.is_target_available(target)
         and ndim == 2
         and plan.sparse == "a"
         and plan.contraction.order("a") == ("m", "k")
-        and plan.contraction.order("b") == ("k", "n")
+        and (plan.contraction.order("b") == ("k", "n") or k_major_b)
         and dtype == b_dtype
         and dtype in INPUT_DTYPES
         and out_dtype in OUTPUT_DTYPES

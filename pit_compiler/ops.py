@@ -19,6 +19,7 @@ from pit_compiler.codegen.warpgroup import (
     fitting_warpgroup_knobs,
     pack_kernel,
     packed_columns,
+    reads_b_k_major,
     row_gather_knobs,
     warpgroup_form,
     warpgroup_kernel,
@@ -265,8 +266,9 @@ def operand_grid(plan: PITPlan, index: MicroTileIndex, transposed: bool = False)
     return grid.transpose(-1, -2) if flip else grid
 
 
-# Transposed B (an nn.Linear weight's W.t()) copied to the layout the warpgroup tile reads, one
-# copy per weight while it is unchanged: at most this many bytes of copies are kept.
+# Transposed B (an nn.Linear weight's W.t()) copied to the layout the warpgroup tile reads (where
+# it does not read W in place: see codegen.warpgroup.READS_B_AS_STORED), one copy per weight
+# while it is unchanged: at most this many bytes of copies are kept.
 COMPACT_COPIES = CompactCopies(limit_bytes=4 << 30)
 
 
@@ -759,9 +761,10 @@ def _reduce_tile_default(plan: PITPlan, ndim, K, N, dtype, b_dtype, out_dtype, t
 
 
 def _call_facts(A, B, out) -> tuple:
-    """``(ndim, K, N, dtype, b_dtype, out_dtype, target)`` of one call, in :func:`tensor_core_kernel`'s order."""
+    """``(ndim, K, N, dtype, b_dtype, out_dtype, target)`` of one call, in :func:`tensor_core_kernel`'s
+    order; A stored ``(m, k)``, B stored either way (N is the output's)."""
     dtypes = tvm_dtype(A.dtype, "A"), tvm_dtype(B.dtype, "B"), tvm_dtype(out.dtype, "out")
-    return (A.dim(), A.shape[-1], B.shape[-1], *dtypes, target_for(A.device))
+    return (A.dim(), A.shape[-1], out.shape[-1], *dtypes, target_for(A.device))
 
 
 def tensor_core_cover(plan: PITPlan, A, B, out) -> PITPlan:
@@ -781,7 +784,7 @@ def tensor_core_cover(plan: PITPlan, A, B, out) -> PITPlan:
     if plan.sparse != "a" or not stored_mk or tensor_core_kernel(plan, *facts) is not None:
         return plan
     rows, cols = plan.tile["m"], plan.tile["k"]
-    sizes = {"m": A.shape[-2], "k": A.shape[-1], "n": B.shape[-1]}
+    sizes = {"m": A.shape[-2], "k": A.shape[-1], "n": out.shape[-1]}
     for height in (h for h in ROW_BLOCKS if h % rows == 0 and h > rows):
         cover = plan_pit(plan.contraction, SparsityAttr("A", (height, cols)), sizes, "reduce")
         if tensor_core_kernel(cover, *facts) == "reduce":
@@ -850,7 +853,7 @@ def run_on_warpgroups(
         C.zero_()  # gathered rows: the kernel writes the listed rows only; strips add to C
     if knobs.split_k > 1 and form == "reduce":
         C.zero_()  # the parts of each tile add to it
-    kernel = warpgroup_kernel(form, shape, K, N, dtype, out_dtype, target, kernel_cache(), knobs)
+    kernel = warpgroup_kernel(form, shape, K, N, dtype, out_dtype, target, kernel_cache(), knobs, reads_b_k_major(plan))
     kernel(A, B, index.counts[0], index.indices[0], C)
     if C is not out:
         out.copy_(C)

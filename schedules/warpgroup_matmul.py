@@ -16,7 +16,9 @@ operations. What PIT needs of it:
 - **Layouts wgmma reads.** A's tile (``block_m`` rows x 64 positions of k, 128 bytes a row) and
   B's (64 positions x ``block_n`` columns, in panels of 64 columns) are stored with the 128-byte
   swizzle: 16-byte chunk ``c`` of a 128-byte row ``r`` lands at chunk ``c ^ (r % 8)``, so the
-  copies and the MMA reads are free of bank conflicts. B is read transposed (MN-major).
+  copies and the MMA reads are free of bank conflicts. B is read transposed (MN-major); B
+  stored ``(n, k)`` (an ``nn.Linear`` weight, ``b_k_major``) is laid out as A is, one 128-byte
+  row of k per column, and read K-major, where its chunks of k are multiples of 8.
 - **Pipeline.** ``stages`` shared-memory buffers; the copies of the next steps are in flight
   while the tensor cores work, and with ``overlap`` one step's MMAs still run while the next
   step's are issued.
@@ -297,13 +299,19 @@ class WarpgroupMatmul:
                     except ValueError:
                         continue
 
-    def kernel(self, knobs: Knobs, K: int, N: int, dtype: str, out_dtype: str, access: Access) -> tirx.PrimFunc:
-        """``main(A, B, Cnt, Idx, C)`` computing ``access``'s product with ``knobs``."""
+    def kernel(self, knobs: Knobs, K: int, N: int, dtype: str, out_dtype: str, access: Access,
+               b_k_major: bool = False) -> tirx.PrimFunc:
+        """``main(A, B, Cnt, Idx, C)`` computing ``access``'s product with ``knobs``; B stored
+        ``(K, N)``, or with ``b_k_major`` ``(N, K)`` (an ``nn.Linear`` weight, read in place)."""
         check(dtype in INPUT_DTYPES, f"the warpgroup tile takes {sorted(INPUT_DTYPES)} inputs, got {dtype!r}")
         check(out_dtype in OUTPUT_DTYPES, f"the warpgroup tile writes {OUTPUT_DTYPES}, got {out_dtype!r}")
         check(K % CHUNK == 0 and N % CHUNK == 0, f"K and N must be multiples of {CHUNK} (16-byte rows), got {K}, {N}")
         check(not knobs.adds16, f"adds16 is a setting of the strips kernel only, got {knobs!r}")
-        return _kernel(knobs, K, N, dtype, out_dtype, access)
+        check(
+            not (b_k_major and reads_k_elementwise(access)),
+            f"B stored (n, k) needs runs of k that are multiples of {CHUNK} positions, got {access.name!r}",
+        )
+        return _kernel(knobs, K, N, dtype, out_dtype, access, b_k_major)
 
 
 def block_tile(bid, row_tiles, tiles_n: int, split: int, row_tiles_first: bool) -> tuple:
@@ -332,13 +340,38 @@ def swizzled(row, chunk):
     return row * BLOCK_K + (chunk ^ row % 8) * CHUNK
 
 
+def b_copy(copy, block_n: int, k_major: bool) -> tuple:
+    """``(p, n, offset)`` of 16-byte copy ``copy`` of a step's tile of B: its first k position
+    ``p`` in the step, its first column ``n`` in the tile, and its element offset in shared
+    memory. MN-major (B stored ``(k, n)``): 8 columns of position ``p``, in panels of 64
+    columns (:func:`b_swizzled`). K-major (stored ``(n, k)``): 8 positions of column ``n``,
+    the tile laid out as A's, one swizzled 128-byte row of k per column; consecutive copies
+    read one column's 128 bytes."""
+    if k_major:
+        n, chunk = copy // (BLOCK_K // CHUNK), copy % (BLOCK_K // CHUNK)
+        return chunk * CHUNK, n, swizzled(n, chunk)
+    p, chunk_n = copy // (block_n // CHUNK), copy % (block_n // CHUNK)
+    return p, chunk_n * CHUNK, b_swizzled(p, chunk_n)
+
+
+def b_element(k, n, k_major: bool) -> list:
+    """The indices of B's element ``(k, n)`` in its storage: ``[n, k]`` where it is K-major."""
+    return [n, k] if k_major else [k, n]
+
+
+def reads_k_elementwise(access: Access) -> bool:
+    """Whether the 8 positions of one copy of A lie in different runs of k (chunks narrower
+    than 8 columns): then A is loaded element by element, and B's rows only MN-major."""
+    return access.k_run % CHUNK != 0
+
+
 def b_swizzled(p, chunk_n):
     """Element offset, in a tile of B, of k position ``p``'s 16-byte chunk ``chunk_n``: B is
     stored MN-major in panels of 64 columns, each ``BLOCK_K`` swizzled 128-byte rows."""
     return chunk_n // 8 * BLOCK_K * 64 + swizzled(p, chunk_n % 8)
 
 
-def _kernel(knobs, K: int, N: int, dtype: str, out_dtype: str, access: Access):
+def _kernel(knobs, K: int, N: int, dtype: str, out_dtype: str, access: Access, b_k_major: bool):
     BM, BN, S = knobs.block_m, knobs.block_n, knobs.stages
     THREADS, ACC, TRANSPOSED = knobs.threads, knobs.accumulators, knobs.transposed
     PANELS = BN // 64  # 64-column panels of B: the M of one transposed wgmma each
@@ -351,7 +384,7 @@ def _kernel(knobs, K: int, N: int, dtype: str, out_dtype: str, access: Access):
     OUT_COPIES = BM * BN // OUT_VECTOR // THREADS
     AHEAD = S - 2 if knobs.overlap else S - 1  # steps whose copies are in flight
     SPLIT = knobs.split_k
-    ELEMENTWISE = access.k_run % CHUNK != 0  # A's 8 positions of a copy lie in different runs
+    ELEMENTWISE = reads_k_elementwise(access)
     IN_FLIGHT = 1 if knobs.overlap else 0  # MMA groups left running after each step
     shape = "m64n32k16" if TRANSPOSED else f"m64n{BN}k16"
     wgmma = f"wgmma.mma_async.sync.aligned.{shape}.f32.{INPUT_DTYPES[dtype]}.{INPUT_DTYPES[dtype]}"
@@ -375,7 +408,7 @@ def _kernel(knobs, K: int, N: int, dtype: str, out_dtype: str, access: Access):
         T.func_attr({"global_symbol": "main", "tirx.noalias": True})
         M, Q, P = T.int32(), T.int32(), T.int32()
         A = T.match_buffer(a, (M, access.a_columns or K), dtype, align=16)
-        B = T.match_buffer(b, (K, N), dtype, align=16)
+        B = T.match_buffer(b, (N, K) if b_k_major else (K, N), dtype, align=16)
         Cnt = T.match_buffer(cnt, (Q,), "int32")
         Idx = T.match_buffer(idx, (Q, P), "int32")
         C = T.match_buffer(c, (M, N), out_dtype, align=16)
@@ -418,10 +451,10 @@ def _kernel(knobs, K: int, N: int, dtype: str, out_dtype: str, access: Access):
                 if not ELEMENTWISE:
                     a_col, a_in = T.meta_var((access.a_source or access.k_source)(ops, t, (k_first + s) * BLOCK_K + chunk * CHUNK))
                     a_cols[0] = T.if_then_else(a_in, a_col, -1)
-                for j in T.unroll(B_COPIES):
-                    chunk_n = T.meta_var((j * THREADS + tx) % (BN // CHUNK))
-                    row, listed = T.meta_var(access.k_source(ops, t, (k_first + s) * BLOCK_K + (j * THREADS + tx) // (BN // CHUNK)))
-                    inside = T.meta_var(listed and n0 + chunk_n * CHUNK < N)
+                for j in T.unroll(B_COPIES):  # b_row: the copy's row of B (k), or K-major its column
+                    p, n_off, _ = T.meta_var(b_copy(j * THREADS + tx, BN, b_k_major))
+                    row, listed = T.meta_var(access.k_source(ops, t, (k_first + s) * BLOCK_K + p))
+                    inside = T.meta_var(listed and n0 + n_off < N)
                     b_row[j] = T.if_then_else(inside, row, 0)
                     b_bytes[j] = T.if_then_else(inside, full, zero)
                 if ELEMENTWISE:  # the registers loaded a step before to shared memory (seen after the
@@ -443,12 +476,11 @@ def _kernel(knobs, K: int, N: int, dtype: str, out_dtype: str, access: Access):
                             T.if_then_else(copied, full, zero),
                         )
                 for j in T.unroll(B_COPIES):
-                    p = T.meta_var((j * THREADS + tx) // (BN // CHUNK))
-                    chunk_n = T.meta_var((j * THREADS + tx) % (BN // CHUNK))
-                    column = T.meta_var(T.if_then_else(b_bytes[j] > zero, n0 + chunk_n * CHUNK, 0))
+                    _, n_off, offset = T.meta_var(b_copy(j * THREADS + tx, BN, b_k_major))
+                    column = T.meta_var(T.if_then_else(b_bytes[j] > zero, n0 + n_off, 0))
                     T.ptx["cp.async.cg.shared.global"](
-                        smem.ptr_to([S * A_TILE + s % S * B_TILE + b_swizzled(p, chunk_n)]),
-                        B.ptr_to([b_row[j], column]),
+                        smem.ptr_to([S * A_TILE + s % S * B_TILE + offset]),
+                        B.ptr_to(b_element(b_row[j], column, b_k_major)),
                         16,
                         b_bytes[j],
                     )
@@ -468,18 +500,22 @@ def _kernel(knobs, K: int, N: int, dtype: str, out_dtype: str, access: Access):
                     T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc_a), a_rows, 1, ROW_GROUP_STRIDE, SWIZZLE_128B)
                     # Transposed, one MMA per panel: B^T's 64 columns (MN-major, M side) times A^T
                     # (K-major, N side); else one over all of B's panels.
+                    # K-major B (stored (n, k)) is described as A is, and read untransposed.
                     for panel in T.unroll(PANELS if TRANSPOSED else 1):
+                        b_step = T.meta_var(kk * MMA_K if b_k_major else kk * MMA_K * 64)
                         T.cuda.wgmma.encode_matrix_descriptor(
                             T.address_of(desc_b),
-                            smem.ptr_to([S * A_TILE + u * B_TILE + panel * BLOCK_K * 64 + kk * MMA_K * 64]),
-                            PANEL_STRIDE, ROW_GROUP_STRIDE, SWIZZLE_128B,
+                            smem.ptr_to([S * A_TILE + u * B_TILE + panel * BLOCK_K * 64 + b_step]),
+                            1 if b_k_major else PANEL_STRIDE, ROW_GROUP_STRIDE, SWIZZLE_128B,
                         )
+                        b_transposed = T.meta_var(0 if b_k_major else 1)
                         if TRANSPOSED:
                             T.ptx[wgmma](
-                                *[acc[panel * PANEL_ACC + i] for i in range(PANEL_ACC)], desc_b, desc_a, T.Not(first), 1, 1, 1, 0
+                                *[acc[panel * PANEL_ACC + i] for i in range(PANEL_ACC)], desc_b, desc_a, T.Not(first), 1, 1,
+                                b_transposed, 0,
                             )
                         else:
-                            T.ptx[wgmma](*[acc[i] for i in range(ACC)], desc_a, desc_b, T.Not(first), 1, 1, 0, 1)
+                            T.ptx[wgmma](*[acc[i] for i in range(ACC)], desc_a, desc_b, T.Not(first), 1, 1, 0, b_transposed)
                 T.ptx.wgmma.commit_group.sync.aligned()
                 T.ptx.wgmma.wait_group.sync.aligned(IN_FLIGHT)
                 T.cuda.cta_sync()  # every warpgroup is done with the buffer the next copies refill

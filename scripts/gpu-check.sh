@@ -11,7 +11,7 @@
 #   bash scripts/gpu-check.sh auto       # benchmarks/tuning.py at 8192^3 (32x1, 64x64), then benchmarks/models.py
 #   bash scripts/gpu-check.sh host       # the compile test, models.py with the host's cProfile table
 #   bash scripts/gpu-check.sh compare    # host time per call and the OPT FFN: a baseline tree carried in .baseline/, then this one
-#   bash scripts/gpu-check.sh pending    # what no GPU has run: every tuner setting of 64x32, 128x8, 2-row chunks (since split k); the fallback's tests (since its probe turns); the strips' 16-bit adds; spmm of 1x32 and 1x64
+#   bash scripts/gpu-check.sh pending    # what no GPU has run: every tuner setting of 64x32, 128x8, 2-row chunks (since split k); the fallback's tests (since its probe turns); the strips' 16-bit adds; B read K-major (READS_B_AS_STORED); spmm of 1x32 and 1x64
 #   bash scripts/gpu-check.sh tables14   # the 4096^3 spmm table and benchmarks/models.py, unrun since session 13
 #   bash scripts/gpu-check.sh strips     # row pieces of k chunks on their warpgroup kernel: gpu tests (16-bit adds too), every setting, spmm of 1x32 and 1x64
 # Logs and results are copied under $OUT when the device tool provides it.
@@ -74,12 +74,15 @@ case "$stage" in
     timeout "${MODELS_TIMEOUT:-200}" python3 -P benchmarks/models.py --cases "${MODELS:-opt,bert,longformer}" --profile --host-profile 2>&1 \
       | tee "$out/models.log" | grep -E "eager|pit " ;;
   pending)  # what no GPU ran after sessions 13-15: every tuner setting of 64x32, 128x8, 2-row chunks and of the strips
-    # (16-bit adds among them); the fallback's gpu tests after its probe turns; then spmm of the strips under their
-    # fitted crossover (float16 and bfloat16)
+    # (16-bit adds among them); B stored (n, k) read K-major (the tests turn READS_B_AS_STORED on); the fallback's gpu
+    # tests after its probe turns; then spmm of the strips under their fitted crossover (float16 and bfloat16)
     t=tests/codegen/test_warpgroup.py::test_every_setting_the_tuner_tries_is_correct
     timeout 300 python3 -P -m pytest -q -p no:cacheprovider -m gpu --maxfail=10 "$t[64-(64, 32)]" "$t[128-(128, 8)]" "$t[64-(2, None)]" \
       "$t[64-(1, 32)]" "$t[64-(2, 24)]" tests/codegen/test_warpgroup.py::test_strips_add_in_16_bits_where_set \
-      tests/test_sparse_matmul.py tests/runtime/test_recent_counts.py -k "every_setting or 16_bits or fallback or wait or ahead or recent" \
+      tests/codegen/test_warpgroup.py::test_a_linear_weight_is_read_k_major_on_warpgroups \
+      tests/codegen/test_warpgroup.py::test_every_setting_reads_a_linear_weight_k_major \
+      tests/test_sparse_matmul.py tests/runtime/test_recent_counts.py \
+      -k "every_setting or 16_bits or k_major or fallback or wait or ahead or recent" \
       2>&1 | tee "$out/gpu-pending.log" | tail -4
     timeout 200 python3 -P benchmarks/spmm.py --sizes 4096,8192 --dtypes float16,bfloat16 --micro-tiles 1x32,1x64 \
       --sparsities 0,0.5,0.9,0.95,0.99 --merge 2>&1 | tee "$out/spmm-strips.log" | grep -E " (pit|cublas) " ;;

@@ -1,7 +1,8 @@
 """Compact copies of transposed operands, kept while their source is unchanged.
 
 An ``nn.Linear`` weight reaches a matmul as ``W.t()``, B stored ``(n, k)``; Hopper's warpgroup
-tile reads B stored ``(k, n)`` only. Copying the weight on every call would cost a pass over
+tile reads B stored ``(k, n)``, and ``(n, k)`` only where ``codegen.warpgroup.READS_B_AS_STORED``
+allows it (not yet run on a GPU) and chunks of k are multiples of 8. Copying the weight on every call would cost a pass over
 it per call; instead one copy is kept per source tensor and reused while the source lives
 and its version counter (bumped by every in-place write through autograd-visible tensors:
 optimizer steps, ``load_state_dict``, ``copy_`` under ``no_grad``) has not moved. A write

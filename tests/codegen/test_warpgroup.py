@@ -26,7 +26,7 @@ from pit_compiler.codegen.warpgroup import (
 from pit_compiler.ir import InvalidKnobs, SparsityAttr, plan_pit
 from pit_compiler.runtime import KernelCache, RecentCounts
 from pit_compiler.schedules import warpgroup_strips
-from pit_compiler.schedules.warpgroup_matmul import WarpgroupMatmul, block_tile, swizzled
+from pit_compiler.schedules.warpgroup_matmul import BLOCK_K, WarpgroupMatmul, block_tile, swizzled
 from cuda_build import SM90, assert_compiles_for_sm90
 from sparse_data import (
     assert_matches_reference,
@@ -49,8 +49,8 @@ GATHER_64 = Knobs(block_m=64, block_n=128, stages=4, overlap=False)
 STRIPS = Knobs(block_m=64, block_n=256, stages=4, overlap=False, row_tiles_first=True)  # row pieces of k chunks (1x32 ...)
 
 
-def plan_for(tile, M=512, K=256, N=384, sparse="A", form=None, a_transposed=False):
-    contraction = ops.matmul_contraction(2, a_transposed)
+def plan_for(tile, M=512, K=256, N=384, sparse="A", form=None, a_transposed=False, b_transposed=False):
+    contraction = ops.matmul_contraction(2, a_transposed, b_transposed)
     tile = (tile[0], tile[1] or K)
     return plan_pit(contraction, SparsityAttr(sparse, tile[::-1] if a_transposed else tile), {"m": M, "n": N, "k": K}, form)
 
@@ -221,6 +221,54 @@ def test_builds_warpgroup_mma_for_sm90a(form, shape, dtype, out, knobs, tmp_path
         assert "C751" not in report, f"ptxas serializes the MMAs: {report}"
 
 
+@pytest.mark.parametrize(
+    "form, shape, dtype, knobs",
+    [("row_gather", (1,), "float16", Knobs()), ("row_gather", (4,), "bfloat16", GATHER_64),
+     ("reduce", (64, 64), "bfloat16", ROWS_64), ("reduce", (128, 16), "float16", replace(ROWS_128, block_n=128, stages=3)),
+     ("reduce", (32, 32), "float16", ROWS_32), ("reduce", (64, 24), "float16", replace(ROWS_64, split_k=2, row_tiles_first=False))],
+    ids=str,
+)
+def test_builds_b_stored_n_by_k_read_k_major(form, shape, dtype, knobs, tmp_path):
+    """B stored (n, k), an ``nn.Linear`` weight read in place: its tile is laid out as A's, each
+    wgmma reads it untransposed (K-major: the transposed tile's M side too) through a
+    descriptor of A's form, and sm_90a builds it without spills or serialized MMAs."""
+    K, N = 520, 776
+    executable = warpgroup_kernel.__wrapped__(form, shape, K, N, dtype, dtype, SM90, KernelCache(tmp_path / "cache"), knobs, True)
+    assert executable is not None
+    func = WarpgroupMatmul().kernel(knobs, K, N, dtype, dtype, _access(form, shape, K, knobs), b_k_major=True)
+    source = tvm.compile(tvm.IRModule({"main": func}), target=Target({"kind": "cuda", "arch": "sm_90a"}),
+                         tir_pipeline="tirx").mod.imports[0].inspect_source()
+    wgmma_calls = [line for line in source.splitlines() if "tvm_builtin_ptx_wgmma" in line and "acc_ptr[0]" in line]
+    assert wgmma_calls and all("_1_1_0_0(" in line for line in wgmma_calls)  # scale 1, 1; neither transposed
+    assert "desc_b_ptr[0])), (&(smem_ptr" in source and ", 512, 64, 3);" not in source  # no MN-major panel stride
+    assert f" * {K}) + b_row_ptr[0])]" in source and f"b_row_ptr[0] * {N})" not in source  # B[n, k], rows of K
+    report = assert_compiles_for_sm90(source, tmp_path, "warpgroup_k_major", form, flags=("-Xptxas", "-v"), arch="sm_90a")
+    if report is not None:
+        assert "0 bytes spill stores" in report, report
+        assert "C751" not in report, f"ptxas serializes the MMAs: {report}"
+
+
+@pytest.mark.parametrize("block_n", [64, 128, 256])
+@pytest.mark.parametrize("k_major", [False, True])
+def test_each_copy_of_b_fills_its_own_place_of_the_tile(block_n, k_major):
+    """The copies of one step's tile of B (``b_copy``) fill each 16-byte place of the tile once:
+    MN-major, 8 columns of one k position in panels of 64 columns; K-major, 8 positions of one
+    column, at the place A's tile keeps row ``n``'s chunk (``swizzled``); consecutive copies
+    read consecutive 16 bytes of B's storage."""
+    from pit_compiler.schedules.warpgroup_matmul import b_copy, b_swizzled
+
+    copies = [b_copy(c, block_n, k_major) for c in range(BLOCK_K * block_n // 8)]
+    places = {offset for _, _, offset in copies}
+    assert len(places) == len(copies) and all(offset % 8 == 0 and 0 <= offset < BLOCK_K * block_n for offset in places)
+    for c, (p, n, offset) in enumerate(copies):
+        if k_major:
+            assert (p, n) == (c % 8 * 8, c // 8) and offset == swizzled(n, p // 8)
+        else:
+            assert (p, n) == (c // (block_n // 8), c % (block_n // 8) * 8) and offset == b_swizzled(p, n // 8)
+    storage_order = [(n, p) if k_major else (p, n) for p, n, _ in copies]
+    assert storage_order == sorted(storage_order)
+
+
 def _access(form, shape, K, knobs):
     from pit_compiler.codegen.warpgroup import packed_access, reduce_access, row_gather_access
 
@@ -323,6 +371,50 @@ def test_the_other_launch_order_computes_every_tile(tile, knobs, dtype, out_dtyp
     flipped = replace(knobs, row_tiles_first=not knobs.row_tiles_first, split_k=split)
     check_knobs(tile, flipped, dtype, out_dtype, density, seed=20 + split)
     assert on_warpgroups == [True]
+
+
+@pytest.fixture
+def reading_b_as_stored(monkeypatch):
+    """The warpgroup tile reads B stored (n, k) in place (``READS_B_AS_STORED``), and no compact
+    copy of it may be made."""
+    from pit_compiler.codegen import warpgroup
+
+    monkeypatch.setattr(warpgroup, "READS_B_AS_STORED", True)
+    monkeypatch.setattr(ops.COMPACT_COPIES, "get", lambda view: pytest.fail("made a compact copy of B"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("tile", [(1, None), (4, None), (64, 64), (128, 8), (64, 24), (32, 32), (32, 8)], ids=str)
+@pytest.mark.parametrize("density", [1.0, 0.5, 0.1, 0.0])
+@pytest.mark.parametrize("M,K,N", [(1000, 520, 776), (70, 64, 40)], ids=str)
+def test_a_linear_weight_is_read_k_major_on_warpgroups(tile, density, M, K, N, dtype, on_warpgroups, reading_b_as_stored):
+    """``x @ W.t()``, W stored (out, in) as ``nn.Linear`` keeps it and read in place (K-major),
+    against the float64 product, into a poisoned output, with tails in every dimension."""
+    x, _ = micro_tile_sparse((M, K), tile, density, dtype, "cuda", seed=M + (tile[1] or 0))
+    W = dense_operand((N, K), dtype, "cuda", seed=K)
+    out = poisoned((M, N), dtype, "cuda")
+    pit.sparse_matmul(x, W.t(), micro_tile=tile, out=out)
+    assert_matches_reference(out, x.double() @ W.double().t())
+    assert on_warpgroups == [True], "the warpgroup tile did not run"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tile", [(1, None), (64, 64), (32, 32)], ids=str)
+def test_every_setting_reads_a_linear_weight_k_major(tile, on_warpgroups, reading_b_as_stored):
+    """Every setting the tuner tries for B stored (n, k) (split k and both launch orders
+    among them), against the float64 product."""
+    M, K, N = 300, 392, 520
+    A, _ = micro_tile_sparse((M, K), tile, 0.5, torch.float16, "cuda", seed=14)
+    W = dense_operand((N, K), torch.float16, "cuda", seed=15)
+    plan = plan_for(tile, M, K, N, b_transposed=True)
+    index = ops.index_for(plan, A, None, (tile[0], tile[1] or K), None)
+    space = warpgroup_space(warpgroup_knobs(plan, 2, K, N, "float16", "float16", "float16", SM90), plan)
+    for knobs in space:
+        out = poisoned((M, N), torch.float16, "cuda")
+        assert ops.run_on_warpgroups(plan, A, W, out, index, knobs)
+        assert_matches_reference(out, A.double() @ W.double().t())
+    assert on_warpgroups == [True] * len(space)
 
 
 @pytest.mark.gpu
@@ -531,6 +623,9 @@ def test_packed_chunks_form_the_product(tile, M, K, N, density, tmp_path):
     assert_matches_reference(result.float(), A.double() @ B.double())
 
 
+KNOBS_OF_KEY = 8  # warpgroup_kernel(form, shape, K, N, dtype, out_dtype, target, cache, knobs, b_k_major)
+
+
 def stub_warpgroup_tiles(monkeypatch) -> list:
     """From here on ops sees an sm_90 target with its kernels stubbed and fresh per-signature
     state: returns the knobs of each tile launched (the pack kernel does nothing). Called after
@@ -540,7 +635,7 @@ def stub_warpgroup_tiles(monkeypatch) -> list:
     monkeypatch.setattr(ops, "_COUNTED_TILES", {})
     monkeypatch.setattr(ops, "pack_kernel", lambda *key: lambda a, cnt, idx, ap: None)
     tiles = []
-    monkeypatch.setattr(ops, "warpgroup_kernel", lambda *key: lambda a, b, cnt, idx, c: tiles.append(key[-1]))
+    monkeypatch.setattr(ops, "warpgroup_kernel", lambda *key: lambda a, b, cnt, idx, c: tiles.append(key[KNOBS_OF_KEY]))
     return tiles
 
 
@@ -561,7 +656,7 @@ def test_a_packed_setting_hands_the_tile_the_packed_copy(pack, monkeypatch):
     knobs = replace(NARROW_32, pack_a=pack)
     assert ops.run_on_warpgroups(plan, A, B, out, index, knobs)
     (key, a_read), = tiles
-    assert key[-1] == knobs
+    assert key[KNOBS_OF_KEY] == knobs
     if pack:
         (a, cnt, idx, packed), = packs
         assert a.data_ptr() == A.data_ptr() and torch.equal(cnt, index.counts[0]) and torch.equal(idx, index.indices[0])
@@ -617,16 +712,23 @@ def test_strips_set_to_16_bit_adds_add_into_the_output_itself(dtype, reduced_pre
     assert not ops.reduced_precision_allowed(torch.float32)
 
 
+def detect_on_the_cpu(monkeypatch) -> None:
+    """From here on ops sees an sm_90 target with its kernels stubbed (:func:`stub_warpgroup_tiles`)
+    and detects on the CPU."""
+    stub_warpgroup_tiles(monkeypatch)
+    detect_kernel = ops.detect_kernel  # (order, blocked, permuted, tile, tile, dtype, target, ...)
+    monkeypatch.setattr(ops, "detect_kernel", lambda *a, **k: detect_kernel(*a[:6], Target("llvm"), *a[7:], **k))
+
+
 def emulate_strips(monkeypatch) -> list:
     """From here on ops sees an sm_90 target whose strips kernel is its CPU equivalent (any other
     warpgroup kernel fails the test) and whose detection runs on the CPU; returns the
     ``(shape, C)`` of each strips launch."""
-    stub_warpgroup_tiles(monkeypatch)
-    detect_kernel = ops.detect_kernel  # (order, blocked, permuted, tile, tile, dtype, target, ...)
-    monkeypatch.setattr(ops, "detect_kernel", lambda *a, **k: detect_kernel(*a[:6], Target("llvm"), *a[7:], **k))
+    detect_on_the_cpu(monkeypatch)
     launched = []
 
-    def kernel(form, shape, K, N, dtype, out_dtype, target, cache, knobs):
+    def kernel(form, shape, K, N, dtype, out_dtype, target, cache, knobs, b_k_major):
+        assert not b_k_major  # strips read B stored (k, n)
         assert (form, out_dtype) == ("strips", warpgroup_strips.c_dtype(knobs, dtype)), (form, out_dtype)
         rows_per_chunk, bk = shape
 
@@ -643,6 +745,37 @@ def emulate_strips(monkeypatch) -> list:
 
     monkeypatch.setattr(ops, "warpgroup_kernel", kernel)
     return launched
+
+
+@pytest.mark.parametrize("reads_as_stored", [False, True])
+@pytest.mark.parametrize("tile, k_major", [((1, None), True), ((64, 64), True), ((32, 8), True), ((32, 1), False), ((1, 32), False)],
+                         ids=str)
+def test_a_linear_weight_is_read_in_place_where_the_tile_reads_b_k_major(tile, k_major, reads_as_stored, monkeypatch):
+    """``x @ W.t()`` on an sm_90 target (kernels stubbed): with ``READS_B_AS_STORED``, whole rows
+    and blocks whose chunks of k are multiples of 8 read W itself, K-major, and no compact
+    copy is made; narrow chunks (32x1) and strips read W's compact copy, as every tile does
+    without it."""
+    from pit_compiler.codegen import warpgroup
+    from pit_compiler.runtime import CompactCopies
+
+    M, K, N = 256, 128, 192
+    x, _ = micro_tile_sparse((M, K), tile, 0.5, torch.float16, seed=3)
+    W = dense_operand((N, K), torch.float16, seed=4)  # nn.Linear layout (out, in)
+    monkeypatch.setattr(warpgroup, "READS_B_AS_STORED", reads_as_stored)
+    detect_on_the_cpu(monkeypatch)
+    launched = []
+    monkeypatch.setattr(ops, "warpgroup_kernel", lambda *key: lambda a, b, cnt, idx, c: launched.append((key, b)))
+    copies = CompactCopies(1 << 30)
+    monkeypatch.setattr(ops, "COMPACT_COPIES", copies)
+    made = []
+    original = copies.get
+    monkeypatch.setattr(copies, "get", lambda view: made.append(original(view)) or made[-1])
+    pit.sparse_matmul(x, W.t(), micro_tile=tile, out=torch.empty(M, N, dtype=torch.float16))
+    (key, b), = launched
+    in_place = k_major and reads_as_stored
+    assert key[KNOBS_OF_KEY + 1] == in_place
+    assert (b.data_ptr(), tuple(b.shape)) == ((W.data_ptr(), (N, K)) if in_place else (made[0].data_ptr(), (K, N)))
+    assert len(made) == (0 if in_place else 1)
 
 
 @pytest.mark.parametrize(
