@@ -201,15 +201,14 @@ def warpgroup_knobs(plan, ndim: int, K: int, N: int, dtype: str, b_dtype: str, o
     :func:`row_gather_knobs` picks shorter ones for few rows); and row pieces of k chunks 8 to 64
     columns wide (strips: 1x32, 1x64 ...). Asked on every call: answers are kept.
     """
-    if not READS_B_AS_STORED and reads_b_k_major(plan):
-        return None
-    return _warpgroup_knobs(plan, ndim, K, N, dtype, b_dtype, out_dtype, target)
+    return _warpgroup_knobs(plan, ndim, K, N, dtype, b_dtype, out_dtype, target, READS_B_AS_STORED)
 
 
 @kept_per_plan
-def _warpgroup_knobs(plan, ndim: int, K: int, N: int, dtype: str, b_dtype: str, out_dtype: str, target: Target):
+def _warpgroup_knobs(plan, ndim: int, K: int, N: int, dtype: str, b_dtype: str, out_dtype: str, target: Target,
+                     reads_b_as_stored: bool):
     template = WarpgroupMatmul()
-    k_major_b = plan.contraction.order("b") == ("n", "k") and not plan.accumulate and plan.tile["k"] % CHUNK == 0
+    k_major_b = reads_b_as_stored and reads_b_k_major(plan) and not plan.accumulate and plan.tile["k"] % CHUNK == 0
     applies = (
         template.is_target_available(target)
         and ndim == 2
