@@ -194,6 +194,24 @@ def test_bad_arguments_name_the_argument(kwargs, match):
         tune_matmul(options.pop("shape"), options.pop("dtype"), **options)
 
 
+@pytest.mark.parametrize("reads_as_stored", [False, True])
+@pytest.mark.parametrize("micro_tile, k_major", [((1, None), True), ((64, 64), True), ((32, 1), False)], ids=str)
+def test_a_linear_weight_layout_tunes_the_kernel_run_time_takes(micro_tile, k_major, reads_as_stored, tmp_path, monkeypatch):
+    """``--layout nt`` (x @ W.t()) on an sm_90 target: the tuner measures W read in place
+    (K-major) where run time reads it so (``READS_B_AS_STORED``, chunks of 8 or more), else W's
+    compact copy, as run time reads it then."""
+    from pit_compiler.codegen import warpgroup
+
+    monkeypatch.setattr(warpgroup, "READS_B_AS_STORED", reads_as_stored)
+    db = TileDatabase(tmp_path / "tiles.json")
+    run = tuner._Run((256, 384, 512), "float16", "A", (False, True), (0.9,), torch.device("cpu"), SM90, db, EvaluatorConfig(), 0)
+    task = run.plan(0, micro_tile, 1000, tuner.TuneReport(run.shape, "float16", "A", str(SM90), str(db.path)))
+    in_place = k_major and reads_as_stored
+    assert task.compact_b == (not in_place)
+    assert task.plan.contraction.order("b") == (("n", "k") if in_place else ("k", "n"))
+    assert task.dedicated in ("row_gather", "reduce") and task.todo
+
+
 def test_strips_measure_16_bit_adds_only_where_pytorch_allows_reduced_precision_sums(tmp_path, reduced_precision_reductions):
     """With PyTorch's switch for reduced-precision float16 reductions off, the strips' settings
     with 16-bit adds are not measured (run time would add in float32 with them)."""
