@@ -5,8 +5,8 @@ permutes m inside each chunk (the scatter form with ``accumulate``): the rows a 
 gathered into dense tiles, multiplied by the chunk's ``bk`` rows of B, and the partial products
 of several chunks meet in one output row, where they are added with atomics. No tile can keep a
 row's sum on chip across chunks, because each chunk lists other rows; that is the price of
-pieces this fine, and it is paid in bytes added to C (4 per output element per listed piece),
-not in multiplies.
+pieces this fine, and it is paid in bytes added to C (4 per output element per listed piece, 2
+with 16-bit adds), not in multiplies.
 
 One thread block per (chunk, column tile):
 
