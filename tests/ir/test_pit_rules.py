@@ -2,7 +2,6 @@
 
 import itertools
 import math
-import random
 from collections.abc import Mapping
 from fractions import Fraction
 
