@@ -835,7 +835,7 @@ def run_on_warpgroups(
         if knobs.adds16 and not (out.dtype == A.dtype and reduced_precision_allowed(out.dtype)):
             knobs = replace(knobs, adds16=False)  # a float32 output, or PyTorch's switch is off
         out_dtype = warpgroup_strips.c_dtype(knobs, dtype)
-        c_dtype = out.dtype if knobs.adds16 else torch.float32
+        c_dtype = getattr(torch, out_dtype)
         C = out if out.dtype == c_dtype and _warpgroup_ready(out) else torch.empty(out.shape, dtype=c_dtype, device=out.device)
     else:
         C = out if _warpgroup_ready(out) else torch.empty_like(out, memory_format=torch.contiguous_format)
@@ -860,14 +860,21 @@ def run_on_warpgroups(
     return True
 
 
+# PyTorch's switches for reduced-precision reductions in 16-bit products (torch.backends.cuda.matmul).
+REDUCED_PRECISION_FLAGS = {
+    torch.float16: "allow_fp16_reduced_precision_reduction",
+    torch.bfloat16: "allow_bf16_reduced_precision_reduction",
+}
+
+
 def reduced_precision_allowed(dtype: torch.dtype) -> bool:
     """Whether PyTorch allows reduced-precision reductions in ``dtype`` products
     (``torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction`` or ``allow_bf16_...``,
     on by default; False for other types), as it does for cuBLAS's split-k sums: strips set to
     ``adds16`` add their partial sums in 16 bits only then, each add rounded (one per listed
     piece of an output row)."""
-    flag = {torch.float16: "allow_fp16_reduced_precision_reduction", torch.bfloat16: "allow_bf16_reduced_precision_reduction"}
-    return dtype in flag and bool(getattr(torch.backends.cuda.matmul, flag[dtype]))
+    flag = REDUCED_PRECISION_FLAGS.get(dtype)
+    return flag is not None and bool(getattr(torch.backends.cuda.matmul, flag))
 
 
 def zeroes_out_first(plan: PITPlan, out_dtype: torch.dtype) -> bool:

@@ -59,12 +59,13 @@ def memory_kernel_cache():
 def reduced_precision_reductions():
     """``allow(dtype, allowed)`` sets PyTorch's switch for reduced-precision reductions of
     ``dtype`` products; each switch is put back after the test."""
+    from pit_compiler.ops import REDUCED_PRECISION_FLAGS
+
     matmul = torch.backends.cuda.matmul
-    flags = {torch.float16: "allow_fp16_reduced_precision_reduction", torch.bfloat16: "allow_bf16_reduced_precision_reduction"}
-    before = {flag: getattr(matmul, flag) for flag in flags.values()}
+    before = {flag: getattr(matmul, flag) for flag in REDUCED_PRECISION_FLAGS.values()}
 
     def allow(dtype: torch.dtype, allowed: bool) -> None:
-        setattr(matmul, flags[dtype], allowed)
+        setattr(matmul, REDUCED_PRECISION_FLAGS[dtype], allowed)
 
     yield allow
     for flag, value in before.items():
