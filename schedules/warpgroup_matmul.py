@@ -386,6 +386,9 @@ def _kernel(knobs, K: int, N: int, dtype: str, out_dtype: str, access: Access, b
     SPLIT = knobs.split_k
     ELEMENTWISE = reads_k_elementwise(access)
     IN_FLIGHT = 1 if knobs.overlap else 0  # MMA groups left running after each step
+    # B's descriptor and wgmma flag: K-major B (stored (n, k)) is described as A is (each k16
+    # step 16 elements along a swizzled row) and read untransposed; MN-major B by panels.
+    B_LEADING, B_K_STEP, B_TRANSPOSED = (1, MMA_K, 0) if b_k_major else (PANEL_STRIDE, MMA_K * 64, 1)
     shape = "m64n32k16" if TRANSPOSED else f"m64n{BN}k16"
     wgmma = f"wgmma.mma_async.sync.aligned.{shape}.f32.{INPUT_DTYPES[dtype]}.{INPUT_DTYPES[dtype]}"
     zero = T.uint32(0)
@@ -500,22 +503,19 @@ def _kernel(knobs, K: int, N: int, dtype: str, out_dtype: str, access: Access, b
                     T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc_a), a_rows, 1, ROW_GROUP_STRIDE, SWIZZLE_128B)
                     # Transposed, one MMA per panel: B^T's 64 columns (MN-major, M side) times A^T
                     # (K-major, N side); else one over all of B's panels.
-                    # K-major B (stored (n, k)) is described as A is, and read untransposed.
                     for panel in T.unroll(PANELS if TRANSPOSED else 1):
-                        b_step = T.meta_var(kk * MMA_K if b_k_major else kk * MMA_K * 64)
                         T.cuda.wgmma.encode_matrix_descriptor(
                             T.address_of(desc_b),
-                            smem.ptr_to([S * A_TILE + u * B_TILE + panel * BLOCK_K * 64 + b_step]),
-                            1 if b_k_major else PANEL_STRIDE, ROW_GROUP_STRIDE, SWIZZLE_128B,
+                            smem.ptr_to([S * A_TILE + u * B_TILE + panel * BLOCK_K * 64 + kk * B_K_STEP]),
+                            B_LEADING, ROW_GROUP_STRIDE, SWIZZLE_128B,
                         )
-                        b_transposed = T.meta_var(0 if b_k_major else 1)
                         if TRANSPOSED:
                             T.ptx[wgmma](
                                 *[acc[panel * PANEL_ACC + i] for i in range(PANEL_ACC)], desc_b, desc_a, T.Not(first), 1, 1,
-                                b_transposed, 0,
+                                B_TRANSPOSED, 0,
                             )
                         else:
-                            T.ptx[wgmma](*[acc[i] for i in range(ACC)], desc_a, desc_b, T.Not(first), 1, 1, 0, b_transposed)
+                            T.ptx[wgmma](*[acc[i] for i in range(ACC)], desc_a, desc_b, T.Not(first), 1, 1, 0, B_TRANSPOSED)
                 T.ptx.wgmma.commit_group.sync.aligned()
                 T.ptx.wgmma.wait_group.sync.aligned(IN_FLIGHT)
                 T.cuda.cta_sync()  # every warpgroup is done with the buffer the next copies refill

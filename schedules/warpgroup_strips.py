@@ -53,7 +53,7 @@ from .warpgroup_matmul import (
     WARPGROUP,
     WARPGROUP_ROWS,
     WarpgroupMatmul,
-    b_swizzled,
+    b_copy,
     block_tile,
     swizzled,
 )
@@ -223,13 +223,12 @@ def _kernel(knobs: Knobs, K: int, N: int, rpc: int, bk: int, dtype: str):
                 if s == 0:  # the chunk's rows of B, once, in the first row tile's group
                     for j in T.unroll(B_COPIES):
                         copy = T.meta_var(j * THREADS + tx)
-                        p = T.meta_var(copy // (BN // CHUNK))
-                        chunk_n = T.meta_var(copy % (BN // CHUNK))
+                        p, n_off, offset = T.meta_var(b_copy(copy, BN, False))
                         if copy < B_TOTAL:
-                            inside = T.meta_var(p < bk and q * bk + p < K and n0 + chunk_n * CHUNK < N)
+                            inside = T.meta_var(p < bk and q * bk + p < K and n0 + n_off < N)
                             T.ptx["cp.async.cg.shared.global"](
-                                smem.ptr_to([S * A_TILE + b_swizzled(p, chunk_n)]),
-                                B.ptr_to([T.if_then_else(inside, q * bk + p, 0), T.if_then_else(inside, n0 + chunk_n * CHUNK, 0)]),
+                                smem.ptr_to([S * A_TILE + offset]),
+                                B.ptr_to([T.if_then_else(inside, q * bk + p, 0), T.if_then_else(inside, n0 + n_off, 0)]),
                                 16,
                                 T.if_then_else(inside, full, zero),
                             )
